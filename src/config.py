@@ -1,0 +1,204 @@
+"""Typed config schemas, registered with Hydra, and the one validation point run at start-up.
+
+Hydra checks types and key names when it composes `conf/` against these dataclasses; `parse()` then
+checks values and cross-field rules, raising `ConfigError` with one line that names the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+LIKELIHOODS = ("gaussian", "gaussian_learned", "gaussian_optimal", "bernoulli", "continuous_bernoulli", "laplace")
+KL_SCHEDULES = ("none", "linear", "cyclical", "capacity")
+MODELS = ("conv", "mlp")
+SOURCES = ("shapes", "mnist", "fashion_mnist", "cifar10", "celeba", "folder")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULERS = ("none", "exponential")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_MODES = (False, True, "default", "reduce-overhead")
+LOGGERS = ("none", "wandb")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "conv"
+    latent_dim: int = 10
+    # conv: channels of each stride-2 stage (image_size / 2**len must be whole); mlp: hidden widths
+    hidden_channels: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    root: Optional[str] = None
+    image_size: int = 64
+    channels: int = 1
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_train: int = 20000  # shapes only: images generated for the train split
+    val_size: int = 2000  # carved from train where a source has no validation split
+    test_size: int = 2000  # shapes only
+    seed: int = 0  # data generation and split seed, kept apart from `seed` so runs share data
+    crop: Optional[int] = None  # centre crop (pixels) before resizing; null: none
+    hflip: bool = False  # random horizontal flip of train batches, done on the device
+    cache_dir: str = ".cache/vae-data"
+    on_device: str = "auto"  # keep the uint8 arrays on the accelerator: auto|true|false
+    download: bool = False
+    on_bad_file: str = "skip"  # skip|error
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "none"
+    gamma: float = 0.95  # exponential: lr multiplied by gamma once per epoch
+
+
+@dataclass
+class LossConfig:
+    beta: float = 1.0
+    likelihood: str = "bernoulli"
+    sigma: float = 0.1  # gaussian std / laplace scale, in data units ([0, 1] pixels)
+    kl_schedule: str = "none"
+    warmup_steps: int = 1000  # linear: beta ramps 0 -> beta over these steps
+    cycles: int = 4  # cyclical: number of cycles over the run (Fu et al. 2019)
+    cycle_ratio: float = 0.5  # cyclical: fraction of each cycle spent ramping
+    capacity_max: float = 25.0  # capacity: target KL in nats per image (Burgess et al. 2018)
+    capacity_steps: int = 10000  # capacity: steps to raise the target from 0 to capacity_max
+    free_bits: float = 0.0  # nats per latent dim below which KL is not penalised (Kingma et al. 2016)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: Optional[int] = None  # null: max_epochs decides
+    max_epochs: Optional[int] = 10
+    eval_every: Optional[int] = None  # steps; null: once per epoch
+    log_every: int = 50
+    checkpoint_every: Optional[int] = None  # steps; null: at every eval
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: Any = False
+    channels_last: bool = True  # conv models: NHWC memory layout, faster on CUDA and on CPU (oneDNN)
+    progress: bool = True
+    resume: str = "auto"
+    num_samples: int = 64  # images in the fixed-z sample grid and the reconstruction grid
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    mode: str = "auto"
+    project: str = "vae-sweeps"
+    entity: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Register the schema Hydra composes `conf/config.yaml` against."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        names = "|".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {names}")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed; {rule}")
+
+
+def parse(cfg: DictConfig | Config) -> Config:
+    """Turn a composed config into a `Config` and check every value rule, once, before any work."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
+    m, d, o, lo, t, lg = cfg.model, cfg.data, cfg.optimizer, cfg.loss, cfg.trainer, cfg.logger
+
+    _choice("model.name", m.name, MODELS)
+    _check(m.latent_dim > 0, "model.latent_dim", m.latent_dim, "must be a positive integer")
+    _check(len(m.hidden_channels) > 0, "model.hidden_channels", m.hidden_channels, "list at least one width, e.g. [32,64]")
+    _check(all(c > 0 for c in m.hidden_channels), "model.hidden_channels", m.hidden_channels, "every width must be positive")
+
+    _choice("data.name", d.name, SOURCES)
+    _check(d.image_size > 0, "data.image_size", d.image_size, "must be a positive integer")
+    _check(d.channels in (1, 3), "data.channels", d.channels, "must be 1 (grey) or 3 (RGB)")
+    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")
+    _check(d.eval_batch_size > 0, "data.eval_batch_size", d.eval_batch_size, "must be a positive integer")
+    _check(d.num_train > 0, "data.num_train", d.num_train, "must be a positive integer")
+    _check(d.val_size > 0, "data.val_size", d.val_size, "must be a positive integer")
+    _check(d.test_size > 0, "data.test_size", d.test_size, "must be a positive integer")
+    _check(d.crop is None or d.crop > 0, "data.crop", d.crop, "must be null or a positive number of pixels")
+    _choice("data.on_device", str(d.on_device).lower(), ("auto", "true", "false"))
+    _choice("data.on_bad_file", d.on_bad_file, ("skip", "error"))
+    if m.name == "conv":
+        depth = len(m.hidden_channels)
+        _check(d.image_size % 2**depth == 0 and d.image_size >= 2**depth, "data.image_size", d.image_size,
+               f"must be a multiple of 2**len(model.hidden_channels) = {2**depth} for a {depth}-stage conv model")
+
+    _choice("optimizer.name", o.name, OPTIMIZERS)
+    _check(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optimizer.betas", o.betas, "two values in [0, 1)")
+    _choice("optimizer.scheduler", o.scheduler, SCHEDULERS)
+    _check(0 < o.gamma <= 1, "optimizer.gamma", o.gamma, "must be in (0, 1]")
+
+    _check(lo.beta >= 0, "loss.beta", lo.beta, "must be >= 0")
+    _choice("loss.likelihood", lo.likelihood, LIKELIHOODS)
+    _check(lo.sigma > 0, "loss.sigma", lo.sigma, "must be > 0")
+    _choice("loss.kl_schedule", lo.kl_schedule, KL_SCHEDULES)
+    _check(lo.warmup_steps > 0, "loss.warmup_steps", lo.warmup_steps, "must be a positive integer")
+    _check(lo.cycles > 0, "loss.cycles", lo.cycles, "must be a positive integer")
+    _check(0 < lo.cycle_ratio <= 1, "loss.cycle_ratio", lo.cycle_ratio, "must be in (0, 1]")
+    _check(lo.capacity_max >= 0, "loss.capacity_max", lo.capacity_max, "must be >= 0 (nats per image)")
+    _check(lo.capacity_steps > 0, "loss.capacity_steps", lo.capacity_steps, "must be a positive integer")
+    _check(lo.free_bits >= 0, "loss.free_bits", lo.free_bits, "must be >= 0 (nats per latent dim)")
+
+    _check(t.max_steps is None or t.max_steps >= 0, "trainer.max_steps", t.max_steps, "must be null or >= 0")
+    _check(t.max_epochs is None or t.max_epochs >= 0, "trainer.max_epochs", t.max_epochs, "must be null or >= 0")
+    _check(t.max_steps is not None or t.max_epochs is not None, "trainer.max_steps", t.max_steps,
+           "set trainer.max_steps or trainer.max_epochs")
+    _check(t.eval_every is None or t.eval_every > 0, "trainer.eval_every", t.eval_every, "must be null or > 0")
+    _check(t.log_every > 0, "trainer.log_every", t.log_every, "must be a positive integer")
+    _check(t.checkpoint_every is None or t.checkpoint_every > 0, "trainer.checkpoint_every", t.checkpoint_every,
+           "must be null or > 0")
+    _choice("trainer.device", t.device, DEVICES)
+    _choice("trainer.precision", t.precision, PRECISIONS)
+    _choice("trainer.compile", t.compile, COMPILE_MODES)
+    _check(t.num_samples > 0, "trainer.num_samples", t.num_samples, "must be a positive integer")
+    _check_device_available(t.device)
+
+    _choice("logger.name", lg.name, LOGGERS)
+    _choice("logger.mode", lg.mode, LOGGER_MODES)
+    return cfg
+
+
+def _check_device_available(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device='cuda' is not allowed; no CUDA device is visible here, use auto or cpu")
+    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError("trainer.device='mps' is not allowed; no MPS device is visible here, use auto or cpu")

@@ -1,0 +1,111 @@
+"""VAE models: encode(x) -> (mu, logvar), reparameterize, decode(z) -> likelihood parameters."""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+
+from .likelihoods import Likelihood
+
+
+class VAE(nn.Module):
+    """Shared VAE plumbing; subclasses set `encoder` (x -> 2*latent) and `decoder` (z -> params)."""
+
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def __init__(self, likelihood: Likelihood, latent_dim: int):
+        super().__init__()
+        self.likelihood = likelihood
+        self.latent_dim = latent_dim
+
+    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) -> mu, logvar, each (B, latent_dim); the Gaussian q(z|x)."""
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """z = mu + sigma * eps, eps ~ N(0, I) (Kingma & Welling 2014)."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent_dim) -> likelihood parameters (B, num_params * C, H, W)."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder mean images (B, C, H, W) in [0, 1] for latents z."""
+        return self.likelihood.mean(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder mean at the posterior mean, the usual deterministic reconstruction."""
+        return self.likelihood.mean(self.decode(self.encode(x)[0]))
+
+
+def _down(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU())
+
+
+def _up(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU()
+    )
+
+
+class ConvVAE(VAE):
+    """Stride-2 conv stages down to (hidden[-1], s, s), s = image_size / 2**len(hidden), and mirrored up.
+
+    With hidden [32, 64, 128, 256, 512] at 64x64 this is the seed's model; any length and size work.
+    """
+
+    def __init__(self, channels: int, image_size: int, hidden: List[int], latent_dim: int, likelihood: Likelihood):
+        super().__init__(likelihood, latent_dim)
+        s = image_size // 2 ** len(hidden)
+        widths = [channels, *hidden]
+        self.encoder = nn.Sequential(
+            *[_down(a, b) for a, b in zip(widths[:-1], widths[1:])],
+            nn.Flatten(),  # (B, hidden[-1] * s * s)
+            nn.Linear(hidden[-1] * s * s, 2 * latent_dim),
+        )
+        rev = hidden[::-1]
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, rev[0] * s * s),
+            nn.Unflatten(1, (rev[0], s, s)),
+            *[_up(a, b) for a, b in zip(rev, [*rev[1:], rev[-1]])],  # len(hidden) upsamplings
+            nn.Conv2d(rev[-1], likelihood.num_params * channels, 3, padding=1),
+        )
+
+
+class MLPVAE(VAE):
+    """Fully connected; hidden lists the widths. [400], latent 20, 28x28 is the 784-400-20 VAE."""
+
+    def __init__(self, channels: int, image_size: int, hidden: List[int], latent_dim: int, likelihood: Likelihood):
+        super().__init__(likelihood, latent_dim)
+        d = channels * image_size * image_size
+        enc, dec = [nn.Flatten()], []
+        for a, b in zip([d, *hidden[:-1]], hidden):
+            enc += [nn.Linear(a, b), nn.ReLU()]
+        rev = hidden[::-1]
+        for a, b in zip([latent_dim, *rev[:-1]], rev):
+            dec += [nn.Linear(a, b), nn.ReLU()]
+        out = likelihood.num_params * channels
+        self.encoder = nn.Sequential(*enc, nn.Linear(hidden[-1], 2 * latent_dim))
+        self.decoder = nn.Sequential(
+            *dec, nn.Linear(hidden[0], out * image_size * image_size), nn.Unflatten(1, (out, image_size, image_size))
+        )
+
+
+MODELS = {"conv": ConvVAE, "mlp": MLPVAE}
+
+
+def build_model(model_cfg, data_cfg, likelihood: Likelihood) -> VAE:
+    """Config -> model, by the small name -> class table above."""
+    cls = MODELS[model_cfg.name]
+    return cls(data_cfg.channels, data_cfg.image_size, list(model_cfg.hidden_channels), model_cfg.latent_dim, likelihood)
