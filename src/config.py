@@ -143,6 +143,8 @@ def parse(cfg: DictConfig | Config) -> Config:
     _check(all(c > 0 for c in m.hidden_channels), "model.hidden_channels", m.hidden_channels, "every width must be positive")
 
     _choice("data.name", d.name, SOURCES)
+    _check(d.name == "shapes" or bool(d.root), "data.root", d.root,
+           f"data={d.name} reads files: set data.root to the folder holding them (README: Data sets)")
     _check(d.image_size > 0, "data.image_size", d.image_size, "must be a positive integer")
     _check(d.channels in (1, 3), "data.channels", d.channels, "must be 1 (grey) or 3 (RGB)")
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")

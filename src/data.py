@@ -205,7 +205,7 @@ def to_float(x: torch.Tensor, hflip: bool = False, generator: Optional[torch.Gen
 def eval_batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
     """Every image of a split in order, as float batches in [0, 1]; the last batch may be short."""
     for i in range(0, len(images), batch_size):
-        yield to_float(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device))
+        yield to_float(torch.from_numpy(np.array(images[i : i + batch_size])).to(device))  # copy out of the mmap
 
 
 def mean_image(images: np.ndarray) -> torch.Tensor:
