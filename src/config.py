@@ -47,6 +47,8 @@ class DataConfig:
     num_train: int = 20000  # shapes only: images generated for the train split
     val_size: int = 2000  # carved from train where a source has no validation split
     test_size: int = 2000  # shapes only
+    val_fraction: float = 0.05  # folder only: share of files hashed into val
+    test_fraction: float = 0.05  # folder only: share of files hashed into test
     seed: int = 0  # data generation and split seed, kept apart from `seed` so runs share data
     crop: Optional[int] = None  # centre crop (pixels) before resizing; null: none
     hflip: bool = False  # random horizontal flip of train batches, done on the device
@@ -152,6 +154,8 @@ def parse(cfg: DictConfig | Config) -> Config:
     _check(d.num_train > 0, "data.num_train", d.num_train, "must be a positive integer")
     _check(d.val_size > 0, "data.val_size", d.val_size, "must be a positive integer")
     _check(d.test_size > 0, "data.test_size", d.test_size, "must be a positive integer")
+    _check(0 < d.val_fraction and 0 < d.test_fraction and d.val_fraction + d.test_fraction < 1, "data.val_fraction",
+           d.val_fraction, "data.val_fraction and data.test_fraction must be > 0 and sum to < 1")
     _check(d.crop is None or d.crop > 0, "data.crop", d.crop, "must be null or a positive number of pixels")
     _choice("data.on_device", str(d.on_device).lower(), ("auto", "true", "false"))
     _choice("data.on_bad_file", d.on_bad_file, ("skip", "error"))

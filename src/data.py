@@ -1,7 +1,8 @@
-"""Image sources decoded once into uint8 arrays (N, C, H, W) per split, cached on disk, and batched by indexing.
+"""The data path: sources decoded once and cached on disk, then training batches drawn by indexing a tensor.
 
-A source is a function `cfg -> {split: array}`; `load_data` caches its result in `data.cache_dir` under a key
-of every setting that changes the pixels, and later runs memory-map the cache instead of decoding again.
+`load_data` caches a source's uint8 arrays (N, C, H, W) in `data.cache_dir` under a key of every setting that
+changes the pixels; later runs memory-map the cache instead of decoding again. `TrainBatches` gathers batches
+from a tensor on the device (or pinned host memory), so the hot loop does no per-item Python or PIL work.
 """
 from __future__ import annotations
 
@@ -9,89 +10,19 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from .config import DataConfig
+from .sources import SOURCES, SPLITS, DataError, ImageData  # noqa: F401  (DataError: re-exported for callers)
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 CACHE_VERSION = 1  # bump when a decoder's output changes, so stale caches are not reused
-
-
-@dataclass
-class ImageData:
-    """uint8 images per split, (N, C, H, W), plus ground-truth factors where the source has them."""
-
-    images: Dict[str, np.ndarray]
-    factors: Dict[str, np.ndarray] = field(default_factory=dict)  # split -> (N, K) int64 factor indices
-    factor_names: List[str] = field(default_factory=list)
-    factor_sizes: List[int] = field(default_factory=list)
-
-    def sizes(self) -> Dict[str, int]:
-        return {f"data/{s}_size": int(len(self.images[s])) for s in SPLITS}
-
-
-# --------------------------------------------------------------------------------------------------------
-# shapes: dSprites-like sprites (Matthey et al. 2017), generated procedurally
-
-SHAPE_FACTORS = {"shape": 3, "scale": 6, "orientation": 40, "pos_x": 32, "pos_y": 32}
-
-
-def _inside(shape: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Whether sprite-frame points (u, v) (unit half-extent, v up) lie in square (0), ellipse (1), heart (2)."""
-    square = np.maximum(np.abs(u), np.abs(v)) <= 1.0
-    ellipse = u**2 + (v / 0.5) ** 2 <= 1.0
-    hu, hv = 1.25 * u, 1.25 * v + 0.25  # the classic heart curve (x^2 + y^2 - 1)^3 <= x^2 y^3, centred
-    heart = (hu**2 + hv**2 - 1) ** 3 - hu**2 * hv**3 <= 0
-    s = shape[:, None, None]
-    return np.where(s == 0, square, np.where(s == 1, ellipse, heart))
-
-
-def render_shapes(factors: np.ndarray, image_size: int, colours: Optional[np.ndarray] = None) -> np.ndarray:
-    """Render factor indices (N, 5) as binary sprites, uint8 (N, C, H, W) with C = 1, or 3 given colours (N, 3)."""
-    n = len(factors)
-    shape, scale_i, rot_i, px_i, py_i = factors.T
-    scale = 0.5 + 0.5 * scale_i / (SHAPE_FACTORS["scale"] - 1)  # 0.5 .. 1, as dSprites
-    theta = 2 * np.pi * rot_i / SHAPE_FACTORS["orientation"]
-    cx = (0.2 + 0.6 * px_i / (SHAPE_FACTORS["pos_x"] - 1)).astype(np.float32)  # sprite centres keep it inside the frame
-    cy = (0.2 + 0.6 * py_i / (SHAPE_FACTORS["pos_y"] - 1)).astype(np.float32)
-    grid = ((np.arange(image_size) + 0.5) / image_size).astype(np.float32)  # pixel centres in [0, 1]
-    dx = grid[None, None, :] - cx[:, None, None]  # (N, 1, W)
-    dy = cy[:, None, None] - grid[None, :, None]  # (N, H, 1), image rows go down, v goes up
-    cos, sin = np.cos(theta, dtype=np.float32)[:, None, None], np.sin(theta, dtype=np.float32)[:, None, None]
-    radius = (0.2 * scale).astype(np.float32)[:, None, None]
-    u = (cos * dx + sin * dy) / radius  # rotate by -theta into the sprite frame
-    v = (-sin * dx + cos * dy) / radius
-    mask = _inside(shape, u, v).astype(np.uint8)  # (N, H, W)
-    if colours is None:
-        return (mask * 255)[:, None]
-    return (mask[:, None] * colours[:, :, None, None]).astype(np.uint8)
-
-
-def decode_shapes(cfg: DataConfig) -> ImageData:
-    """Draw factors uniformly from data.seed and render every split; chunked to bound memory."""
-    rng = np.random.default_rng(cfg.seed)
-    counts = {"train": cfg.num_train, "val": cfg.val_size, "test": cfg.test_size}
-    images, factors = {}, {}
-    for split, n in counts.items():
-        f = np.stack([rng.integers(0, k, n) for k in SHAPE_FACTORS.values()], axis=1)
-        colours = None
-        if cfg.channels == 3:  # random bright colours (one channel at 255): a nuisance, not a factor
-            colours = rng.integers(40, 256, (n, 3))
-            colours[np.arange(n), rng.integers(0, 3, n)] = 255
-        chunks = [render_shapes(f[i : i + 1000], cfg.image_size, None if colours is None else colours[i : i + 1000])
-                  for i in range(0, n, 1000)]
-        images[split], factors[split] = np.concatenate(chunks), f
-    return ImageData(images, factors, list(SHAPE_FACTORS), list(SHAPE_FACTORS.values()))
-
-
-SOURCES = {"shapes": decode_shapes}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -173,10 +104,8 @@ class TrainBatches:
         self.device, self.batch_size, self.hflip = device, batch_size, hflip
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         data = torch.from_numpy(np.array(images))  # (N, C, H, W) uint8, read from the memory-mapped cache
-        if on_device:
-            self.images = data.to(device)
-        else:
-            self.images = data.pin_memory() if device.type == "cuda" else data
+        self.images = data.to(device) if on_device else data
+        self.pinned = not on_device and device.type == "cuda"
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_per_epoch = len(data) // batch_size
 
@@ -185,21 +114,26 @@ class TrainBatches:
 
     def epoch(self) -> Iterator[torch.Tensor]:
         """One pass: float batches (B, C, H, W) in [0, 1] on the device."""
-        perm = torch.randperm(len(self.images), generator=self.generator)
-        perm = perm.to(self.images.device)
+        # the whole epoch's order and flips are drawn up front on the CPU generator: no per-step host work
+        perm = torch.randperm(len(self.images), generator=self.generator).to(self.images.device)
+        flips = (torch.rand(len(self.images), generator=self.generator) < 0.5).to(self.device) if self.hflip else None
         for i in range(self.steps_per_epoch):
             idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
-            x = self.images[idx].to(self.device, non_blocking=True)
-            yield to_float(x, self.hflip, self.generator).contiguous(memory_format=self.memory_format)
+            if self.pinned:  # gather into pinned memory so the copy to the GPU is asynchronous
+                buf = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
+                x = torch.index_select(self.images, 0, idx, out=buf).to(self.device, non_blocking=True)
+            else:
+                x = self.images[idx]
+            x = to_float(x)
+            if flips is not None:  # mirror the chosen images left-right, on the device
+                flip = flips[i * self.batch_size : (i + 1) * self.batch_size, None, None, None]
+                x = torch.where(flip, x.flip(-1), x)
+            yield x.contiguous(memory_format=self.memory_format)
 
 
-def to_float(x: torch.Tensor, hflip: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float in [0, 1]; with hflip, half the images mirrored left-right."""
-    x = x.float().div_(255)
-    if hflip:
-        flip = torch.rand(len(x), generator=generator).lt(0.5).to(x.device)  # drawn on CPU: device-independent
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 in [0, 1]."""
+    return x.float().div_(255)
 
 
 def eval_batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
@@ -214,9 +148,4 @@ def mean_image(images: np.ndarray) -> torch.Tensor:
     for i in range(0, len(images), 4096):
         total += images[i : i + 4096].sum(0, dtype=np.float64)
     return torch.from_numpy(total / (255.0 * len(images))).float()
-
-
-def num_pixels(cfg: DataConfig) -> int:
-    """D, the number of pixel channels per image, for bits per dim."""
-    return cfg.channels * cfg.image_size * cfg.image_size
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
 from .config import Config, ConfigError, parse, register_configs
-from .data import TrainBatches, load_data, mean_image, resolve_on_device
+from .data import DataError, TrainBatches, load_data, mean_image, resolve_on_device
 from .likelihoods import build_likelihood
 from .loggers import RunLogger, write_json
 from .losses import elbo_terms, kl_weight
@@ -260,6 +260,9 @@ def main(cfg: DictConfig) -> float:
         summary = train(cfg)
     except ConfigError as e:
         log.error("Config error: %s", e)
+        sys.exit(2)
+    except DataError as e:
+        log.error("Data error: %s", e)
         sys.exit(2)
     return summary["val/neg_elbo"]
 

@@ -1,0 +1,382 @@
+"""Image sources: each decodes its on-disk format once into uint8 arrays (N, C, H, W) per split.
+
+A source is `decode(cfg: DataConfig) -> ImageData`. Every one ends in the same shape and range: `data.channels`
+channels, `data.image_size` square pixels (centre crop `data.crop` first where set), values 0..255.
+Bad input raises DataError with one line naming the file or folder and the fix.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class DataError(RuntimeError):
+    """Unusable data on disk; the message is one line naming the path and the fix."""
+
+
+@dataclass
+class ImageData:
+    """uint8 images per split, (N, C, H, W), plus ground-truth factors where the source has them."""
+
+    images: Dict[str, np.ndarray]
+    factors: Dict[str, np.ndarray] = field(default_factory=dict)  # split -> (N, K) int64 factor indices
+    factor_names: List[str] = field(default_factory=list)
+    factor_sizes: List[int] = field(default_factory=list)
+
+    def sizes(self) -> Dict[str, int]:
+        return {f"data/{s}_size": int(len(self.images[s])) for s in SPLITS}
+
+
+# --------------------------------------------------------------------------------------------------------
+# shared transforms
+
+
+def fit_arrays(images: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """(N, C, H, W) uint8 -> data.channels, centre crop data.crop, resize to data.image_size (antialiased)."""
+    x = torch.from_numpy(np.array(images))  # a writable copy (IDX buffers and caches are read-only)
+    if x.shape[1] != cfg.channels:
+        x = TF.rgb_to_grayscale(x) if cfg.channels == 1 else x.expand(-1, 3, -1, -1)
+    if cfg.crop and cfg.crop < min(x.shape[-2:]):
+        x = TF.center_crop(x, [cfg.crop, cfg.crop])
+    if tuple(x.shape[-2:]) != (cfg.image_size, cfg.image_size):
+        x = torch.cat([TF.resize(c, [cfg.image_size, cfg.image_size], antialias=True) for c in x.split(4096)])
+    return np.ascontiguousarray(x.numpy())
+
+
+def fit_image(img: Image.Image, channels: int, size: int, crop: Optional[int]) -> np.ndarray:
+    """A PIL image of any mode -> (C, size, size) uint8: alpha composited over black, centre crop, resize."""
+    if img.mode in ("P", "PA") or img.mode.endswith("A") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    img = img.convert("L" if channels == 1 else "RGB")
+    if crop and crop < min(img.size):
+        left, top = (img.width - crop) // 2, (img.height - crop) // 2
+        img = img.crop((left, top, left + crop, top + crop))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)  # PIL's bilinear filter widens when shrinking: antialiased
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def _decode_one(args: Tuple[str, int, int, Optional[int]]) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    path, channels, size, crop = args
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return fit_image(img, channels, size, crop), None
+    except Exception as e:  # PIL raises many types for truncated or non-image files
+        return None, f"{type(e).__name__}: {e}"
+
+
+def decode_files(paths: Sequence[Path], cfg: DataConfig, desc: str) -> Tuple[np.ndarray, List[bool]]:
+    """Decode image files on every core, with a progress bar. Returns (N_ok, C, H, W) and an ok-mask per path.
+
+    Unreadable files are skipped with one warning naming them (data.on_bad_file=skip) or stop the decode at
+    the first one (error).
+    """
+    jobs = [(str(p), cfg.channels, cfg.image_size, cfg.crop) for p in paths]
+    workers = min(os.cpu_count() or 1, 16)
+    out = np.empty((len(paths), cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
+    ok, bad = [], []
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 256 else None
+    results = pool.map(_decode_one, jobs, chunksize=64) if pool else map(_decode_one, jobs)
+    try:
+        for i, (arr, err) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=1.0)):
+            if err is not None:
+                if cfg.on_bad_file == "error":
+                    raise DataError(f"cannot read image {paths[i]} ({err}); fix or remove it, or set data.on_bad_file=skip")
+                bad.append(str(paths[i]))
+            else:
+                out[i] = arr
+            ok.append(err is None)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    if bad:
+        log.warning("Skipped %d unreadable image file(s): %s", len(bad), ", ".join(bad))
+    return out[np.array(ok, bool)], ok
+
+
+def carve_val(train: np.ndarray, val_size: int, seed: int, source: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Split a validation set of val_size images off train, at random by data.seed; train keeps its order."""
+    if val_size >= len(train):
+        raise DataError(f"data.val_size={val_size} leaves no training images: data={source} has {len(train)}; "
+                        "lower data.val_size")
+    val_idx = np.random.default_rng(seed).permutation(len(train))[:val_size]
+    keep = np.ones(len(train), bool)
+    keep[val_idx] = False
+    return train[keep], train[np.sort(val_idx)]
+
+
+def _require_root(cfg: DataConfig, expected: str, where: str) -> Path:
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise DataError(f"data.root={cfg.root} does not exist; data={cfg.name} expects {expected}. {where}")
+    return root
+
+
+# --------------------------------------------------------------------------------------------------------
+# mnist, fashion_mnist: IDX files (LeCun et al.), gzipped or not
+
+IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+IDX_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+IDX_WHERE = {
+    "mnist": "Get the four IDX files from the MNIST page (Y. LeCun), or let torchvision fetch them with data.download=true.",
+    "fashion_mnist": "Get them from the Fashion-MNIST repository (zalandoresearch), with data.download=true, or "
+                     "Debian's dataset-fashion-mnist package (/usr/share/datasets/fashion-mnist).",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse one IDX file (optionally gzipped): big-endian magic, dims, then uint8 data."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise DataError(f"{path} is not an IDX file of unsigned bytes; replace it with the original download")
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated ({data.size} of {int(np.prod(dims))} bytes); download it again")
+    return data.reshape(dims)
+
+
+def _find_idx(root: Path, folder: str, stem: str) -> Optional[Path]:
+    for base in (root, root / folder / "raw", root / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (base / name).is_file():
+                return base / name
+    return None
+
+
+def decode_idx(cfg: DataConfig) -> ImageData:
+    folder = IDX_FOLDERS[cfg.name]
+    expected = (f"train-images-idx3-ubyte[.gz] and t10k-images-idx3-ubyte[.gz] in data.root or in "
+                f"<root>/{folder}/raw/")
+    root = _require_root(cfg, expected, IDX_WHERE[cfg.name])
+    if cfg.download and _find_idx(root, folder, IDX_FILES["train"]) is None:
+        _torchvision_download(cfg, root)
+    arrays = {}
+    for split, stem in IDX_FILES.items():
+        path = _find_idx(root, folder, stem)
+        if path is None:
+            raise DataError(f"data.root={cfg.root} has no {stem}[.gz]; data={cfg.name} expects {expected}. "
+                            f"{IDX_WHERE[cfg.name]}")
+        arrays[split] = fit_arrays(read_idx(path)[:, None], cfg)  # (N, 28, 28) -> (N, 1, 28, 28) -> fitted
+    train, val = carve_val(arrays["train"], cfg.val_size, cfg.seed, cfg.name)
+    return ImageData({"train": train, "val": val, "test": arrays["test"]})
+
+
+def _torchvision_download(cfg: DataConfig, root: Path) -> None:
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[cfg.name]
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except Exception as e:
+        raise DataError(f"data.download=true could not fetch {cfg.name} into {root} ({type(e).__name__}); "
+                        f"{IDX_WHERE[cfg.name]}") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# cifar10: the python pickle batches (Krizhevsky 2009)
+
+CIFAR_WHERE = "Get cifar-10-python.tar.gz from the CIFAR page (A. Krizhevsky) and unpack it into data.root."
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles: allow the numpy array machinery they need and nothing that runs code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # encode: protocol-2 bytes
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> np.ndarray:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], np.uint8)
+    except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError) as e:
+        raise DataError(f"{path} is not a CIFAR-10 python batch ({e}); {CIFAR_WHERE}") from None
+    return data.reshape(-1, 3, 32, 32)
+
+
+def decode_cifar10(cfg: DataConfig) -> ImageData:
+    expected = "cifar-10-batches-py/ (data_batch_1..5, test_batch) in data.root, or data.root pointing at it"
+    root = _require_root(cfg, expected, CIFAR_WHERE)
+    folder = root if (root / "data_batch_1").is_file() else root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)]
+    missing = [n for n in [*names, "test_batch"] if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder} lacks {', '.join(missing)}; data=cifar10 expects {expected}. {CIFAR_WHERE}")
+    train = fit_arrays(np.concatenate([_read_cifar_batch(folder / n) for n in names]), cfg)
+    test = fit_arrays(_read_cifar_batch(folder / "test_batch"), cfg)
+    train, val = carve_val(train, cfg.val_size, cfg.seed, cfg.name)
+    return ImageData({"train": train, "val": val, "test": test})
+
+
+# --------------------------------------------------------------------------------------------------------
+# celeba: aligned faces with the official partition (Liu et al. 2015), in Kaggle's or torchvision's layout
+
+CELEBA_EXPECTED = ("img_align_celeba/img_align_celeba/*.jpg + list_eval_partition.csv (Kaggle) or "
+                   "celeba/img_align_celeba/*.jpg + list_eval_partition.txt (torchvision)")
+CELEBA_WHERE = ("Get 'CelebFaces Attributes (CelebA)' from Kaggle or the CelebA page (MMLAB, CUHK), "
+                "or with torchvision.datasets.CelebA(download=True).")
+
+
+def _celeba_layout(root: Path) -> Tuple[Path, Path]:
+    """(images folder, partition file) for whichever layout is under root."""
+    for base in (root, root / "celeba"):
+        partition = next((base / n for n in ("list_eval_partition.csv", "list_eval_partition.txt")
+                          if (base / n).is_file()), None)
+        images = next((d for d in (base / "img_align_celeba" / "img_align_celeba", base / "img_align_celeba")
+                       if d.is_dir() and any(d.glob("*.jpg"))), None)
+        if partition and images:
+            return images, partition
+    raise DataError(f"data.root={root} holds no CelebA layout; data=celeba expects {CELEBA_EXPECTED}. {CELEBA_WHERE}")
+
+
+def read_celeba_partition(path: Path) -> List[Tuple[str, int]]:
+    """(file name, split 0/1/2) rows from the csv (with header) or the space-separated txt."""
+    rows = []
+    for line in path.read_text().splitlines():
+        parts = line.replace(",", " ").split()
+        if len(parts) == 2 and parts[1].isdigit():
+            rows.append((parts[0], int(parts[1])))
+    if not rows:
+        raise DataError(f"{path} has no '<image> <0|1|2>' rows; replace it with the original partition file")
+    return rows
+
+
+def decode_celeba(cfg: DataConfig) -> ImageData:
+    root = _require_root(cfg, CELEBA_EXPECTED, CELEBA_WHERE)
+    folder, partition = _celeba_layout(root)
+    rows = read_celeba_partition(partition)
+    missing = [name for name, _ in rows if not (folder / name).is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(f"{partition} names {len(missing)} image(s) missing from {folder}: {shown}; "
+                        "unpack the whole archive or use the partition file that came with it")
+    images, ok = decode_files([folder / name for name, _ in rows], cfg, desc="decode celeba")
+    split_of = np.array([s for (_, s), good in zip(rows, ok) if good])
+    return ImageData({name: images[split_of == i] for i, name in enumerate(SPLITS)})
+
+
+# --------------------------------------------------------------------------------------------------------
+# folder: any tree of images, split by a hash of the relative path
+
+
+def hash_split(relative: str, val_fraction: float, test_fraction: float) -> str:
+    """train/val/test from the first 32 bits of sha1(relative path): stable as files come and go."""
+    u = int(hashlib.sha1(relative.encode()).hexdigest()[:8], 16) / 2**32
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
+
+
+def decode_folder(cfg: DataConfig) -> ImageData:
+    expected = f"a folder tree of images ({', '.join(IMAGE_SUFFIXES)})"
+    root = _require_root(cfg, expected, "Point data.root at your own images.")
+    if not root.is_dir():
+        raise DataError(f"data.root={cfg.root} is a file, not a folder; data=folder expects {expected}")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise DataError(f"data.root={cfg.root} holds no images; data=folder expects {expected}")
+    images, ok = decode_files(paths, cfg, desc="decode folder")
+    splits = np.array([hash_split(p.relative_to(root).as_posix(), cfg.val_fraction, cfg.test_fraction)
+                       for p, good in zip(paths, ok) if good])
+    out = {s: images[splits == s] for s in SPLITS}
+    empty = [s for s in SPLITS if len(out[s]) == 0]
+    if empty:
+        raise DataError(f"data.root={cfg.root} has {len(images)} readable images, too few to fill the "
+                        f"{'/'.join(empty)} split(s) at data.val_fraction={cfg.val_fraction}, "
+                        f"data.test_fraction={cfg.test_fraction}; add images or raise the fractions")
+    return ImageData(out)
+
+
+# --------------------------------------------------------------------------------------------------------
+# shapes: dSprites-like sprites (Matthey et al. 2017), generated procedurally
+
+SHAPE_FACTORS = {"shape": 3, "scale": 6, "orientation": 40, "pos_x": 32, "pos_y": 32}
+
+
+def _inside(shape: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Whether sprite-frame points (u, v) (unit half-extent, v up) lie in square (0), ellipse (1), heart (2)."""
+    square = np.maximum(np.abs(u), np.abs(v)) <= 1.0
+    ellipse = u**2 + (v / 0.5) ** 2 <= 1.0
+    hu, hv = 1.25 * u, 1.25 * v + 0.25  # the classic heart curve (x^2 + y^2 - 1)^3 <= x^2 y^3, centred
+    heart = (hu**2 + hv**2 - 1) ** 3 - hu**2 * hv**3 <= 0
+    s = shape[:, None, None]
+    return np.where(s == 0, square, np.where(s == 1, ellipse, heart))
+
+
+def render_shapes(factors: np.ndarray, image_size: int, colours: Optional[np.ndarray] = None) -> np.ndarray:
+    """Render factor indices (N, 5) as binary sprites, uint8 (N, C, H, W) with C = 1, or 3 given colours (N, 3)."""
+    shape, scale_i, rot_i, px_i, py_i = factors.T
+    scale = 0.5 + 0.5 * scale_i / (SHAPE_FACTORS["scale"] - 1)  # 0.5 .. 1, as dSprites
+    theta = 2 * np.pi * rot_i / SHAPE_FACTORS["orientation"]
+    cx = (0.2 + 0.6 * px_i / (SHAPE_FACTORS["pos_x"] - 1)).astype(np.float32)  # sprite centres keep it inside the frame
+    cy = (0.2 + 0.6 * py_i / (SHAPE_FACTORS["pos_y"] - 1)).astype(np.float32)
+    grid = ((np.arange(image_size) + 0.5) / image_size).astype(np.float32)  # pixel centres in [0, 1]
+    dx = grid[None, None, :] - cx[:, None, None]  # (N, 1, W)
+    dy = cy[:, None, None] - grid[None, :, None]  # (N, H, 1), image rows go down, v goes up
+    cos, sin = np.cos(theta, dtype=np.float32)[:, None, None], np.sin(theta, dtype=np.float32)[:, None, None]
+    radius = (0.2 * scale).astype(np.float32)[:, None, None]
+    u = (cos * dx + sin * dy) / radius  # rotate by -theta into the sprite frame
+    v = (-sin * dx + cos * dy) / radius
+    mask = _inside(shape, u, v).astype(np.uint8)  # (N, H, W)
+    if colours is None:
+        return (mask * 255)[:, None]
+    return (mask[:, None] * colours[:, :, None, None]).astype(np.uint8)
+
+
+def decode_shapes(cfg: DataConfig) -> ImageData:
+    """Draw factors uniformly from data.seed and render every split; chunked to bound memory."""
+    rng = np.random.default_rng(cfg.seed)
+    counts = {"train": cfg.num_train, "val": cfg.val_size, "test": cfg.test_size}
+    images, factors = {}, {}
+    for split, n in counts.items():
+        f = np.stack([rng.integers(0, k, n) for k in SHAPE_FACTORS.values()], axis=1)
+        colours = None
+        if cfg.channels == 3:  # random bright colours (one channel at 255): a nuisance, not a factor
+            colours = rng.integers(40, 256, (n, 3))
+            colours[np.arange(n), rng.integers(0, 3, n)] = 255
+        chunks = [render_shapes(f[i : i + 1000], cfg.image_size, None if colours is None else colours[i : i + 1000])
+                  for i in tqdm(range(0, n, 1000), desc=f"render shapes/{split}", unit="kimg", mininterval=1.0)]
+        images[split], factors[split] = np.concatenate(chunks), f
+    return ImageData(images, factors, list(SHAPE_FACTORS), list(SHAPE_FACTORS.values()))
+
+
+SOURCES: Dict[str, Callable[[DataConfig], ImageData]] = {
+    "shapes": decode_shapes,
+    "mnist": decode_idx,
+    "fashion_mnist": decode_idx,
+    "cifar10": decode_cifar10,
+    "celeba": decode_celeba,
+    "folder": decode_folder,
+}
