@@ -298,3 +298,14 @@ def test_real_fashion_mnist_end_to_end(tmp_path):
     summary = train(compose_cfg(overrides), run_dir=tmp_path / "run")
     assert (summary["data/train_size"], summary["data/val_size"], summary["data/test_size"]) == (55000, 5000, 10000)
     assert summary["val/mse"] < summary["val/mse_mean_image"]  # 200 steps already beat the mean image
+
+
+def test_seed_preset_trains_on_celeba_fixture(tmp_path):
+    make_celeba(tmp_path / "root", "kaggle", n=12)
+    run = tmp_path / "run"
+    proc = run_cli(["experiment=celeba64_seed", f"data.root={tmp_path / 'root'}", f"data.cache_dir={tmp_path / 'c'}",
+                    "data.batch_size=4", "trainer.max_steps=2", "trainer.progress=false", f"hydra.run.dir={run}"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and len(summary["val/kl_per_dim"]) == 128
+    assert Image.open(run / "samples.png").mode == "RGB"
