@@ -45,8 +45,8 @@ class DataConfig:
     batch_size: int = 64
     eval_batch_size: int = 256
     num_train: int = 20000  # shapes only: images generated for the train split
-    val_size: int = 2000  # carved from train where a source has no validation split
-    test_size: int = 2000  # shapes only
+    val_size: int = 1000  # carved from train where a source has no validation split
+    test_size: int = 1000  # shapes only
     val_fraction: float = 0.05  # folder only: share of files hashed into val
     test_fraction: float = 0.05  # folder only: share of files hashed into test
     seed: int = 0  # data generation and split seed, kept apart from `seed` so runs share data
@@ -99,6 +99,16 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    iwae_k: int = 5  # importance samples for val/iwae_nll at every eval
+    iwae_k_test: int = 50  # for the final test/iwae_nll
+    mi_images: int = 2000  # images whose aggregate posterior estimates mutual_info
+    blur_samples: int = 256  # fixed prior samples and real images behind the sharpness ratios
+    traversal_dims: int = 8  # top dims by KL shown in traversals
+    traversal_steps: int = 7  # values from -3 to 3
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"
     mode: str = "auto"
@@ -113,6 +123,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
 
@@ -195,6 +206,10 @@ def parse(cfg: DictConfig | Config) -> Config:
     _choice("trainer.compile", t.compile, COMPILE_MODES)
     _check(t.num_samples > 0, "trainer.num_samples", t.num_samples, "must be a positive integer")
     _check_device_available(t.device)
+
+    for key in ("iwae_k", "iwae_k_test", "mi_images", "blur_samples", "traversal_steps"):
+        _check(getattr(cfg.eval, key) > 0, f"eval.{key}", getattr(cfg.eval, key), "must be a positive integer")
+    _check(cfg.eval.traversal_dims >= 0, "eval.traversal_dims", cfg.eval.traversal_dims, "must be >= 0")
 
     _choice("logger.name", lg.name, LOGGERS)
     _choice("logger.mode", lg.mode, LOGGER_MODES)

@@ -42,7 +42,14 @@ def elbo_terms(
     Also returns `kl_per_dim` (D,), the batch mean KL of each latent dim, before free bits.
     """
     params, mu, logvar = model(x)
-    recon = model.likelihood.nll(params, x).mean()
+    return terms_from_outputs(model.likelihood.nll(params, x), mu, logvar, beta, capacity, free_bits)
+
+
+def terms_from_outputs(
+    nll: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float, capacity: Optional[float], free_bits: float
+) -> Dict[str, torch.Tensor]:
+    """The terms of `elbo_terms` from per-image NLL (B,) and the posterior (B, D)."""
+    recon = nll.mean()
     kl_dims = kl_divergence(mu, logvar).mean(0)  # (D,)
     kl = kl_dims.sum()
     # free bits: dims below the floor get no gradient towards the prior (Kingma et al. 2016)
@@ -51,7 +58,8 @@ def elbo_terms(
         loss = recon + beta * (kl_penalised - capacity).abs()
     else:
         loss = recon + beta * kl_penalised
-    return {"loss": loss, "recon_nll": recon, "kl": kl, "neg_elbo": recon + kl, "kl_per_dim": kl_dims}
+    return {"loss": loss, "recon_nll": recon, "kl": kl, "neg_elbo": recon + kl, "kl_per_dim": kl_dims,
+            "kl_penalised": kl_penalised}
 
 
 def bits_per_dim(nats_per_image: float, num_dims: int) -> float:

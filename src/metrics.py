@@ -1,51 +1,207 @@
-"""Evaluation over a whole split: ELBO terms, per-dim KL, reconstruction MSE and its trivial baseline."""
+"""Evaluation over a whole split: ELBO terms, IWAE, and the collapse and blur diagnostics.
+
+Collapse: kl_per_dim, active_units (Burda et al. 2015), mutual_info (He et al. 2019), MIG (Chen et al. 2018).
+Blur: sharpness ratios (variance of the Laplacian) and a high-frequency spectral energy ratio; 1.0 = as sharp
+as the data. All NLLs in nats per image.
+"""
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
-from typing import ContextManager, Dict, Optional
+from typing import ContextManager, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .data import eval_batches
-from .losses import bits_per_dim, elbo_terms
+from .losses import bits_per_dim, terms_from_outputs
 from .models import VAE
 
-EVAL_SEED = 0  # the eps of the one-sample ELBO at eval; fixed, so eval does not depend on training's RNG
+EVAL_SEED = 0  # eval's own RNG: its numbers do not depend on how far training's RNG has moved
+ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ------------------------------------------------------------------------------------------- estimators
+
+
+def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag exp(logvar)), summed over the last dim."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu) ** 2 * torch.exp(-logvar)).sum(-1)
+
+
+def iwae_log_weights(model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, k: int,
+                     chunk_images: int = 4096) -> torch.Tensor:
+    """log p(x|z_i) + log p(z_i) - log q(z_i|x) for k samples z_i ~ q(z|x); (B, k). Samples are batched,
+    B * c at a time, so IWAE costs k/c decoder passes rather than k."""
+    b = len(x)
+    c = max(1, min(k, chunk_images // b))
+    out = []
+    for start in range(0, k, c):
+        n = min(c, k - start)
+        z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * torch.randn(b, n, mu.shape[1], device=mu.device)
+        params = model.decode(z.reshape(b * n, -1))  # (B*n, ...)
+        x_rep = x.unsqueeze(1).expand(b, n, *x.shape[1:]).reshape(b * n, *x.shape[1:])
+        log_px_z = -model.likelihood.nll(params, x_rep).view(b, n)
+        log_pz = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
+        log_qz = gaussian_log_density(z, mu.unsqueeze(1), logvar.unsqueeze(1))
+        out.append(log_px_z + log_pz - log_qz)
+    return torch.cat(out, 1)
+
+
+def iwae_nll(model: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
+    """-log p(x) estimated with k importance samples (Burda et al. 2015), per image (B,); k = 1 is the ELBO."""
+    mu, logvar = (t.float() for t in model.encode(x))
+    log_w = iwae_log_weights(model, x, mu, logvar, k)
+    return -(torch.logsumexp(log_w, 1) - math.log(k))
+
+
+def active_units(mu: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
+    """Dims whose posterior mean varies with x: Cov_x(E_q[z_d]) > threshold, over the whole split (N, D)."""
+    return int((mu.var(0) > threshold).sum())
+
+
+def mutual_info(mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 256) -> float:
+    """I(x; z) under q: E[log q(z|x) - log q(z)], q(z) the aggregate posterior of these N images
+    (He et al. 2019, Lagging inference networks). One z per image, and both densities at that same z, so the
+    Monte-Carlo noise cancels (it is exactly 0 when q ignores x); the N x N densities are chunked."""
+    n = len(mu)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    log_q_own = gaussian_log_density(z, mu, logvar)  # (N,)
+    log_q_agg = []
+    for i in range(0, n, chunk):
+        dens = gaussian_log_density(z[i : i + chunk, None], mu[None], logvar[None])  # (c, N)
+        log_q_agg.append(torch.logsumexp(dens, 1) - math.log(n))
+    return float((log_q_own - torch.cat(log_q_agg)).mean())
+
+
+def _discrete_mi(a: np.ndarray, b: np.ndarray) -> float:
+    """Mutual information in nats between two integer label arrays, from their joint histogram."""
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1)
+    p = joint / joint.sum()
+    pa, pb = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * np.log(p[nz] / (pa @ pb)[nz])).sum())
+
+
+def mig(mu: np.ndarray, factors: np.ndarray, bins: int = 20) -> float:
+    """Mutual Information Gap (Chen et al. 2018): per factor, the gap between the two latents most informative
+    about it, over the factor's entropy, averaged. Latent means are binned into `bins` equal-width bins."""
+    codes = []
+    for d in range(mu.shape[1]):
+        edges = np.histogram_bin_edges(mu[:, d], bins)
+        codes.append(np.digitize(mu[:, d], edges[1:-1]))
+    gaps = []
+    for k in range(factors.shape[1]):
+        v = factors[:, k]
+        entropy = _discrete_mi(v, v)
+        if entropy <= 0:
+            continue
+        mis = sorted((_discrete_mi(c, v) for c in codes), reverse=True) + [0.0]
+        gaps.append((mis[0] - mis[1]) / entropy)
+    return float(np.mean(gaps)) if gaps else float("nan")
+
+
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+
+
+def laplacian_variance(images: torch.Tensor) -> float:
+    """Mean over images of the variance of the Laplacian of the grey image (Pech-Pacheco et al. 2000)."""
+    grey = images.float().mean(1, keepdim=True)  # (B, 1, H, W)
+    lap = F.conv2d(grey, LAPLACIAN.to(grey.device))
+    return float(lap.flatten(1).var(1).mean())
+
+
+def high_frequency_energy(images: torch.Tensor, cutoff: float = 0.25) -> float:
+    """Fraction of spectral energy (mean removed) above `cutoff` cycles per pixel (Nyquist is 0.5)."""
+    grey = images.float().mean(1)
+    grey = grey - grey.mean((-2, -1), keepdim=True)
+    power = torch.fft.fft2(grey).abs() ** 2  # (B, H, W)
+    fy = torch.fft.fftfreq(grey.shape[-2], device=grey.device)[:, None]
+    fx = torch.fft.fftfreq(grey.shape[-1], device=grey.device)[None, :]
+    high = (fy**2 + fx**2).sqrt() > cutoff
+    return float(power[:, high].sum() / power.sum().clamp_min(1e-12))
+
+
+def sharpness_ratio(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Laplacian variance of `images` over that of `reference`; below 1 is blurrier than the reference."""
+    return laplacian_variance(images) / max(laplacian_variance(reference), 1e-12)
+
+
+# ------------------------------------------------------------------------------------------- one split
 
 
 @torch.no_grad()
 def evaluate(
     model: VAE,
     images: np.ndarray,
-    batch_size: int,
+    *,
     device: torch.device,
-    beta: float,
-    capacity: Optional[float],
-    free_bits: float,
+    batch_size: int,
+    weights: tuple,
     mean_img: torch.Tensor,
+    iwae_k: int,
+    z_samples: torch.Tensor,
+    factors: Optional[np.ndarray] = None,
+    mi_images: int = 2000,
     autocast: Optional[ContextManager] = None,
 ) -> Dict[str, object]:
-    """Terms averaged over every image of the split (nats per image), `kl_per_dim` as a list, and
-    `mse` (per pixel, decoder mean at the posterior mean) against `mse_mean_image` (predicting `mean_img`)."""
+    """Every metric of the design's list over all images of a split, in nats per image where it is one.
+
+    weights = (beta, capacity, free_bits) for `loss`; z_samples are fixed prior draws for the blur ratios.
+    """
     was_training = model.training
     model.eval()
     sums: Dict[str, torch.Tensor] = {}
+    mus: List[torch.Tensor] = []
+    logvars: List[torch.Tensor] = []
     n = 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), (autocast or nullcontext()):
         torch.manual_seed(EVAL_SEED)
         for x in eval_batches(images, batch_size, device):
-            with autocast or nullcontext():
-                terms = elbo_terms(model, x, beta, capacity, free_bits)
-                recon = model.reconstruct(x)
-            terms["mse"] = ((recon.float() - x) ** 2).mean()
+            mu, logvar = model.encode(x)
+            z = model.reparameterize(mu, logvar)
+            terms = terms_from_outputs(model.likelihood.nll(model.decode(z), x), mu, logvar, *weights)
+            terms["mse"] = ((model.likelihood.mean(model.decode(mu)) - x) ** 2).mean()
             terms["mse_mean_image"] = ((mean_img.to(device) - x) ** 2).mean()
+            terms["iwae_nll"] = iwae_nll(model, x, iwae_k).mean()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() * len(x)
+            mus.append(mu.float().cpu())
+            logvars.append(logvar.float().cpu())
             n += len(x)
+        mu_all, logvar_all = torch.cat(mus), torch.cat(logvars)
+        out: Dict[str, object] = {k: (v / n).item() for k, v in sums.items() if v.ndim == 0}
+        out["kl_per_dim"] = (sums["kl_per_dim"] / n).tolist()
+        dims = int(np.prod(images.shape[1:]))
+        out["bits_per_dim"] = bits_per_dim(out["neg_elbo"], dims)
+        out["iwae_bits_per_dim"] = bits_per_dim(out["iwae_nll"], dims)
+        out["iwae_k"] = iwae_k
+        out["active_units"] = active_units(mu_all)
+        out["collapsed_units"] = mu_all.shape[1] - out["active_units"]
+        out["mutual_info"] = mutual_info(mu_all[:mi_images], logvar_all[:mi_images])
+        out.update(blur_metrics(model, images, z_samples, device))
+    if factors is not None:
+        out["mig"] = mig(mu_all.numpy(), np.asarray(factors)[:n])
     model.train(was_training)
-    out: Dict[str, object] = {k: v.item() for k, v in sums.items() if v.ndim == 0}
-    out = {k: v / n for k, v in out.items()}
-    out["kl_per_dim"] = (sums["kl_per_dim"] / n).tolist()
-    out["bits_per_dim"] = bits_per_dim(out["neg_elbo"], images[0].size)
     return out
+
+
+def blur_metrics(model: VAE, images: np.ndarray, z_samples: torch.Tensor, device: torch.device) -> Dict[str, float]:
+    """Prior samples and reconstructions against real images of the split (as many as there are z samples)."""
+    real = torch.from_numpy(np.array(images[: len(z_samples)])).float().div(255).to(device)
+    samples = model.sample(z_samples.to(device)).float()
+    recon = model.reconstruct(real).float()
+    return {
+        "sharpness_ratio": sharpness_ratio(samples, real),
+        "recon_sharpness_ratio": sharpness_ratio(recon, real),
+        "hf_energy_ratio": high_frequency_energy(samples) / max(high_frequency_energy(real), 1e-12),
+    }
+
+
+def kl_per_dim_ranking(kl_per_dim: Sequence[float]) -> List[int]:
+    """Latent dims from most to least KL: the ones worth a traversal."""
+    return sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])
+

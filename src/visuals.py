@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List
 
 import torch
 from torchvision.utils import save_image
@@ -33,3 +34,14 @@ def save_reconstructions(model, x: torch.Tensor, path: Path, per_row: int = 8) -
 def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, path, nrow=nrow, padding=2, pad_value=0.5)
+
+
+def save_traversals(model, x: torch.Tensor, dims: List[int], path: Path, steps: int = 7, span: float = 3.0) -> None:
+    """One row per latent dim in `dims`: decode the posterior mean of x (1, C, H, W) with that dim set to
+    each of `steps` values in [-span, span], the others held (Higgins et al. 2017)."""
+    mu, _ = model.encode(x)
+    values = torch.linspace(-span, span, steps, device=mu.device)
+    z = mu.repeat(len(dims) * steps, 1)  # (len(dims) * steps, D)
+    for row, d in enumerate(dims):
+        z[row * steps : (row + 1) * steps, d] = values
+    save_grid(model.sample(z).float().clamp(0, 1).cpu(), path, nrow=steps)

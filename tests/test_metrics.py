@@ -1,0 +1,153 @@
+"""Estimators against closed forms and built-to-order encoders: a wrong estimator fails here."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from torch import distributions as D
+from torchvision.transforms.v2 import functional as TF
+
+from src.config import DataConfig
+from src.likelihoods import Bernoulli, Gaussian
+from src.metrics import (active_units, evaluate, high_frequency_energy, iwae_log_weights, mig, mutual_info,
+                         sharpness_ratio)
+from src.models import VAE, MLPVAE
+from src.sources import decode_shapes
+
+
+class IdentityMeanGaussian(Gaussian):
+    """N(x; params, sigma^2): a linear decoder's mean is not squashed."""
+
+    def mean(self, params):
+        return params
+
+
+class PPCA(VAE):
+    """x = W z + b + sigma * eps (Tipping & Bishop 1999), with a diagonal Gaussian encoder set by hand."""
+
+    def __init__(self, W: torch.Tensor, b: torch.Tensor, sigma: float, A: torch.Tensor, logvar: torch.Tensor):
+        super().__init__(IdentityMeanGaussian(sigma), W.shape[1])
+        d, k = W.shape
+        enc, dec = nn.Linear(d, 2 * k), nn.Linear(k, d)
+        with torch.no_grad():
+            enc.weight.copy_(torch.cat([A, torch.zeros(k, d)]))
+            enc.bias.copy_(torch.cat([-A @ b, logvar]))
+            dec.weight.copy_(W)
+            dec.bias.copy_(b)
+        self.encoder = nn.Sequential(nn.Flatten(), enc)
+        self.decoder = nn.Sequential(dec, nn.Unflatten(1, (1, 1, d)))
+
+
+@pytest.fixture(scope="module")
+def ppca():
+    torch.manual_seed(0)
+    d, k, sigma = 6, 2, 0.5
+    W, b = torch.randn(d, k), torch.randn(d)
+    M = W.T @ W + sigma**2 * torch.eye(k)
+    A = torch.linalg.solve(M, W.T)  # the exact posterior mean M^-1 W^T (x - b)
+    # a diagonal q, and wider than the diagonal of the true posterior covariance sigma^2 M^-1: a loose bound
+    logvar = torch.log(torch.diagonal(sigma**2 * torch.linalg.inv(M))) + 1.0
+    model = PPCA(W, b, sigma, A, logvar)
+    x = D.MultivariateNormal(b, W @ W.T + sigma**2 * torch.eye(d)).sample((64,))
+    exact = D.MultivariateNormal(b, W @ W.T + sigma**2 * torch.eye(d)).log_prob(x)  # (64,)
+    return model, x.view(64, 1, 1, d), exact
+
+
+def _log_weights(model, x, k):
+    torch.manual_seed(1)
+    mu, logvar = model.encode(x)
+    return iwae_log_weights(model, x, mu, logvar, k)
+
+
+def test_elbo_is_below_the_exact_log_likelihood(ppca):
+    model, x, exact = ppca
+    elbo = _log_weights(model, x, 2000).mean(1)  # E_q[log w], per image
+    assert (elbo < exact).all()
+    assert (exact - elbo).mean() > 0.1  # the hand-set q is deliberately loose
+
+
+def test_iwae_with_large_k_matches_the_exact_log_likelihood(ppca):
+    model, x, exact = ppca
+    k = 5000
+    log_w = _log_weights(model, x, k)
+    iwae = torch.logsumexp(log_w, 1) - math.log(k)
+    assert (iwae - exact).abs().mean() < 0.03  # nats per image
+    assert (exact - iwae).mean() < 0.1 * (exact - log_w.mean(1)).mean()  # closes > 90% of the ELBO's gap
+
+
+def test_iwae_tightens_as_k_grows(ppca):
+    model, x, exact = ppca
+    gaps = []
+    for k in (1, 10, 100, 1000):
+        iwae = torch.logsumexp(_log_weights(model, x, k), 1) - math.log(k)
+        gaps.append((exact - iwae).mean().item())
+    assert gaps[0] > gaps[1] > gaps[2] > gaps[3] > -0.01, gaps
+
+
+def _mlp_with_rows_zeroed(zero_mu_from: int, latent: int = 6) -> MLPVAE:
+    """A tiny MLP VAE whose encoder ignores x for mu dims >= zero_mu_from and has fixed logvar = -4."""
+    torch.manual_seed(0)
+    model = MLPVAE(1, 8, [16], latent, Bernoulli())
+    head = model.encoder[-1]
+    with torch.no_grad():
+        head.weight[zero_mu_from:latent] = 0
+        head.weight[latent:] = 0
+        head.bias[latent:] = -4.0
+        head.weight[:zero_mu_from] *= 5  # the reading dims vary well above the 0.01 threshold
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (300, 1, 8, 8)).astype(np.uint8)
+
+
+def _evaluate(model, images, factors=None):
+    return evaluate(model, images, device=torch.device("cpu"), batch_size=64, weights=(1.0, None, 0.0),
+                    mean_img=torch.full((1, 8, 8), 0.5), iwae_k=3, z_samples=torch.randn(32, model.latent_dim),
+                    factors=factors)
+
+
+def test_active_units_counts_an_encoder_that_ignores_some_dims(images):
+    out = _evaluate(_mlp_with_rows_zeroed(3), images)
+    assert out["active_units"] == 3 and out["collapsed_units"] == 3
+    assert active_units(torch.zeros(10, 4)) == 0
+
+
+def test_mutual_info_is_zero_for_an_encoder_that_ignores_x(images):
+    assert abs(_evaluate(_mlp_with_rows_zeroed(0), images)["mutual_info"]) < 1e-3
+    informative = _evaluate(_mlp_with_rows_zeroed(3), images)["mutual_info"]
+    assert 1.0 < informative <= math.log(len(images)) + 1e-6  # I(x; z) <= H(x) = log N on N images
+
+
+def test_mutual_info_matches_closed_form_for_well_separated_posteriors():
+    # N posteriors so far apart that q(z) is a mixture of disjoint parts: I(x; z) = log N exactly
+    mu = torch.arange(50, dtype=torch.float32).view(50, 1) * 100
+    assert mutual_info(mu, torch.zeros(50, 1)) == pytest.approx(math.log(50), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return decode_shapes(DataConfig(num_train=10, val_size=2000, test_size=10, image_size=32))
+
+
+def test_sharpness_is_below_one_for_blurred_data_and_one_for_data(shapes):
+    real = torch.from_numpy(shapes.images["val"][:256]).float() / 255
+    other = torch.from_numpy(shapes.images["val"][256:512]).float() / 255
+    blurred = TF.gaussian_blur(real, [7, 7], [1.5, 1.5])
+    assert sharpness_ratio(real, real) == pytest.approx(1.0)
+    assert sharpness_ratio(other, real) == pytest.approx(1.0, abs=0.15)
+    assert sharpness_ratio(blurred, real) < 0.3
+    assert high_frequency_energy(blurred) < 0.3 * high_frequency_energy(real)
+
+
+def test_mig_is_high_for_an_encoder_reading_the_factors_and_zero_for_noise(shapes):
+    factors = shapes.factors["val"]
+    rng = np.random.default_rng(0)
+    reading = np.concatenate([factors / factors.max(0), rng.normal(size=(len(factors), 5))], 1)
+    assert mig(reading + 1e-3 * rng.normal(size=reading.shape), factors) > 0.7
+    assert mig(rng.normal(size=(len(factors), 10)), factors) < 0.05
