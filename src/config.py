@@ -114,6 +114,7 @@ class LoggerConfig:
     mode: str = "auto"
     project: str = "vae-sweeps"
     entity: Optional[str] = None
+    init_timeout: float = 30.0  # seconds to reach W&B online before going on offline
 
 
 @dataclass
@@ -213,6 +214,7 @@ def parse(cfg: DictConfig | Config) -> Config:
 
     _choice("logger.name", lg.name, LOGGERS)
     _choice("logger.mode", lg.mode, LOGGER_MODES)
+    _check(lg.init_timeout > 0, "logger.init_timeout", lg.init_timeout, "must be > 0 seconds")
     return cfg
 
 

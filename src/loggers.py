@@ -1,10 +1,22 @@
-"""Run logging: metrics.jsonl for machines (one flat JSON object per log or eval step, with "step")."""
+"""Run logging: metrics.jsonl for machines (one flat JSON object per log or eval step, with "step"), and
+Weights & Biases when `logger=wandb` (online, offline, or off; never a reason for a run to fail or hang)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import netrc
+import os
+import secrets
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
+from urllib.parse import urlparse
+
+from .config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "wandb_run_id"  # in the run dir: a rerun into the same dir continues the same W&B run
 
 
 def _plain(v: Any) -> Any:
@@ -16,26 +28,125 @@ def _plain(v: Any) -> Any:
     return v
 
 
-class RunLogger:
-    """Appends one flat JSON line per call to `<run_dir>/metrics.jsonl`; W&B comes from the logger config."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.file = open(self.path, "a", buffering=1)
-
-    def log(self, metrics: Dict[str, Any], step: int) -> None:
-        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(row) + "\n")
-
-    def log_images(self, images: Dict[str, Path], step: int) -> None:
-        """Grids are already PNG files in the run dir; only W&B needs them pushed."""
-
-    def finish(self, summary: Dict[str, Any]) -> None:
-        self.file.close()
-
-
 def write_json(path: Path, obj: Dict[str, Any]) -> None:
     """Write JSON atomically (temp + rename), so a reader never sees half a summary."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({k: _plain(v) for k, v in obj.items()}, indent=2) + "\n")
     tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------- W&B
+
+
+def wandb_mode(mode: str) -> str:
+    """WANDB_MODE from the environment wins; `auto` is online with credentials, offline without."""
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    if mode != "auto":
+        return mode
+    return "online" if _has_credentials() else "offline"
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def run_identity(run_dir: Path) -> Tuple[str, str]:
+    """(name, group): the member's override string, and the sweep it belongs to (a single run is its own)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return run_dir.name, run_dir.name
+    hc = HydraConfig.get()
+    name = hc.job.override_dirname or "defaults"
+    group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir
+    return name, os.environ.get("WANDB_RUN_GROUP") or str(group)
+
+
+def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any]):
+    """wandb.init with the files in the run dir; the run id is kept there so a resume continues the run.
+
+    If the service cannot be reached online, the run goes on offline and says so in one line.
+    """
+    import wandb
+
+    mode = wandb_mode(cfg.mode)
+    if mode == "disabled":
+        return None
+    id_file = run_dir / RUN_ID_FILE
+    # under a W&B agent the sweep chooses the id; otherwise reuse ours, or make one and keep it
+    run_id = id_file.read_text().strip() if id_file.is_file() else os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
+    id_file.write_text(run_id + "\n")
+    name, group = run_identity(run_dir)
+    kwargs = dict(project=cfg.project, entity=cfg.entity, dir=str(run_dir), id=run_id, resume="allow", name=name,
+                  group=group, job_type="train", config=config,
+                  settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off"))
+    try:
+        run = wandb.init(mode=mode, **kwargs)
+    except Exception as e:  # unreachable, refused, timed out: W&B must never stop the training
+        if mode != "online":
+            raise
+        log.warning("W&B unreachable (%s); logging offline in %s, upload later with `wandb sync`",
+                    str(e).splitlines()[0][:160], run_dir / "wandb")
+        run = wandb.init(mode="offline", **kwargs)
+    run.define_metric("step")
+    for prefix in ("train", "val", "test", "perf"):  # every chart shares the training-step axis
+        run.define_metric(f"{prefix}/*", step_metric="step")
+    run.define_metric("val/neg_elbo", step_metric="step", summary="min")
+    return run
+
+
+# ------------------------------------------------------------------------------------------- the logger
+
+
+class RunLogger:
+    """Appends one flat JSON line per call to `<run_dir>/metrics.jsonl`, and mirrors it to W&B when on."""
+
+    def __init__(self, run_dir: Path, cfg: Optional[LoggerConfig] = None, config: Optional[Dict[str, Any]] = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a", buffering=1)
+        self.wandb = start_wandb(cfg, Path(run_dir), config or {}) if cfg is not None and cfg.name == "wandb" else None
+
+    def log(self, metrics: Dict[str, Any], step: int) -> None:
+        self.file.write(json.dumps({"step": step, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({"step": step, **_wandb_values(metrics)})
+
+    def log_images(self, images: Dict[str, Path], step: int, prefix: str = "val") -> None:
+        """Grids are PNG files in the run dir already; W&B gets them as images."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"step": step, **{f"{prefix}/{k}": wandb.Image(str(p)) for k, p in images.items()}})
+
+    def finish(self, summary: Dict[str, Any]) -> None:
+        """Close metrics.jsonl; on W&B, summary.json becomes the run summary, and the exit code says failed."""
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.summary.update({k: _plain(v) for k, v in summary.items()})
+            self.wandb.finish(exit_code=0 if summary.get("status") == "finished" else 1)
+            self.wandb = None
+
+
+def _wandb_values(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Scalars as they are; per-dim lists as a bar chart a person can read (plus the table behind it)."""
+    import wandb
+
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (list, tuple)) and k.startswith("train/"):
+            continue  # per-step lists stay in metrics.jsonl; a chart every log step would swamp W&B
+        if isinstance(v, (list, tuple)):
+            table = wandb.Table(data=[[d, x] for d, x in enumerate(v)], columns=["dim", "kl_nats"])
+            out[k] = wandb.plot.bar(table, "dim", "kl_nats", title=f"{k} (nats per image)")
+        else:
+            out[k] = _plain(v)
+    return out

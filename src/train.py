@@ -120,7 +120,7 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dic
         log.info("Model: %s, %.2fM parameters; data: %s", cfg.model.name,
                  sum(p.numel() for p in model.parameters()) / 1e6, data.sizes())
 
-        logger = RunLogger(run_dir)
+        logger = RunLogger(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)))
         summary.update(_fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logger))
         summary["status"] = "finished"
     except DivergedError as e:
@@ -248,7 +248,7 @@ def _fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logge
 
     test = run_eval("test", step, cfg.eval.iwae_k_test)
     logger.log(test, step)
-    logger.log_images(save_grids(None, val["val/kl_per_dim"]), step)
+    save_grids(None, val["val/kl_per_dim"])  # the final grids; W&B has them from the last eval
     final = {"step": step, "epoch": epoch, **val, **test}
     if train_time > 0:
         final["perf/train_images_per_s"] = train_images / train_time
@@ -271,7 +271,10 @@ def _check_finite(row: Dict[str, float], step: int) -> None:
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: found however the module is run
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     """Hydra entrypoint: returns val/neg_elbo (nats per image), the objective sweepers minimise.
 
@@ -314,4 +317,8 @@ class SweepReport(Callback):
 
 
 if __name__ == "__main__":
-    main()
+    # run the copy imported as `src.train`, not `__main__`: launchers (joblib, submitit) then pickle `main`
+    # by reference instead of by value
+    from src.train import main as entrypoint
+
+    entrypoint()

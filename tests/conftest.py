@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -34,10 +34,16 @@ def compose_cfg(overrides: List[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def run_cli(args: List[str], cwd: Path = ROOT, timeout: int = 300, module: str = "src.train") -> subprocess.CompletedProcess:
-    """Run an entrypoint in a fresh interpreter, as a user would; stdout and stderr merged."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "offline"}
-    env.pop("HYDRA_FULL_ERROR")
+# W&B runs for real in the tests, offline: never upload from a test, whatever credentials the machine has
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def run_cli(args: List[str], cwd: Path = ROOT, timeout: int = 300, module: str = "src.train",
+            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run an entrypoint in a fresh interpreter, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
