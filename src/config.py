@@ -94,7 +94,8 @@ class TrainerConfig:
     compile: Any = False
     channels_last: bool = True  # conv models: NHWC memory layout, faster on CUDA and on CPU (oneDNN)
     progress: bool = True
-    resume: str = "auto"
+    resume: str = "auto"  # auto (continue from this run dir's last.pt; skip a finished run) | never | <path>
+    strategy: str = "none"  # none | ddp (under torchrun; data.batch_size is the global batch)
     num_samples: int = 64  # images in the fixed-z sample grid and the reconstruction grid
 
 
@@ -205,6 +206,8 @@ def parse(cfg: DictConfig | Config) -> Config:
     _choice("trainer.device", t.device, DEVICES)
     _choice("trainer.precision", t.precision, PRECISIONS)
     _choice("trainer.compile", t.compile, COMPILE_MODES)
+    _choice("trainer.strategy", t.strategy, ("none", "ddp"))
+    _check(bool(t.resume), "trainer.resume", t.resume, "use auto, never, or a checkpoint file or run dir")
     _check(t.num_samples > 0, "trainer.num_samples", t.num_samples, "must be a positive integer")
     _check_device_available(t.device)
 

@@ -107,18 +107,26 @@ class TrainBatches:
         self.images = data.to(device) if on_device else data
         self.pinned = not on_device and device.type == "cuda"
         self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_start_state = self.generator.get_state()
         self.steps_per_epoch = len(data) // batch_size
+        self.rank, self.world_size = 0, 1
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def epoch(self) -> Iterator[torch.Tensor]:
-        """One pass: float batches (B, C, H, W) in [0, 1] on the device."""
+    def shard(self, rank: int, world_size: int) -> None:
+        """Under DDP each rank takes every world_size-th image of each (global) batch: same order, own shard."""
+        self.rank, self.world_size = rank, world_size
+
+    def epoch(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """One pass from batch `start`: float batches (B, C, H, W) in [0, 1] on the device."""
         # the whole epoch's order and flips are drawn up front on the CPU generator: no per-step host work
+        self.epoch_start_state = self.generator.get_state()
         perm = torch.randperm(len(self.images), generator=self.generator).to(self.images.device)
         flips = (torch.rand(len(self.images), generator=self.generator) < 0.5).to(self.device) if self.hflip else None
-        for i in range(self.steps_per_epoch):
-            idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+        for i in range(start, self.steps_per_epoch):
+            batch = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx = perm[batch][self.rank :: self.world_size]
             if self.pinned:  # gather into pinned memory so the copy to the GPU is asynchronous
                 buf = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=True)
                 x = torch.index_select(self.images, 0, idx, out=buf).to(self.device, non_blocking=True)
@@ -126,9 +134,18 @@ class TrainBatches:
                 x = self.images[idx]
             x = to_float(x)
             if flips is not None:  # mirror the chosen images left-right, on the device
-                flip = flips[i * self.batch_size : (i + 1) * self.batch_size, None, None, None]
+                flip = flips[batch][self.rank :: self.world_size, None, None, None]
                 x = torch.where(flip, x.flip(-1), x)
             yield x.contiguous(memory_format=self.memory_format)
+
+
+    def state_dict(self, step_in_epoch: int) -> dict:
+        """What resume needs to replay the order: the generator as it was when this epoch drew its order
+        (mid-epoch), or as it is now (at an epoch boundary, where the next epoch draws afresh)."""
+        return {"generator": self.epoch_start_state if step_in_epoch else self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

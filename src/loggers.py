@@ -114,6 +114,7 @@ class RunLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = open(self.path, "a", buffering=1)
         self.wandb = start_wandb(cfg, Path(run_dir), config or {}) if cfg is not None and cfg.name == "wandb" else None
+        self.run_id = self.wandb.id if self.wandb is not None else None
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         self.file.write(json.dumps({"step": step, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")

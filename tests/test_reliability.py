@@ -1,0 +1,155 @@
+"""Kill and resume, atomic checkpoints, refused pickles, divergence, idempotent sweeps, DDP via torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+from .conftest import ROOT, run_cli, tiny_overrides
+
+COMPARED = ("val/neg_elbo", "val/recon_nll", "val/kl", "val/iwae_nll", "val/mse", "test/neg_elbo", "test/kl",
+            "test/iwae_nll", "test/mutual_info", "best/val_neg_elbo")
+
+
+def _resume_overrides(cache):
+    """Slow enough (about 40 steps at tens of ms) to be killed mid-run; checkpoints every 5 steps."""
+    return [*tiny_overrides(cache), "data.image_size=32", "data.num_train=512", "model.hidden_channels=[32,64]",
+            "trainer.max_steps=48", "trainer.eval_every=16", "trainer.checkpoint_every=5", "trainer.log_every=3",
+            "data.hflip=true", "logger=none"]
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    overrides = _resume_overrides(tmp_path / "cache")
+    whole = tmp_path / "whole"
+    assert run_cli([*overrides, f"hydra.run.dir={whole}"]).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", *overrides, f"hydra.run.dir={killed}"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and load_checkpoint(last)["step"] >= 10:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = load_checkpoint(last)["step"]
+    assert 10 <= step_at_kill < 48 and not (killed / "summary.json").is_file() or \
+        json.loads((killed / "summary.json").read_text())["status"] != "finished"
+
+    resumed = run_cli([*overrides, f"hydra.run.dir={killed}"])  # the same command: trainer.resume=auto
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"Resuming from {last} at step {step_at_kill}" in resumed.stdout
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, killed))
+    for key in COMPARED:
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    rows_a, rows_b = _rows(whole), _rows(killed)
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a]  # each step once
+    for ra, rb in zip(rows_a, rows_b):
+        if "train/loss" in ra:
+            assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-4), ra["step"]
+
+
+def test_finished_run_is_not_retrained(tmp_path, tiny):
+    run = tmp_path / "run"
+    assert run_cli([*tiny, "logger=none", f"hydra.run.dir={run}"]).returncode == 0
+    before = (run / "metrics.jsonl").read_text(), (run / "summary.json").read_text()
+    again = run_cli([*tiny, "logger=none", f"hydra.run.dir={run}"])
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert ((run / "metrics.jsonl").read_text(), (run / "summary.json").read_text()) == before
+
+
+def test_sweep_rerun_skips_finished_members(tmp_path):
+    args = ["-m", *tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "logger=none", "loss.beta=1,2",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    assert run_cli(args).returncode == 0
+    again = run_cli(args)
+    assert again.returncode == 0 and again.stdout.count("already finished") == 2
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(Exception):  # pickling fails half-way through the write
+        save_checkpoint({"step": 2, "w": torch.zeros(10_000), "bad": lambda: None}, path)
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the crafted file's own protocol
+@pytest.mark.parametrize("how", ["auto", "path"])
+def test_crafted_pickle_checkpoint_is_refused_and_runs_nothing(tmp_path, tiny, how):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    evil = run / "checkpoints" / "last.pt" if how == "auto" else tmp_path / "evil.pt"
+    evil.parent.mkdir(parents=True, exist_ok=True)
+    with open(evil, "wb") as f:
+        pickle.dump({"model": Evil(marker)}, f)
+    resume = [] if how == "auto" else [f"trainer.resume={evil}"]
+    proc = run_cli([*tiny, "logger=none", *resume, f"hydra.run.dir={run}"])
+    errors = [line for line in proc.stdout.splitlines() if "ERROR" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert len(errors) == 1 and str(evil) in errors[0] and "refused" in errors[0]
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(evil)
+
+
+def test_non_finite_loss_stops_with_status_diverged_and_keeps_the_good_checkpoint(tmp_path, tiny):
+    run = tmp_path / "run"
+    # Adam moves every weight by about lr per step: at 1e30 the second forward overflows
+    proc = run_cli([*tiny, "logger=none", "optimizer.lr=1e30", "trainer.log_every=1", "trainer.checkpoint_every=1",
+                    f"hydra.run.dir={run}"])
+    assert proc.returncode == 3 and "Traceback" not in proc.stdout + proc.stderr
+    error = next(line for line in proc.stdout.splitlines() if "ERROR" in line)
+    assert "Diverged: non-finite" in error and "at step 2" in error and "loss" in error
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "step 2" in summary["error"]
+    good = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert good["step"] == 1 and all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+
+
+def test_resume_into_a_run_dir_of_another_experiment_is_refused(tmp_path, tiny):
+    run = tmp_path / "run"
+    assert run_cli([*tiny, "logger=none", "trainer.max_steps=4", "trainer.eval_every=100", "trainer.checkpoint_every=2",
+                    f"hydra.run.dir={run}"]).returncode == 0
+    (run / "summary.json").unlink()  # as if killed after its last checkpoint
+    proc = run_cli([*tiny, "logger=none", "model.latent_dim=6", f"hydra.run.dir={run}"])
+    assert proc.returncode == 2 and "model.latent_dim=6" in proc.stdout and "trainer.resume=never" in proc.stdout
+
+
+def test_ddp_two_processes_with_gloo(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "src.train", *tiny_overrides(tmp_path / "cache"), "logger=none",
+                           "trainer.strategy=ddp", f"hydra.run.dir={run}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["world_size"] == 2 and summary["step"] == 8
+    assert proc.stdout.count("Finished: val/neg_elbo") == 1  # only rank 0 reports
