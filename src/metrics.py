@@ -14,9 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import eval_batches
-from .losses import bits_per_dim, terms_from_outputs
+from .data import eval_batches, mean_image
+from .losses import bits_per_dim, kl_weight, terms_from_outputs
 from .models import VAE
+from .visuals import fixed_latents
 
 EVAL_SEED = 0  # eval's own RNG: its numbers do not depend on how far training's RNG has moved
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015
@@ -199,6 +200,20 @@ def blur_metrics(model: VAE, images: np.ndarray, z_samples: torch.Tensor, device
         "recon_sharpness_ratio": sharpness_ratio(recon, real),
         "hf_energy_ratio": high_frequency_energy(samples) / max(high_frequency_energy(real), 1e-12),
     }
+
+
+def evaluate_split(model: VAE, cfg, data, split: str, *, device: torch.device, step: int, total_steps: int,
+                   iwae_k: int, mean_img: Optional[torch.Tensor] = None,
+                   autocast: Optional[ContextManager] = None) -> Dict[str, object]:
+    """`evaluate` on one split of a run's data as training does it: the loss at the beta in force at `step`,
+    the fixed blur latents, the split's factors. Keys are prefixed with the split ("test/iwae_nll")."""
+    beta, capacity = kl_weight(cfg.loss, step, total_steps)
+    metrics = evaluate(model, data.images[split], device=device, batch_size=cfg.data.eval_batch_size,
+                       weights=(beta, capacity, cfg.loss.free_bits),
+                       mean_img=mean_img if mean_img is not None else mean_image(data.images["train"]),
+                       iwae_k=iwae_k, z_samples=fixed_latents(cfg.eval.blur_samples, cfg.model.latent_dim).to(device),
+                       factors=data.factors.get(split), mi_images=cfg.eval.mi_images, autocast=autocast)
+    return {f"{split}/{k}": v for k, v in metrics.items()}
 
 
 def kl_per_dim_ranking(kl_per_dim: Sequence[float]) -> List[int]:

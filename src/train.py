@@ -30,7 +30,7 @@ from .data import DataError, TrainBatches, load_data, mean_image, resolve_on_dev
 from .likelihoods import build_likelihood
 from .loggers import RunLogger, write_json
 from .losses import kl_weight, terms_from_outputs
-from .metrics import evaluate, kl_per_dim_ranking
+from .metrics import evaluate_split, kl_per_dim_ranking
 from .models import build_model
 from .visuals import fixed_latents, save_reconstructions, save_samples, save_traversals
 
@@ -293,12 +293,8 @@ def _fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logge
                                 f"is kept in {run_dir / 'checkpoints'}")
 
     def run_eval(split: str, iwae_k: int) -> Dict[str, Any]:
-        beta, capacity = kl_weight(cfg.loss, step, steps)
-        metrics = evaluate(model, data.images[split], device=device, batch_size=cfg.data.eval_batch_size,
-                           weights=(beta, capacity, cfg.loss.free_bits), mean_img=mean_img, iwae_k=iwae_k,
-                           z_samples=z_fixed[: cfg.eval.blur_samples], factors=data.factors.get(split),
-                           mi_images=cfg.eval.mi_images, autocast=autocast)
-        return {f"{split}/{k}": v for k, v in metrics.items()}
+        return evaluate_split(model, cfg, data, split, device=device, step=step, total_steps=steps, iwae_k=iwae_k,
+                              mean_img=mean_img, autocast=autocast)
 
     def save_grids(at_step: Optional[int], kl_per_dim) -> Dict[str, Path]:
         """Per-eval grids under samples/ recons/ traversals/, or the final ones in the run dir (step None)."""

@@ -25,6 +25,7 @@ def save_reconstructions(model, x: torch.Tensor, path: Path, per_row: int = 8) -
     """Rows alternate inputs and their reconstructions, `per_row` images each, so pairs sit one above the other."""
     recon = model.reconstruct(x).float().clamp(0, 1).cpu()
     x = x.cpu()
+    per_row = min(per_row, len(x))  # fewer images than a row: each input row must still sit over its outputs
     rows = []
     for i in range(0, len(x), per_row):
         rows += [x[i : i + per_row], recon[i : i + per_row]]
