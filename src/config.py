@@ -18,8 +18,8 @@ SOURCES = ("shapes", "mnist", "fashion_mnist", "cifar10", "celeba", "folder")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULERS = ("none", "exponential")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("fp32", "bf16", "fp16")
-COMPILE_MODES = (False, True, "default", "reduce-overhead")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("auto", False, True, "default", "reduce-overhead")
 LOGGERS = ("none", "wandb")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
@@ -90,8 +90,10 @@ class TrainerConfig:
     log_every: int = 50
     checkpoint_every: Optional[int] = None  # steps; null: at every eval
     device: str = "auto"
-    precision: str = "fp32"
-    compile: Any = False
+    precision: str = "auto"  # auto: bf16 on CUDA (where supported), fp32 elsewhere
+    compile: Any = "auto"  # auto: reduce-overhead (CUDA graphs) on one CUDA device, off elsewhere
+    fused_adam: bool = True  # CUDA: fused Adam/AdamW kernels (CPU keeps foreach)
+    cudnn_benchmark: bool = True  # CUDA: autotune conv algorithms for the fixed batch shape
     channels_last: bool = True  # conv models: NHWC memory layout, faster on CUDA and on CPU (oneDNN)
     progress: bool = True
     resume: str = "auto"  # auto (continue from this run dir's last.pt; skip a finished run) | never | <path>

@@ -67,6 +67,28 @@ def autocast_for(device: torch.device, precision: str) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 on CUDA where the card has it (no scaler needed), fp32 elsewhere (CPU autocast is slower)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_compile(mode: Any, device: torch.device, world_size: int) -> Any:
+    """auto: CUDA graphs (reduce-overhead) on one CUDA device, where small VAEs are launch-bound; off elsewhere."""
+    if mode == "auto":
+        return "reduce-overhead" if device.type == "cuda" and world_size == 1 else False
+    return "default" if mode is True else mode
+
+
+def setup_backends(t: TrainerConfig, device: torch.device) -> None:
+    """CUDA only: cudnn autotuning for the fixed batch shape, TF32 for fp32 matmuls and convs."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = t.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -171,10 +193,12 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return min(s for s in limits if s is not None)
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module):
+def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device = torch.device("cpu")):
+    """Adam or AdamW (fused kernels on CUDA with trainer.fused_adam), and the per-epoch LR schedule."""
     o = cfg.optimizer
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.name]
-    optimizer = cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+    fused = {"fused": True} if device.type == "cuda" and cfg.trainer.fused_adam else {}
+    optimizer = cls(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), **fused)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, o.gamma) if o.scheduler == "exponential" else None
     return optimizer, scheduler
 
@@ -205,6 +229,7 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dic
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; with {world_size} ranks it must "
                               f"divide evenly (it is the global batch)")
         seed_everything(cfg.seed)
+        setup_backends(cfg.trainer, device)
         log.info("Run dir: %s (device %s%s)", run_dir, device, f", {world_size} ranks" if world_size > 1 else "")
 
         data = load_data(cfg.data)
@@ -221,7 +246,7 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dic
         model = build_model(cfg.model, cfg.data, build_likelihood(cfg.loss.likelihood, cfg.loss.sigma)).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer, scheduler = build_optimizer(cfg, model)
+        optimizer, scheduler = build_optimizer(cfg, model, device)
         log.info("Model: %s, %.2fM parameters; data: %s", cfg.model.name,
                  sum(p.numel() for p in model.parameters()) / 1e6, data.sizes())
 
@@ -256,15 +281,35 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dic
     return summary
 
 
+def train_step(net, likelihood, optimizer, scaler, autocast, x: torch.Tensor, beta: float,
+               capacity: Optional[float], free_bits: float, cudagraphs: bool = False) -> Dict[str, torch.Tensor]:
+    """One optimisation step on batch x (B, C, H, W); returns the terms, still on the device (no sync)."""
+    if cudagraphs:  # each step's graph outputs are consumed before the next replay overwrites them
+        torch.compiler.cudagraph_mark_step_begin()
+    with autocast:
+        params, mu, logvar = net(x)
+        terms = terms_from_outputs(likelihood.nll(params, x), mu, logvar, beta, capacity, free_bits)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return terms
+
+
 def _fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logger, state, rank, world_size):
     """The training loop, from `state` when resuming; returns the final metrics for summary.json."""
     t = cfg.trainer
     steps = total_steps(cfg, len(batches))
     eval_every = t.eval_every or len(batches)
     checkpoint_every = t.checkpoint_every or eval_every
-    autocast = autocast_for(device, t.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    net = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model  # what training calls
+    precision = resolve_precision(t.precision, device)
+    autocast = autocast_for(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    eager = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model  # what training calls
+    compile_mode = resolve_compile(t.compile, device, world_size)
+    net = torch.compile(eager, mode=compile_mode) if compile_mode else eager
+    log.info("Training: precision %s, compile %s, channels_last %s", precision, compile_mode or "off",
+             batches.memory_format == torch.channels_last)
     mean_img = mean_image(data.images["train"])
     # the same z and the same inputs at every eval and in every run: grids and blur ratios compare across runs
     z_fixed = fixed_latents(max(t.num_samples, cfg.eval.blur_samples), cfg.model.latent_dim).to(device)
@@ -322,7 +367,7 @@ def _fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logge
                 "wandb_run_id": logger.run_id if logger else None,
                 "config": OmegaConf.to_container(OmegaConf.structured(cfg))}
 
-    train_time, train_images, seg_start, seg_images = 0.0, 0, None, 0
+    train_time, train_images, seg_start, seg_images, first_step = 0.0, 0, None, 0, step
     bar = tqdm(total=steps, initial=step, disable=not t.progress or rank != 0, desc="train", unit="step",
                dynamic_ncols=True)
     model.train()
@@ -332,14 +377,17 @@ def _fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logge
                 _sync(device)
                 seg_start, seg_images = time.perf_counter(), 0
             beta, capacity = kl_weight(cfg.loss, step, steps)
-            with autocast:
-                params, mu, logvar = net(x)
-                terms = terms_from_outputs(model.likelihood.nll(params, x), mu, logvar, beta, capacity,
-                                           cfg.loss.free_bits)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            try:
+                terms = train_step(net, model.likelihood, optimizer, scaler, autocast, x, beta, capacity,
+                                   cfg.loss.free_bits, cudagraphs=compile_mode == "reduce-overhead")
+            except Exception as e:  # a compiler that fails on this machine must not cost the run
+                if net is eager or step != first_step:
+                    raise
+                log.warning("trainer.compile=%s failed on the first step (%s); training eagerly",
+                            compile_mode, str(e).splitlines()[0][:200])
+                net, compile_mode = eager, False
+                terms = train_step(net, model.likelihood, optimizer, scaler, autocast, x, beta, capacity,
+                                   cfg.loss.free_bits)
             step += 1
             seg_images += len(x) * world_size
             scalars = torch.stack([terms[k].detach().float() for k in SCALAR_TERMS])
