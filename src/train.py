@@ -311,8 +311,8 @@ def _fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logge
     log.info("Training: precision %s, compile %s, channels_last %s", precision, compile_mode or "off",
              batches.memory_format == torch.channels_last)
     mean_img = mean_image(data.images["train"])
-    # the same z and the same inputs at every eval and in every run: grids and blur ratios compare across runs
-    z_fixed = fixed_latents(max(t.num_samples, cfg.eval.blur_samples), cfg.model.latent_dim).to(device)
+    # the same z and the same inputs at every eval and in every run: the grids compare across runs
+    z_fixed = fixed_latents(t.num_samples, cfg.model.latent_dim).to(device)
     x_fixed = torch.from_numpy(np.array(data.images["val"][: t.num_samples])).float().div(255).to(device)
 
     step, epoch, n_acc, best, val = 0, 0, 0, float("inf"), {}
@@ -349,7 +349,7 @@ def _fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logge
                  "traversals": run_dir / ("traversals/" + name if name else "traversals.png")}
         model.eval()
         with torch.no_grad():
-            save_samples(model, z_fixed[: t.num_samples], paths["samples"])
+            save_samples(model, z_fixed, paths["samples"])
             save_reconstructions(model, x_fixed, paths["reconstructions"])
             dims = kl_per_dim_ranking(kl_per_dim)[: cfg.eval.traversal_dims]
             if dims:
