@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, TrainerConfig, parse, register_configs
 from .data import DataError, TrainBatches, load_data, mean_image, resolve_on_device
 from .likelihoods import build_likelihood
-from .loggers import RunLogger, write_json
+from .loggers import RunLogger, record_failure, write_json
 from .losses import kl_weight, terms_from_outputs
 from .metrics import evaluate_split, kl_per_dim_ranking
 from .models import build_model
@@ -212,6 +212,7 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dic
     """
     run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    raw_cfg = cfg
     summary: Dict[str, Any] = {"status": "failed"}
     logger, rank = None, 0
     try:
@@ -267,6 +268,9 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dic
         raise
     except BaseException as e:
         summary["error"] = f"{type(e).__name__}: {e}"
+        if logger is None and rank == 0 and isinstance(e, (ConfigError, DataError, CheckpointError)):
+            record_failure(raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg), run_dir,
+                           summary)
         raise
     finally:
         if rank == 0:

@@ -1,6 +1,7 @@
 """Shared test helpers: compose the real conf/ with Hydra's compose API, shrunk to a tiny CPU run."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,13 @@ def run_cli(args: List[str], cwd: Path = ROOT, timeout: int = 300, module: str =
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def leet(path: Path, summary: bool = False):
+    """W&B's own reader of an offline run: records (one JSON per line), or the summary object."""
+    args = ["wandb", "leet", "inspect", "--json", *(["--summary"] if summary else []), str(path)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True).stdout
+    return json.loads(out) if summary else [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from .conftest import run_cli, tiny_overrides
+from .conftest import leet, run_cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,10 @@ def test_a_failing_member_does_not_stop_the_others(sweep):
         assert json.loads((folder / member / "summary.json").read_text())["status"] == "finished"
     failed = json.loads((folder / "2" / "summary.json").read_text())
     assert failed["status"] == "failed" and "loss.beta" in failed["error"]
+    # ... and in W&B: a run that exited 1 with the error in its summary
+    records = leet(folder / "2" / "wandb")
+    assert next(r["exit"]["exit_code"] for r in records if r["type"] == "exit") == 1
+    assert "loss.beta" in json.dumps(leet(folder / "2" / "wandb", summary=True))
     tail = proc.stdout.strip().splitlines()[-2:]  # the log (stdout) ends by naming the failure
     assert "member 2 failed" in tail[0] and "loss.beta" in tail[0] and "1 member(s)" in tail[1]
 

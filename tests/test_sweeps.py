@@ -3,8 +3,6 @@ and submitit launchers, and W&B falling back to offline when it cannot be reache
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -12,14 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from src.config import parse
 
-from .conftest import CONF, ROOT, compose_cfg, run_cli, tiny_overrides
-
-
-def leet(path: Path, summary: bool = False):
-    """W&B's own reader of an offline run: records (one JSON per line), or the summary object."""
-    args = ["wandb", "leet", "inspect", "--json", *(["--summary"] if summary else []), str(path)]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=60, check=True).stdout
-    return json.loads(out) if summary else [json.loads(line) for line in out.splitlines() if line.strip()]
+from .conftest import CONF, ROOT, compose_cfg, leet, run_cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")
