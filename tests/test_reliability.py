@@ -50,8 +50,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step_at_kill = load_checkpoint(last)["step"]
-    assert 10 <= step_at_kill < 48 and not (killed / "summary.json").is_file() or \
-        json.loads((killed / "summary.json").read_text())["status"] != "finished"
+    assert 10 <= step_at_kill < 48
+    assert not (killed / "summary.json").exists()  # SIGKILL: no finally ran, nothing claims to have finished
 
     resumed = run_cli([*overrides, f"hydra.run.dir={killed}"])  # the same command: trainer.resume=auto
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
