@@ -106,16 +106,17 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any]):
 
 def record_failure(raw_cfg: Any, run_dir: Path, summary: Dict[str, Any]) -> None:
     """A run that failed before its logger started (a bad value, unreadable data) still gets a W&B run, marked
-    failed with its error, when the logger section itself is usable. Best effort: never masks the real error."""
+    failed with its error, when the logger section itself is usable. Best effort: never masks the real error.
+
+    raw_cfg is the composed config as given (a DictConfig), since the failure may be that it does not parse.
+    """
     from omegaconf import OmegaConf
 
     try:
-        section = OmegaConf.select(OmegaConf.create(raw_cfg) if isinstance(raw_cfg, dict) else raw_cfg, "logger")
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoggerConfig), section or {}))
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoggerConfig), raw_cfg.get("logger") or {}))
         if cfg.name != "wandb":
             return
-        run = start_wandb(cfg, Path(run_dir), OmegaConf.to_container(raw_cfg) if not isinstance(raw_cfg, dict)
-                          else raw_cfg)
+        run = start_wandb(cfg, Path(run_dir), OmegaConf.to_container(raw_cfg))
         if run is not None:
             run.summary.update({k: _plain(v) for k, v in summary.items()})
             run.finish(exit_code=1)

@@ -20,6 +20,7 @@ from .config import Config, ConfigError, parse
 from .likelihoods import build_likelihood
 from .models import VAE, build_model
 from .sources import IMAGE_SUFFIXES, fit_image
+from .train import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ class LoadedRun:
 def load_run(path: str | Path, device: str = "auto", which: str = "last") -> LoadedRun:
     """A run dir (its checkpoints/<which>.pt) or a checkpoint file -> the model, in eval mode on `device`, rebuilt
     from the config saved in the checkpoint. Weights only: a checkpoint that would run code is refused."""
-    from .train import resolve_device
-
     path = Path(path).expanduser()
     if path.is_file():
         checkpoint, run_dir = path, path.parent.parent if path.parent.name == "checkpoints" else path.parent

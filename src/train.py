@@ -320,7 +320,9 @@ def _fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logge
     x_fixed = torch.from_numpy(np.array(data.images["val"][: t.num_samples])).float().div(255).to(device)
 
     step, epoch, n_acc, best, val = 0, 0, 0, float("inf"), {}
-    acc: Dict[str, torch.Tensor] = {}  # sums of detached terms on the device since the last log: no per-step sync
+    # sums since the last log, on the device (no per-step sync): the SCALAR_TERMS stacked, and KL per dim
+    acc = {"scalars": torch.zeros(len(SCALAR_TERMS), device=device),
+           "kl_per_dim": torch.zeros(cfg.model.latent_dim, device=device)}
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -395,17 +397,19 @@ def _fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logge
             step += 1
             seg_images += len(x) * world_size
             scalars = torch.stack([terms[k].detach().float() for k in SCALAR_TERMS])
-            first_bad = (bad_step < 0) & ~torch.isfinite(scalars).all()
-            bad_terms = torch.where(first_bad, ~torch.isfinite(scalars), bad_terms)
+            nonfinite = ~torch.isfinite(scalars)
+            first_bad = (bad_step < 0) & nonfinite.any()
+            bad_terms = torch.where(first_bad, nonfinite, bad_terms)
             bad_step = torch.where(first_bad, step, bad_step)
-            for k in (*SCALAR_TERMS, "kl_per_dim"):
-                acc[k] = acc.get(k, 0) + terms[k].detach().float()
+            acc["scalars"] += scalars
+            acc["kl_per_dim"] += terms["kl_per_dim"].detach().float()
             n_acc += 1
             bar.update()
 
             if step % t.log_every == 0 or step == steps:
                 check_finite()  # the host syncs here, once per log interval
-                row = {f"train/{k}": (v / n_acc).tolist() for k, v in acc.items()}
+                row = {f"train/{k}": v for k, v in zip(SCALAR_TERMS, (acc["scalars"] / n_acc).tolist())}
+                row["train/kl_per_dim"] = (acc["kl_per_dim"] / n_acc).tolist()
                 row.update({"train/beta": beta, "train/lr": optimizer.param_groups[0]["lr"], "epoch": epoch})
                 if capacity is not None:
                     row["train/capacity"] = capacity
@@ -414,7 +418,9 @@ def _fit(cfg, model, optimizer, scheduler, batches, data, device, run_dir, logge
                 bar.set_postfix(loss=f"{row['train/loss']:.1f}", kl=f"{row['train/kl']:.1f}")
                 log.info("step %d/%d | loss %.2f | recon_nll %.2f | kl %.2f nats/image | beta %.3g",
                          step, steps, row["train/loss"], row["train/recon_nll"], row["train/kl"], beta)
-                acc, n_acc = {}, 0
+                acc["scalars"].zero_()
+                acc["kl_per_dim"].zero_()
+                n_acc = 0
 
             is_eval = step % eval_every == 0 or step == steps
             if is_eval and rank == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -69,5 +70,5 @@ def test_cuda_fast_path_defaults(tmp_path, tiny, caplog):
     tiny = [o for o in tiny if o != "trainer.device=cpu"]
     with caplog.at_level(logging.INFO, logger="src.train"):
         summary, rows = _train_losses(tmp_path / "cuda", tiny, "trainer.device=cuda")
-    assert summary["status"] == "finished" and all(r["train/loss"] == r["train/loss"] for r in rows)
+    assert summary["status"] == "finished" and all(math.isfinite(r["train/loss"]) for r in rows)
     assert "compile reduce-overhead" in caplog.text and "failed on the first step" not in caplog.text
