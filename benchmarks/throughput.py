@@ -1,15 +1,22 @@
-"""Training throughput at the seed's setting, side by side in one process: a seed-style reference loop against
-the product's own loop (`src.train.train`, reading its perf/train_images_per_s).
+"""Training throughput, side by side in one process, as a ratio: a reference loop against the product's own
+loop (`src.train.train`, reading its perf/train_images_per_s, which times training steps only).
 
-    python benchmarks/throughput.py                         # CPU, batch 64; plus CUDA (batch 64 and 512) if present
+    python benchmarks/throughput.py                         # CPU; plus CUDA (batch 64 and 512) if present
     python benchmarks/throughput.py --devices cuda --batches 64 512 --concurrent 4 --out results.json
 
-The seed's setting: conv VAE 32-64-128-256-512, latent 128, 64x64x3 images, Adam lr 0.005, Gaussian decoder
-(its pixel-mean MSE + 0.00025 KL). The seed-style loop, written from that description as a reference (not product
-code): fp32, eager, float batches held on the host and copied to the device every step, `.item()` every step.
-Both see random data already in memory and time the same number of steps after the same warm-up; each figure is
-the median of --repeats runs, in images per second. With --concurrent N it also runs N product processes at
-once on the device and reports their summed images/s against one process. Prints one JSON object.
+Two settings:
+- `vanilla_vae_celeba64`: AntixK/PyTorch-VAE's VanillaVAE (conv 32-64-128-256-512, latent 128, 64x64x3, Adam
+  lr 0.005, its pixel-mean MSE + 0.00025 KL). The reference is that repository's loop written from this
+  description (not product code): fp32, eager, float batches held on the host and copied to the device every
+  step, `.item()` every step. Both see random images already in memory.
+- `mlp_fashion_mnist28` (CPU): the canonical 784-400-20 Bernoulli MLP VAE on Fashion-MNIST 28x28, batch 128,
+  against the plain loop of pytorch/examples' vae/main.py (fc1/fc21/fc22/fc3/fc4, BCE + KL summed,
+  `loss.item()` every step) fed the same images as one float tensor in memory: no DataLoader cost is charged
+  to it. Real Fashion-MNIST from /usr/share/datasets/fashion-mnist when present, random images otherwise.
+
+Both sides time the same number of steps after the same warm-up; each figure is the median of --repeats runs,
+in images per second. With --concurrent N it also runs N product processes at once on the device and reports
+their summed images/s against one process. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -34,13 +41,14 @@ from src.losses import kl_divergence  # noqa: E402
 from src.models import ConvVAE  # noqa: E402
 from src.train import WARMUP_STEPS  # noqa: E402
 
-SEED_MODEL = dict(channels=3, image_size=64, hidden=[32, 64, 128, 256, 512], latent_dim=128)
+VANILLA_VAE = dict(channels=3, image_size=64, hidden=[32, 64, 128, 256, 512], latent_dim=128)
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def seed_style_images_per_s(device: torch.device, batch: int, steps: int) -> float:
-    """The reference: fp32 eager, float host data copied each step, a host sync (.item()) each step."""
+def vanilla_vae_reference_images_per_s(device: torch.device, batch: int, steps: int) -> float:
+    """PyTorch-VAE's loop: fp32 eager, float host data copied each step, a host sync (.item()) each step."""
     torch.manual_seed(0)
-    model = ConvVAE(**SEED_MODEL, likelihood=build_likelihood("gaussian", 0.5**0.5)).to(device)
+    model = ConvVAE(**VANILLA_VAE, likelihood=build_likelihood("gaussian", 0.5**0.5)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.005)
     data = torch.rand(batch * 8, 3, 64, 64)  # float32 images on the host, as a DataLoader hands them over
     for i in range(WARMUP_STEPS + steps):
@@ -55,23 +63,29 @@ def seed_style_images_per_s(device: torch.device, batch: int, steps: int) -> flo
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        loss.item()  # the seed logs every step
+        loss.item()  # PyTorch-VAE logs every step
     _sync(device)
     return batch * steps / (time.perf_counter() - start)
 
 
 def product_overrides(device: str, batch: int, steps: int, cache: str) -> list:
-    """The product at the seed's setting, on generated 64x64x3 data, eval kept out of the timed steps."""
+    """The product at the VanillaVAE setting, on generated 64x64x3 data, eval kept out of the timed steps."""
     return [f"trainer.device={device}", f"data.batch_size={batch}", "data=shapes", "data.channels=3",
             "data.image_size=64", f"data.num_train={batch * (WARMUP_STEPS + steps + 1)}", "data.val_size=64",
             "data.test_size=64", f"data.cache_dir={cache}", "model=conv", "model.hidden_channels=[32,64,128,256,512]",
             "model.latent_dim=128", "loss.likelihood=gaussian", "loss.sigma=0.7071067811865476", "loss.beta=3.072",
-            "optimizer.lr=0.005", f"trainer.max_steps={WARMUP_STEPS + steps}", f"trainer.eval_every={WARMUP_STEPS + steps}",
-            f"trainer.log_every={WARMUP_STEPS + steps}", "trainer.progress=false", "logger=none", "eval.iwae_k_test=1",
-            "eval.blur_samples=16", "eval.mi_images=64", "eval.traversal_dims=0", "trainer.num_samples=16"]
+            "optimizer.lr=0.005", *_single_eval(steps)]
 
 
-def product_images_per_s(device: str, batch: int, steps: int, cache: str, extra: list) -> tuple:
+def _single_eval(steps: int) -> list:
+    """Train `steps` timed steps after the warm-up, with one small eval at the very end (outside the timing)."""
+    total = WARMUP_STEPS + steps
+    return [f"trainer.max_steps={total}", f"trainer.eval_every={total}", f"trainer.log_every={total}",
+            "trainer.progress=false", "logger=none", "eval.iwae_k_test=1", "eval.blur_samples=16", "eval.mi_images=64",
+            "eval.traversal_dims=0", "trainer.num_samples=16"]
+
+
+def product_images_per_s(overrides: list, device: str) -> tuple:
     """(images/s, peak GPU memory in GiB or None) of one product run, from its own summary."""
     from hydra import compose, initialize_config_dir
 
@@ -80,13 +94,75 @@ def product_images_per_s(device: str, batch: int, steps: int, cache: str, extra:
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*product_overrides(device, batch, steps, cache), *extra])
+        cfg = compose("config", overrides=overrides)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
         summary = train(cfg, run_dir=run_dir)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return summary["perf/train_images_per_s"], peak
+
+
+# ------------------------------------------------------------------------------------------- the MLP VAE
+
+
+class ExamplesVAE(torch.nn.Module):
+    """pytorch/examples vae/main.py's model, as written there: 784-400-20, ReLU, sigmoid output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = torch.nn.Linear(784, 400), torch.nn.Linear(400, 20), torch.nn.Linear(400, 20)
+        self.fc3, self.fc4 = torch.nn.Linear(20, 400), torch.nn.Linear(400, 784)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x.view(-1, 784)))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+def mlp_overrides(batch: int, steps: int, cache: str) -> list:
+    """The product's canonical MLP VAE on Fashion-MNIST at its native 28x28 (random images without the data)."""
+    data = (["data=fashion_mnist", f"data.root={FASHION_MNIST}"] if FASHION_MNIST.is_dir() else
+            ["data=shapes", "data.val_size=64", "data.test_size=64", f"data.num_train={batch * (WARMUP_STEPS + steps + 1)}"])
+    return [*data, "data.image_size=28", f"data.batch_size={batch}", f"data.cache_dir={cache}", "model=mlp",
+            "model.latent_dim=20", "model.hidden_channels=[400]", "loss.likelihood=bernoulli", "trainer.device=cpu",
+            *_single_eval(steps)]
+
+
+def mlp_plain_images_per_s(batch: int, steps: int, cache: str) -> float:
+    """pytorch/examples' training loop over the same train images, held as one float tensor in memory."""
+    from src.config import DataConfig
+    from src.data import load_data
+
+    if FASHION_MNIST.is_dir():
+        images = load_data(DataConfig(name="fashion_mnist", root=str(FASHION_MNIST), image_size=28, batch_size=batch,
+                                      val_size=5000, cache_dir=cache)).images["train"]
+    else:
+        images = load_data(DataConfig(image_size=28, num_train=batch * (WARMUP_STEPS + steps + 1), val_size=64,
+                                      test_size=64, cache_dir=cache)).images["train"]
+    data = torch.from_numpy(images[:]).float().div(255)  # (N, 1, 28, 28)
+    torch.manual_seed(0)
+    model = ExamplesVAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order = torch.randperm(len(data))
+    model.train()
+    for i in range(WARMUP_STEPS + steps):
+        if i == WARMUP_STEPS:
+            start = time.perf_counter()
+        x = data[order[(i * batch) % (len(data) - batch):][:batch]]
+        optimizer.zero_grad()
+        recon, mu, logvar = model(x)
+        bce = F.binary_cross_entropy(recon, x.view(-1, 784), reduction="sum")
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        loss = bce + kld
+        loss.backward()
+        loss.item()  # pytorch/examples adds it to train_loss every step
+        optimizer.step()
+    return batch * steps / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------- runs
 
 
 def _sync(device: torch.device) -> None:
@@ -104,14 +180,33 @@ def concurrent(n: int, device: str, batch: int, steps: int, cache: str, extra: l
     return {"processes": n, "per_process_img_s": [round(r) for r in rates], "total_img_s": round(sum(rates))}
 
 
+def side_by_side(reference, product, repeats: int) -> dict:
+    """Interleaved repeats of both sides (so drift in the machine hits both), after one untimed warm-up run of
+    each (first-touch allocation and library start-up); medians and their ratio."""
+    reference(), product()
+    refs, prods = [], []
+    for _ in range(repeats):
+        refs.append(reference())
+        prods.append(product())
+    rates = [r for r, _ in prods]
+    row = {"reference_img_s": round(statistics.median(refs)), "product_img_s": round(statistics.median(rates)),
+           "ratio": round(statistics.median(rates) / statistics.median(refs), 3),
+           "reference_runs": [round(r) for r in refs], "product_runs": [round(r) for r in rates]}
+    if prods[0][1] is not None:
+        row["product_peak_gpu_memory_gib"] = round(max(p for _, p in prods), 3)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    parser.add_argument("--batches", nargs="+", type=int, help="default: 64 on CPU; 64 and 512 on CUDA")
+    parser.add_argument("--batches", nargs="+", type=int, help="VanillaVAE batches (default: 64 on CPU; 64, 512 on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CPU, 200 on CUDA)")
+    parser.add_argument("--mlp-steps", type=int, default=300, help="timed steps of the MLP VAE (CPU)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--settings", nargs="+", default=["vanilla_vae_celeba64", "mlp_fashion_mnist28"])
     parser.add_argument("--concurrent", type=int, default=0, help="also run N product processes at once")
-    parser.add_argument("--extra", nargs="*", default=[], help="more overrides for the product run")
+    parser.add_argument("--extra", nargs="*", default=[], help="more overrides for the VanillaVAE product run")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cache", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -121,30 +216,32 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     cache = args.cache or tempfile.mkdtemp(prefix="vae-bench-")
     if args.worker:
-        rate, _ = product_images_per_s(args.devices[0], args.batches[0], args.steps, cache, args.extra)
-        print(json.dumps({"images_per_s": rate}))
+        overrides = [*product_overrides(args.devices[0], args.batches[0], args.steps, cache), *args.extra]
+        print(json.dumps({"images_per_s": product_images_per_s(overrides, args.devices[0])[0]}))
         return
     results = {}
-    for device in args.devices:
-        steps = args.steps or (20 if device == "cpu" else 200)
-        for batch in args.batches or ([64] if device == "cpu" else [64, 512]):
-            seed = [seed_style_images_per_s(torch.device(device), batch, steps) for _ in range(args.repeats)]
-            runs = [product_images_per_s(device, batch, steps, cache, args.extra) for _ in range(args.repeats)]
-            product = [r for r, _ in runs]
-            row = {"seed_style_img_s": round(statistics.median(seed)), "product_img_s": round(statistics.median(product)),
-                   "ratio": round(statistics.median(product) / statistics.median(seed), 3),
-                   "seed_style_runs": [round(r) for r in seed], "product_runs": [round(r) for r in product],
-                   "steps": steps}
-            if device == "cuda":
-                row["product_peak_gpu_memory_gib"] = round(max(p for _, p in runs), 3)
-            if args.concurrent and batch == 64:
-                row["concurrent"] = concurrent(args.concurrent, device, batch, steps, cache, args.extra)
-                row["concurrent"]["vs_one_process"] = round(row["concurrent"]["total_img_s"] / row["product_img_s"], 2)
-            results[f"{device}/batch{batch}"] = row
-            print(json.dumps({f"{device}/batch{batch}": row}), file=sys.stderr)
-    report = {"unit": "images/s, median of repeats", "setting": "seed: conv 32-64-128-256-512, latent 128, 64x64x3",
-              "results": results, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-              "cpu_threads": torch.get_num_threads(),
+    if "vanilla_vae_celeba64" in args.settings:
+        for device in args.devices:
+            steps = args.steps or (20 if device == "cpu" else 200)
+            for batch in args.batches or ([64] if device == "cpu" else [64, 512]):
+                overrides = [*product_overrides(device, batch, steps, cache), *args.extra]
+                row = side_by_side(lambda: vanilla_vae_reference_images_per_s(torch.device(device), batch, steps),
+                                   lambda: product_images_per_s(overrides, device), args.repeats)
+                row["steps"] = steps
+                if args.concurrent and batch == 64:
+                    row["concurrent"] = concurrent(args.concurrent, device, batch, steps, cache, args.extra)
+                    row["concurrent"]["vs_one_process"] = round(row["concurrent"]["total_img_s"] / row["product_img_s"], 2)
+                results[f"vanilla_vae_celeba64/{device}/batch{batch}"] = row
+                print(json.dumps({f"vanilla_vae_celeba64/{device}/batch{batch}": row}), file=sys.stderr)
+    if "mlp_fashion_mnist28" in args.settings:
+        overrides = mlp_overrides(128, args.mlp_steps, cache)
+        row = side_by_side(lambda: mlp_plain_images_per_s(128, args.mlp_steps, cache),
+                           lambda: product_images_per_s(overrides, "cpu"), args.repeats)
+        row.update(steps=args.mlp_steps, data="Fashion-MNIST" if FASHION_MNIST.is_dir() else "random 28x28")
+        results["mlp_fashion_mnist28/cpu/batch128"] = row
+        print(json.dumps({"mlp_fashion_mnist28/cpu/batch128": row}), file=sys.stderr)
+    report = {"unit": "images/s, median of repeats", "results": results, "torch": torch.__version__,
+              "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads(),
               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     text = json.dumps(report, indent=2)
     print(text)

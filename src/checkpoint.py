@@ -1,12 +1,22 @@
-"""Checkpoints: plain dicts of tensors and plain types, written atomically, loaded weights-only."""
+"""Checkpoints and resume: plain dicts of tensors and plain types, written atomically, loaded weights-only;
+the RNG state, the choice of checkpoint to resume from, and the checks that it belongs to this experiment."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import random
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
+
+from .config import ConfigError
+
+# sections whose change makes an old checkpoint a different experiment (the trainer's budget may grow)
+RESUME_MUST_MATCH = ("model", "data", "loss", "optimizer")
+CHECKPOINT_KEYS = {"model", "optimizer", "step", "config"}  # what every checkpoint of this tool holds
 
 
 class CheckpointError(RuntimeError):
@@ -28,14 +38,119 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
-    """Load with `weights_only=True`: anything but tensors and plain types is refused, never executed."""
-    if not Path(path).is_file():
+    """Load with `weights_only=True`: anything but tensors and plain types is refused, never executed; a file
+    that is not a checkpoint of this tool (a bare state_dict, an image, text) is named as such."""
+    path = Path(path)
+    if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a bare pickle
+        raise CheckpointError(f"{path} is not a torch checkpoint; give a checkpoints/last.pt or best.pt written by "
+                              "python -m src.train, or the run dir holding it")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
         raise CheckpointError(f"checkpoint {path} holds more than tensors and plain types and was refused "
-                              f"unloaded ({first}); use a checkpoint written by this tool") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint ({e})") from None
+                              "unloaded; use a checkpoint written by python -m src.train") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({type(e).__name__}); use another "
+                              "checkpoint, e.g. checkpoints/best.pt, or retrain") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        held = f"a dict of {len(state)} keys such as {next(iter(state), '')!r}" if isinstance(state, dict) else \
+            f"a {type(state).__name__}"
+        raise CheckpointError(f"{path} is not a checkpoint written by this tool (it holds {held}, not the model, "
+                              "optimizer, step and config of a run); give a checkpoints/last.pt or best.pt written "
+                              "by python -m src.train")
+    return state
+
+
+def saved_config(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's config with every `${...}` made literal: a file must never make OmegaConf read the
+    environment or call resolvers (`${oc.env:...}`) when it is loaded."""
+
+    def literal(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: literal(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [literal(v) for v in value]
+        return value.replace("${", "\\${") if isinstance(value, str) else value
+
+    return literal(state["config"])
+
+
+# ------------------------------------------------------------------------------------------- resume
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG that training draws from, as tensors and plain types (weights-only loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "cached": cached},
+            "python": {"version": version, "state": list(py_state), "gauss": gauss}}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path) -> Optional[Path]:
+    """The checkpoint `trainer.resume` points at: auto -> this run dir's last.pt if any; never -> None."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        path = run_dir / "checkpoints" / "last.pt"
+        return path if path.is_file() else None
+    path = Path(resume).expanduser()
+    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"trainer.resume={resume!r} is not allowed; no checkpoint at {path}: give a .pt file, a run "
+                          "dir holding checkpoints/last.pt, auto or never")
+    return path
+
+
+def check_same_experiment(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint of another model, data, loss or optimizer (the trainer's budget may grow)."""
+    for section in RESUME_MUST_MATCH:
+        for key, value in current[section].items():
+            old = saved.get(section, {}).get(key, value)
+            if old != value:
+                raise ConfigError(f"{section}.{key}={value!r} is not allowed here: {path} was trained with "
+                                  f"{old!r}; use a new hydra.run.dir, or trainer.resume=never to start over")
+
+
+def finished_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The run dir's summary.json when it says the run finished, else None."""
+    path = run_dir / "summary.json"
+    if path.is_file():
+        summary = json.loads(path.read_text())
+        if summary.get("status") == "finished":
+            return summary
+    return None
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep metrics.jsonl rows up to the checkpoint at `step`, so each step appears once after a resume: rows
+    written after it, the final test row (written after the last checkpoint) and a line torn by a kill go."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by a kill mid-write: it is rewritten by the resumed run
+        if row["step"] < step or (row["step"] == step and not any(k.startswith("test/") for k in row)):
+            kept.append(line)
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(r + "\n" for r in kept))
+    tmp.replace(path)

@@ -5,23 +5,14 @@ checks values and cross-field rules, raising `ConfigError` with one line that na
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-
-LIKELIHOODS = ("gaussian", "gaussian_learned", "gaussian_optimal", "bernoulli", "continuous_bernoulli", "laplace")
-KL_SCHEDULES = ("none", "linear", "cyclical", "capacity")
-MODELS = ("conv", "mlp")
-SOURCES = ("shapes", "mnist", "fashion_mnist", "cifar10", "celeba", "folder")
-OPTIMIZERS = ("adam", "adamw")
-SCHEDULERS = ("none", "exponential")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-COMPILE_MODES = ("auto", False, True, "default", "reduce-overhead")
-LOGGERS = ("none", "wandb")
-LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -85,14 +76,14 @@ class LossConfig:
 @dataclass
 class TrainerConfig:
     max_steps: Optional[int] = None  # null: max_epochs decides
-    max_epochs: Optional[int] = 10
+    max_epochs: Optional[int] = 5
     eval_every: Optional[int] = None  # steps; null: once per epoch
     log_every: int = 50
     checkpoint_every: Optional[int] = None  # steps; null: at every eval
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 on CUDA (where supported), fp32 elsewhere
     compile: Any = "auto"  # auto: reduce-overhead (CUDA graphs) on one CUDA device, off elsewhere
-    fused_adam: bool = True  # CUDA: fused Adam/AdamW kernels (CPU keeps foreach)
+    fused_adam: bool = True  # fused Adam/AdamW kernels on CUDA and CPU (one kernel for all parameters)
     cudnn_benchmark: bool = True  # CUDA: autotune conv algorithms for the fixed batch shape
     channels_last: bool = True  # conv models: NHWC memory layout, faster on CUDA and on CPU (oneDNN)
     progress: bool = True
@@ -113,8 +104,8 @@ class EvalConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"
-    mode: str = "auto"
+    name: str = "wandb"  # wandb | none (metrics.jsonl and summary.json only)
+    mode: str = "auto"  # auto (online with credentials, offline without) | online | offline | disabled
     project: str = "vae-sweeps"
     entity: Optional[str] = None
     init_timeout: float = 30.0  # seconds to reach W&B online before going on offline
@@ -137,6 +128,39 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
+def _leaves(obj: Any, prefix: str = ""):
+    """(dotted key, value) for every leaf of a config dataclass."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def _refuse_unknown_keys(cfg: DictConfig) -> None:
+    """Keys added to a typed section (`+model.latnet_dim=64`, which Hydra suggests after a typo) are refused,
+    with the nearest known key, instead of being silently ignored."""
+    schema = OmegaConf.structured(Config)
+    for section, node in cfg.items():
+        if section not in schema:
+            if not str(section).startswith("hydra"):
+                raise ConfigError(f"{section} is not a config key{did_you_mean(str(section), list(schema.keys()))}")
+            continue
+        if isinstance(node, DictConfig) and isinstance(schema[section], DictConfig):
+            known = list(schema[section].keys())
+            for key in node.keys():
+                if key not in known:
+                    raise ConfigError(f"{section}.{key} is not a key of {section}"
+                                      f"{did_you_mean(str(key), known, section + '.')}")
+
+
+def did_you_mean(key: str, known: List[str], prefix: str = "") -> str:
+    """'; did you mean <prefix><nearest>?', or the known keys when none is near."""
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(prefix + k for k in known)}"
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         names = "|".join(str(a).lower() if isinstance(a, bool) else str(a) for a in allowed)
@@ -149,10 +173,31 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
 
 
 def parse(cfg: DictConfig | Config) -> Config:
-    """Turn a composed config into a `Config` and check every value rule, once, before any work."""
+    """Turn a composed config into a `Config` and check every value rule, once, before any work.
+
+    The allowed names of each choice come from the registry that builds it.
+    """
+    # imported here: those modules import this one for their config types
+    from .device import COMPILE_MODES, DEVICES, PRECISIONS, missing_device
+    from .likelihoods import LIKELIHOODS
+    from .loggers import LOGGER_MODES, LOGGERS
+    from .losses import KL_SCHEDULES
+    from .models import MODELS
+    from .optim import OPTIMIZERS, SCHEDULERS
+    from .sources import SOURCES
+
     if isinstance(cfg, DictConfig):
+        _refuse_unknown_keys(cfg)
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), cfg))
     m, d, o, lo, t, lg = cfg.model, cfg.data, cfg.optimizer, cfg.loss, cfg.trainer, cfg.logger
+    # paths are kept absolute, so a run's recorded config finds its data from any working directory
+    if d.root:
+        d.root = str(Path(d.root).expanduser().resolve())
+    d.cache_dir = str(Path(d.cache_dir).expanduser().resolve())
+    for key, value in _leaves(cfg):
+        _check(not isinstance(value, float) or math.isfinite(value), key, value, "must be a finite number")
+    for key, value in (("seed", cfg.seed), ("data.seed", d.seed)):
+        _check(0 <= value < 2**32, key, value, "must be in [0, 2**32), as numpy and torch seeds are")
 
     _choice("model.name", m.name, MODELS)
     _check(m.latent_dim > 0, "model.latent_dim", m.latent_dim, "must be a positive integer")
@@ -197,8 +242,8 @@ def parse(cfg: DictConfig | Config) -> Config:
     _check(lo.capacity_steps > 0, "loss.capacity_steps", lo.capacity_steps, "must be a positive integer")
     _check(lo.free_bits >= 0, "loss.free_bits", lo.free_bits, "must be >= 0 (nats per latent dim)")
 
-    _check(t.max_steps is None or t.max_steps >= 0, "trainer.max_steps", t.max_steps, "must be null or >= 0")
-    _check(t.max_epochs is None or t.max_epochs >= 0, "trainer.max_epochs", t.max_epochs, "must be null or >= 0")
+    _check(t.max_steps is None or t.max_steps > 0, "trainer.max_steps", t.max_steps, "must be null or >= 1")
+    _check(t.max_epochs is None or t.max_epochs > 0, "trainer.max_epochs", t.max_epochs, "must be null or >= 1")
     _check(t.max_steps is not None or t.max_epochs is not None, "trainer.max_steps", t.max_steps,
            "set trainer.max_steps or trainer.max_epochs")
     _check(t.eval_every is None or t.eval_every > 0, "trainer.eval_every", t.eval_every, "must be null or > 0")
@@ -211,7 +256,8 @@ def parse(cfg: DictConfig | Config) -> Config:
     _choice("trainer.strategy", t.strategy, ("none", "ddp"))
     _check(bool(t.resume), "trainer.resume", t.resume, "use auto, never, or a checkpoint file or run dir")
     _check(t.num_samples > 0, "trainer.num_samples", t.num_samples, "must be a positive integer")
-    _check_device_available(t.device)
+    if (problem := missing_device(t.device, "trainer.device")) is not None:
+        raise ConfigError(problem)
 
     for key in ("iwae_k", "iwae_k_test", "mi_images", "blur_samples", "traversal_steps"):
         _check(getattr(cfg.eval, key) > 0, f"eval.{key}", getattr(cfg.eval, key), "must be a positive integer")
@@ -223,10 +269,7 @@ def parse(cfg: DictConfig | Config) -> Config:
     return cfg
 
 
-def _check_device_available(device: str) -> None:
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device='cuda' is not allowed; no CUDA device is visible here, use auto or cpu")
-    if device == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ConfigError("trainer.device='mps' is not allowed; no MPS device is visible here, use auto or cpu")
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """The run's length in optimisation steps: trainer.max_steps or max_epochs, whichever ends first."""
+    limits = [cfg.trainer.max_steps, None if cfg.trainer.max_epochs is None else cfg.trainer.max_epochs * steps_per_epoch]
+    return min(s for s in limits if s is not None)

@@ -10,9 +10,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import zlib
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -22,7 +24,7 @@ from .sources import SOURCES, SPLITS, DataError, ImageData  # noqa: F401  (DataE
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when a decoder's output changes, so stale caches are not reused
+CACHE_VERSION = 2  # bump when a decoder's output changes, so stale caches are not reused
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -39,37 +41,79 @@ def cache_key(cfg: DataConfig) -> str:
     return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _fingerprint(path: Path, samples: int = 64, block: int = 1 << 16) -> Dict[str, int]:
+    """Size and a CRC-32 of `samples` blocks spread over the file: cheap at every load, yet a truncated or
+    overwritten cache file shows."""
+    size = path.stat().st_size
+    crc = 0
+    with open(path, "rb") as f:
+        for i in range(samples):
+            f.seek(size * i // samples)
+            crc = zlib.crc32(f.read(block), crc)
+    return {"bytes": size, "crc32": crc}
+
+
 def _save_cache(folder: Path, data: ImageData) -> None:
-    """Write arrays then meta.json last, through a temp folder renamed into place: a crash leaves no half cache."""
+    """Write arrays then meta.json last, through a temp folder renamed into place: a crash leaves no half cache.
+    meta.json keeps each file's fingerprint and the files that were skipped as unreadable."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         np.save(tmp / f"{split}.npy", data.images[split])
         if split in data.factors:
             np.save(tmp / f"{split}_factors.npy", data.factors[split])
-    meta = {"factor_names": data.factor_names, "factor_sizes": data.factor_sizes}
+    files = {p.name: _fingerprint(p) for p in sorted(tmp.glob("*.npy"))}
+    meta = {"factor_names": data.factor_names, "factor_sizes": data.factor_sizes, "files": files,
+            "skipped": data.skipped}
     (tmp / "meta.json").write_text(json.dumps(meta))
     try:
         os.replace(tmp, folder)
     except OSError:  # another process cached it first; theirs is as good as ours
-        for p in tmp.iterdir():
-            p.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _damage(folder: Path, meta: Dict[str, Any]) -> Optional[str]:
+    """What is wrong with a cache folder's arrays (missing, truncated, changed), or None."""
+    for name, expected in meta.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _fingerprint(path) != expected:
+            return f"{name} does not match its checksum ({path.stat().st_size} of {expected['bytes']} bytes)"
+    return None
 
 
 def _load_cache(folder: Path) -> ImageData:
     meta = json.loads((folder / "meta.json").read_text())
     images = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in SPLITS}
     factors = {s: np.load(folder / f"{s}_factors.npy") for s in SPLITS if (folder / f"{s}_factors.npy").exists()}
-    return ImageData(images, factors, meta["factor_names"], meta["factor_sizes"])
+    return ImageData(images, factors, meta["factor_names"], meta["factor_sizes"], meta.get("skipped", []))
 
 
 def load_data(cfg: DataConfig) -> ImageData:
-    """Decoded splits for `cfg`, from the cache when present, else decoded once and cached."""
+    """Decoded splits for `cfg`, from the cache when present and intact, else decoded once and cached."""
     folder = Path(cfg.cache_dir).expanduser() / f"{cfg.name}-{cache_key(cfg)}"
     if (folder / "meta.json").exists():
-        log.info("Data: %s from cache %s", cfg.name, folder)
-        return _load_cache(folder)
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            problem = _damage(folder, meta)
+        except (OSError, ValueError) as e:
+            problem = f"meta.json is unreadable ({e})"
+        if problem is None:
+            if cfg.on_bad_file == "error" and meta.get("skipped"):
+                raise DataError(f"data.on_bad_file=error: the cache {folder} was built without "
+                                f"{len(meta['skipped'])} unreadable file(s), first {meta['skipped'][0]}; fix or remove "
+                                "them and delete that folder, or set data.on_bad_file=skip")
+            log.info("Data: %s from cache %s", cfg.name, folder)
+            return _load_cache(folder)
+        log.warning("Data cache %s is damaged (%s); decoding %s again", folder, problem, cfg.name)
+        aside = folder.with_name(f"{folder.name}.damaged{os.getpid()}")
+        try:
+            os.replace(folder, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        except OSError as e:
+            raise DataError(f"the data cache {folder} is damaged ({problem}) and cannot be replaced ({e.strerror}); "
+                            "delete that folder") from None
     log.info("Data: decoding %s into %s", cfg.name, folder)
     data = SOURCES[cfg.name](cfg)
     _save_cache(folder, data)

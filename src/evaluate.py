@@ -11,14 +11,15 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from .config import total_steps
 from .data import load_data
 from .loggers import write_json
+from .losses import Objective
 from .metrics import evaluate_split
-from .runs import RunError, load_run, parse_args, run_cli
-from .train import total_steps
+from .runs import RunError, load_run, parse_args, require, run_cli
 
 OPTIONS = {"split": ("test", "train|val|test"), "iwae_k": (5000, "importance samples per image"),
-           "batch_size": (0, "images per eval batch (0: the run's data.eval_batch_size)"),
+           "batch_size": (None, "images per eval batch (default: the run's data.eval_batch_size)", int),
            "device": ("auto", "auto|cpu|cuda|mps"), "checkpoint": ("last", "last|best")}
 
 
@@ -26,15 +27,18 @@ def main(argv=None) -> int:
     args = parse_args("src.evaluate", __doc__, [("run", "run dir or .pt checkpoint", None)], OPTIONS, argv)
     if args["split"] not in ("train", "val", "test") or args["iwae_k"] < 1:
         raise RunError(f"split={args['split']!r} iwae_k={args['iwae_k']}: use split=train|val|test and iwae_k >= 1")
+    if args["batch_size"] is not None:
+        require(args["batch_size"] > 0, "batch_size", args["batch_size"], "give a number of images >= 1")
     run = load_run(args["run"], args["device"], args["checkpoint"])
-    if args["batch_size"]:
+    if args["batch_size"] is not None:
         run.cfg.data.eval_batch_size = args["batch_size"]
     data = load_data(run.cfg.data)
     device = next(run.model.parameters()).device
     steps = total_steps(run.cfg, len(data.images["train"]) // run.cfg.data.batch_size)
+    objective = Objective(run.cfg.loss, steps, likelihood=run.model.likelihood)  # the run's, learned sigma included
     with torch.no_grad():
-        metrics = evaluate_split(run.model, run.cfg, data, args["split"], device=device, step=run.step,
-                                 total_steps=steps, iwae_k=args["iwae_k"])
+        metrics = evaluate_split(run.model, objective, run.cfg, data, args["split"], device=device, step=run.step,
+                                 iwae_k=args["iwae_k"])
     metrics.update({"checkpoint": str(run.checkpoint), "step": run.step, f"data/{args['split']}_size":
                     len(data.images[args["split"]])})
     out = run.run_dir / f"eval_{args['split']}.json"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .runs import RunError, load_run, parse_args, read_images, run_cli
+from .runs import RunError, load_run, output_path, parse_args, read_images, run_cli
 from .visuals import save_grid
 
 OPTIONS = {"steps": (10, "points on the path, ends included"), "method": ("slerp", "slerp|lerp"),
-           "out": (None, "output PNG path"), "device": ("auto", "auto|cpu|cuda|mps"), "checkpoint": ("last", "last|best")}
+           "out": (None, "output .png path, or a folder"), "device": ("auto", "auto|cpu|cuda|mps"), "checkpoint": ("last", "last|best")}
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
         t = torch.linspace(0, 1, args["steps"], device=mu.device)
         z = slerp(mu[0], mu[1], t) if args["method"] == "slerp" else torch.lerp(mu[0][None], mu[1][None], t[:, None])
         strip = run.model.sample(z).float().clamp(0, 1).cpu()
-    out = Path(args["out"]) if args["out"] else (
-        run.run_dir / "generated" / f"interpolation_{Path(args['a']).stem}_to_{Path(args['b']).stem}_{args['method']}.png")
+    out = output_path(args["out"], run.run_dir,
+                      f"interpolation_{Path(args['a']).stem}_to_{Path(args['b']).stem}_{args['method']}.png")
     save_grid(strip, out, nrow=args["steps"])
     print(f"wrote {out} ({args['steps']} steps, {args['method']})")
     return 0

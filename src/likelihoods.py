@@ -111,14 +111,17 @@ class Laplace(Likelihood):
         return _sum_pixels(nll)
 
 
+# loss.likelihood -> constructor from loss.sigma (the std, or the Laplace scale, where the likelihood has one)
+LIKELIHOODS = {
+    "gaussian": Gaussian,
+    "gaussian_learned": GaussianLearned,
+    "gaussian_optimal": lambda sigma: GaussianOptimal(),
+    "bernoulli": lambda sigma: Bernoulli(),
+    "continuous_bernoulli": lambda sigma: ContinuousBernoulli(),
+    "laplace": Laplace,
+}
+
+
 def build_likelihood(name: str, sigma: float) -> Likelihood:
     """Name -> likelihood, for `loss.likelihood`."""
-    builders = {
-        "gaussian": lambda: Gaussian(sigma),
-        "gaussian_learned": lambda: GaussianLearned(sigma),
-        "gaussian_optimal": GaussianOptimal,
-        "bernoulli": Bernoulli,
-        "continuous_bernoulli": ContinuousBernoulli,
-        "laplace": lambda: Laplace(sigma),
-    }
-    return builders[name]()
+    return LIKELIHOODS[name](sigma)

@@ -8,6 +8,9 @@ import math
 import netrc
 import os
 import secrets
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 from urllib.parse import urlparse
@@ -16,6 +19,8 @@ from .config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
+LOGGERS = ("none", "wandb")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
 RUN_ID_FILE = "wandb_run_id"  # in the run dir: a rerun into the same dir continues the same W&B run
 
 
@@ -71,10 +76,30 @@ def run_identity(run_dir: Path) -> Tuple[str, str]:
     return name, os.environ.get("WANDB_RUN_GROUP") or str(group)
 
 
+def wandb_unreachable(timeout: float) -> Optional[str]:
+    """Why the W&B server cannot be used now (refused, timed out, an HTTP error, a page that is not the API), or
+    None when it answers. One small GraphQL request, bounded by `timeout` seconds; wandb.init's own checks can
+    take longer than logger.init_timeout on a node without internet."""
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+    request = urllib.request.Request(f"{base}/graphql", data=b'{"query": "{ viewer { id } }"}',
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            json.loads(response.read(1 << 20))
+    except urllib.error.HTTPError as e:
+        if e.code >= 500:
+            return f"{base} answered HTTP {e.code}"
+    except (OSError, ValueError) as e:  # refused, unreachable, timed out; or not JSON (a proxy's HTML page)
+        reason = getattr(e, "reason", None) or e
+        return f"{base} gave no API answer ({type(reason).__name__}: {str(reason).splitlines()[0][:120]})"
+    return None
+
+
 def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any]):
     """wandb.init with the files in the run dir; the run id is kept there so a resume continues the run.
 
-    If the service cannot be reached online, the run goes on offline and says so in one line.
+    If the server cannot be used online (unreachable, refusing, erroring, silent), the run goes on offline
+    within logger.init_timeout and says so in one line; a rerun into the same dir does the same.
     """
     import wandb
 
@@ -89,13 +114,21 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any]):
     kwargs = dict(project=cfg.project, entity=cfg.entity, dir=str(run_dir), id=run_id, resume="allow", name=name,
                   group=group, job_type="train", config=config,
                   settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off"))
-    try:
-        run = wandb.init(mode=mode, **kwargs)
-    except Exception as e:  # unreachable, refused, timed out: W&B must never stop the training
-        if mode != "online":
-            raise
-        log.warning("W&B unreachable (%s); logging offline in %s, upload later with `wandb sync`",
-                    str(e).splitlines()[0][:160], run_dir / "wandb")
+    started = time.monotonic()
+    reason = wandb_unreachable(cfg.init_timeout) if mode == "online" else None
+    run = None
+    if mode == "offline" or reason is None:
+        try:
+            run = wandb.init(mode=mode, **kwargs)
+        except Exception as e:  # W&B must never stop the training
+            if mode != "online":
+                raise
+            reason = str(e).splitlines()[0][:160]
+            wandb.teardown()  # forget the half-started online run, or the offline one is refused as "in use"
+    if run is None:
+        log.warning("W&B unreachable (%s) after %.1f s; logging offline in %s, upload later with `wandb sync`",
+                    reason, time.monotonic() - started, run_dir / "wandb")
+        os.environ["WANDB_ERROR_REPORTING"] = "false"  # W&B's own telemetry would wait on the same server at exit
         run = wandb.init(mode="offline", **kwargs)
     run.define_metric("step")
     for prefix in ("train", "val", "test", "perf"):  # every chart shares the training-step axis

@@ -1,18 +1,18 @@
-"""ELBO terms in nats per image, and the KL schedules that set beta_t.
+"""The objective: ELBO terms in nats per image, and the KL schedule that sets beta_t.
 
-loss     = recon_nll + beta_t * max(KL_d, free_bits) summed over d    (none, linear, cyclical)
+loss     = recon_nll + beta_t * sum_d max(KL_d, free_bits)            (none, linear, cyclical)
 loss     = recon_nll + beta * |sum_d max(KL_d, free_bits) - C_t|      (capacity, Burgess et al. 2018)
 neg_elbo = recon_nll + KL                                             (beta = 1: the true bound)
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .config import LossConfig
-from .models import VAE
+from .likelihoods import Likelihood, build_likelihood
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -21,34 +21,40 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu**2 + logvar.exp() - 1.0 - logvar)
 
 
-def kl_weight(cfg: LossConfig, step: int, total_steps: int) -> Tuple[float, Optional[float]]:
-    """(beta_t, capacity_t) at `step`; capacity_t is None except for the capacity schedule (nats per image)."""
-    if cfg.kl_schedule == "linear":
-        return cfg.beta * min(1.0, step / cfg.warmup_steps), None
-    if cfg.kl_schedule == "cyclical":  # Fu et al. 2019: ramp for cycle_ratio of each cycle, then hold
-        period = max(1.0, total_steps / cfg.cycles)
-        tau = (step % period) / period
-        return cfg.beta * min(1.0, tau / cfg.cycle_ratio), None
-    if cfg.kl_schedule == "capacity":
-        return cfg.beta, cfg.capacity_max * min(1.0, step / cfg.capacity_steps)
+def _constant(cfg: LossConfig, step: int, total: int) -> Tuple[float, Optional[float]]:
     return cfg.beta, None
 
 
-def elbo_terms(
-    model: VAE, x: torch.Tensor, beta: float, capacity: Optional[float] = None, free_bits: float = 0.0
-) -> Dict[str, torch.Tensor]:
-    """One-sample ELBO terms for a batch x (B, C, H, W), each a batch mean in nats per image.
+def _linear(cfg: LossConfig, step: int, total: int) -> Tuple[float, Optional[float]]:
+    return cfg.beta * min(1.0, step / cfg.warmup_steps), None
 
-    Also returns `kl_per_dim` (D,), the batch mean KL of each latent dim, before free bits.
+
+def _cyclical(cfg: LossConfig, step: int, total: int) -> Tuple[float, Optional[float]]:
+    """Fu et al. 2019: ramp for cycle_ratio of each of `cycles` periods, then hold."""
+    period = max(1.0, total / cfg.cycles)
+    return cfg.beta * min(1.0, (step % period) / period / cfg.cycle_ratio), None
+
+
+def _capacity(cfg: LossConfig, step: int, total: int) -> Tuple[float, Optional[float]]:
+    return cfg.beta, cfg.capacity_max * min(1.0, step / cfg.capacity_steps)
+
+
+# loss.kl_schedule -> (cfg, step, total_steps) -> (beta_t, capacity_t in nats per image or None)
+KL_SCHEDULES: Dict[str, Callable[[LossConfig, int, int], Tuple[float, Optional[float]]]] = {
+    "none": _constant, "linear": _linear, "cyclical": _cyclical, "capacity": _capacity}
+
+
+def kl_weight(cfg: LossConfig, step: int, total_steps: int) -> Tuple[float, Optional[float]]:
+    """(beta_t, capacity_t) at `step`; capacity_t is None except for the capacity schedule (nats per image)."""
+    return KL_SCHEDULES[cfg.kl_schedule](cfg, step, total_steps)
+
+
+def elbo_terms(nll: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float,
+               capacity: Optional[float] = None, free_bits: float = 0.0) -> Dict[str, torch.Tensor]:
+    """Batch-mean terms in nats per image from the per-image NLL (B,) and the posterior (B, D).
+
+    `kl_per_dim` (D,) is each latent dim's batch-mean KL before free bits; `kl_penalised` is after them.
     """
-    params, mu, logvar = model(x)
-    return terms_from_outputs(model.likelihood.nll(params, x), mu, logvar, beta, capacity, free_bits)
-
-
-def terms_from_outputs(
-    nll: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float, capacity: Optional[float], free_bits: float
-) -> Dict[str, torch.Tensor]:
-    """The terms of `elbo_terms` from per-image NLL (B,) and the posterior (B, D)."""
     recon = nll.mean()
     kl_dims = kl_divergence(mu, logvar).mean(0)  # (D,)
     kl = kl_dims.sum()
@@ -60,6 +66,39 @@ def terms_from_outputs(
         loss = recon + beta * kl_penalised
     return {"loss": loss, "recon_nll": recon, "kl": kl, "neg_elbo": recon + kl, "kl_per_dim": kl_dims,
             "kl_penalised": kl_penalised}
+
+
+class Objective:
+    """What training minimises and evaluation reports, built once from `cfg.loss`: the decoder likelihood,
+    the KL schedule (beta_t, capacity_t) over `total_steps`, and free bits."""
+
+    def __init__(self, cfg: LossConfig, total_steps: int, likelihood: Optional[Likelihood] = None):
+        self.cfg = cfg
+        self.total_steps = total_steps
+        # the model decodes into this likelihood (build_model takes it); a trained model brings its own
+        self.likelihood = likelihood if likelihood is not None else build_likelihood(cfg.likelihood, cfg.sigma)
+
+    def schedule_warning(self) -> Optional[str]:
+        """A line saying so when the KL warm-up or capacity ramp is longer than the run, else None."""
+        c, steps = self.cfg, self.total_steps
+        ramp = {"linear": ("loss.warmup_steps", c.warmup_steps), "capacity": ("loss.capacity_steps", c.capacity_steps)}
+        if c.kl_schedule not in ramp or ramp[c.kl_schedule][1] <= steps:
+            return None
+        key, length = ramp[c.kl_schedule]
+        beta, capacity = self.weights(steps - 1)
+        reached = f"beta {beta:.4g} of {c.beta:.4g}" if capacity is None else f"capacity {capacity:.4g} of {c.capacity_max:.4g} nats"
+        return (f"{key}={length} is longer than the run ({steps} steps): it ends at {reached}; "
+                f"summary.json records the beta in force at the end (train/beta)")
+
+    def weights(self, step: int) -> Tuple[float, Optional[float]]:
+        """(beta_t, capacity_t) in force at `step`."""
+        return kl_weight(self.cfg, step, self.total_steps)
+
+    def __call__(self, params: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                 step: int) -> Dict[str, torch.Tensor]:
+        """Terms for decoder output `params` on batch x (B, C, H, W) and posterior (mu, logvar) (B, D)."""
+        beta, capacity = self.weights(step)
+        return elbo_terms(self.likelihood.nll(params, x), mu, logvar, beta, capacity, self.cfg.free_bits)
 
 
 def bits_per_dim(nats_per_image: float, num_dims: int) -> float:

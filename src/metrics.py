@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import ContextManager, Dict, List, Optional, Sequence
+from typing import ContextManager, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .data import eval_batches, mean_image
-from .losses import bits_per_dim, kl_weight, terms_from_outputs
+from .losses import Objective, bits_per_dim
 from .models import VAE
 from .visuals import fixed_latents
 
@@ -137,11 +137,12 @@ def sharpness_ratio(images: torch.Tensor, reference: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate(
     model: VAE,
+    objective: Objective,
     images: np.ndarray,
     *,
+    step: int,
     device: torch.device,
     batch_size: int,
-    weights: tuple,
     mean_img: torch.Tensor,
     iwae_k: int,
     z_samples: torch.Tensor,
@@ -151,7 +152,7 @@ def evaluate(
 ) -> Dict[str, object]:
     """Every metric of the design's list over all images of a split, in nats per image where it is one.
 
-    weights = (beta, capacity, free_bits) for `loss`; z_samples are fixed prior draws for the blur ratios.
+    `loss` is the objective at the beta in force at `step`; z_samples are fixed prior draws for the blur ratios.
     """
     was_training = model.training
     model.eval()
@@ -163,8 +164,7 @@ def evaluate(
         torch.manual_seed(EVAL_SEED)
         for x in eval_batches(images, batch_size, device):
             mu, logvar = model.encode(x)
-            z = model.reparameterize(mu, logvar)
-            terms = terms_from_outputs(model.likelihood.nll(model.decode(z), x), mu, logvar, *weights)
+            terms = objective(model.decode(model.reparameterize(mu, logvar)), x, mu, logvar, step)
             terms["mse"] = ((model.likelihood.mean(model.decode(mu)) - x) ** 2).mean()
             terms["mse_mean_image"] = ((mean_img.to(device) - x) ** 2).mean()
             terms["iwae_nll"] = iwae_nll(model, x, iwae_k).mean()
@@ -202,21 +202,14 @@ def blur_metrics(model: VAE, images: np.ndarray, z_samples: torch.Tensor, device
     }
 
 
-def evaluate_split(model: VAE, cfg, data, split: str, *, device: torch.device, step: int, total_steps: int,
+def evaluate_split(model: VAE, objective: Objective, cfg, data, split: str, *, device: torch.device, step: int,
                    iwae_k: int, mean_img: Optional[torch.Tensor] = None,
                    autocast: Optional[ContextManager] = None) -> Dict[str, object]:
-    """`evaluate` on one split of a run's data as training does it: the loss at the beta in force at `step`,
-    the fixed blur latents, the split's factors. Keys are prefixed with the split ("test/iwae_nll")."""
-    beta, capacity = kl_weight(cfg.loss, step, total_steps)
-    metrics = evaluate(model, data.images[split], device=device, batch_size=cfg.data.eval_batch_size,
-                       weights=(beta, capacity, cfg.loss.free_bits),
+    """`evaluate` on one split of a run's data as training does it: the objective at `step`, the fixed blur
+    latents, the split's factors. Keys are prefixed with the split ("test/iwae_nll")."""
+    metrics = evaluate(model, objective, data.images[split], step=step, device=device,
+                       batch_size=cfg.data.eval_batch_size,
                        mean_img=mean_img if mean_img is not None else mean_image(data.images["train"]),
                        iwae_k=iwae_k, z_samples=fixed_latents(cfg.eval.blur_samples, cfg.model.latent_dim).to(device),
                        factors=data.factors.get(split), mi_images=cfg.eval.mi_images, autocast=autocast)
     return {f"{split}/{k}": v for k, v in metrics.items()}
-
-
-def kl_per_dim_ranking(kl_per_dim: Sequence[float]) -> List[int]:
-    """Latent dims from most to least KL: the ones worth a traversal."""
-    return sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])
-

@@ -62,7 +62,7 @@ def _up(c_in: int, c_out: int) -> nn.Sequential:
 class ConvVAE(VAE):
     """Stride-2 conv stages down to (hidden[-1], s, s), s = image_size / 2**len(hidden), and mirrored up.
 
-    With hidden [32, 64, 128, 256, 512] at 64x64 this is the seed's model; any length and size work.
+    With hidden [32, 64, 128, 256, 512] at 64x64 this is PyTorch-VAE's VanillaVAE; any length and size work.
     """
 
     def __init__(self, channels: int, image_size: int, hidden: List[int], latent_dim: int, likelihood: Likelihood):

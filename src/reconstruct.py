@@ -10,19 +10,20 @@ from pathlib import Path
 
 import torch
 
-from .runs import load_run, parse_args, read_images, run_cli
+from .runs import load_run, output_path, parse_args, read_images, require, run_cli
 from .visuals import save_reconstructions
 
-OPTIONS = {"out": (None, "output PNG path"), "per_row": (8, "images per row"), "device": ("auto", "auto|cpu|cuda|mps"),
+OPTIONS = {"out": (None, "output .png path, or a folder"), "per_row": (8, "images per row"), "device": ("auto", "auto|cpu|cuda|mps"),
            "checkpoint": ("last", "last|best")}
 
 
 def main(argv=None) -> int:
     args = parse_args("src.reconstruct", __doc__, [("run", "run dir or .pt checkpoint", None),
                                                    ("images", "image files or folders", "+")], OPTIONS, argv)
+    require(args["per_row"] > 0, "per_row", args["per_row"], "give a number of images per row >= 1")
     run = load_run(args["run"], args["device"], args["checkpoint"])
     x = read_images([Path(p) for p in args["images"]], run.cfg).to(next(run.model.parameters()).device)
-    out = Path(args["out"]) if args["out"] else run.run_dir / "generated" / f"reconstructions_of_{len(x)}_images.png"
+    out = output_path(args["out"], run.run_dir, f"reconstructions_of_{len(x)}_images.png")
     with torch.no_grad():
         save_reconstructions(run.model, x, out, per_row=args["per_row"])
     print(f"wrote {out} ({len(x)} images and their reconstructions)")

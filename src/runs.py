@@ -3,9 +3,10 @@ and src.evaluate share: their `key=value` arguments, image reading with the run'
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -15,12 +16,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, saved_config
 from .config import Config, ConfigError, parse
 from .likelihoods import build_likelihood
 from .models import VAE, build_model
-from .sources import IMAGE_SUFFIXES, fit_image
-from .train import resolve_device
+from .sources import IMAGE_SUFFIXES, DataError, fit_image
+from .device import missing_device, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,17 @@ def load_run(path: str | Path, device: str = "auto", which: str = "last") -> Loa
         raise RunError(f"{path} does not exist; give a run dir (outputs/runs/<date>/<time>) or a .pt checkpoint")
     state = load_checkpoint(checkpoint)
     try:
-        cfg = parse(OmegaConf.merge(OmegaConf.structured(Config), state["config"]))
+        cfg = parse(OmegaConf.merge(OmegaConf.structured(Config), saved_config(state)))
     except (ConfigError, OmegaConfBaseException, KeyError) as e:
         first = str(e).splitlines()[0]
         raise RunError(f"the config saved in {checkpoint} no longer composes ({first}); retrain with this version "
                        "or load it with the version that wrote it") from None
+    if (problem := missing_device(device, "device")) is not None:
+        raise RunError(problem)
     model = build_model(cfg.model, cfg.data, build_likelihood(cfg.loss.likelihood, cfg.loss.sigma))
     model.load_state_dict(state["model"])
+    if cfg.trainer.channels_last and cfg.model.name == "conv":  # as training ran it: the same numbers, to the bit
+        model = model.to(memory_format=torch.channels_last)
     return LoadedRun(model.to(resolve_device(device)).eval(), cfg, run_dir, checkpoint, int(state["step"]))
 
 
@@ -90,17 +95,24 @@ def read_images(paths: Sequence[Path], cfg: Config) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).float().div(255)
 
 
-def parse_args(prog: str, doc: str, positional: List[Tuple[str, str, Any]], options: Dict[str, Tuple[Any, str]],
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (not the usage block, then the error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def parse_args(prog: str, doc: str, positional: List[Tuple[str, str, Any]], options: Dict[str, Tuple],
                argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """`<positional ...> [key=value ...]` with typed defaults, and a --help that lists every key."""
-    epilog = "options (key=value):\n" + "\n".join(f"  {k + '=' + repr(v):<24} {h}" for k, (v, h) in options.items())
-    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """`<positional ...> [key=value ...]`: the options are OmegaConf dotlist overrides, typed by their defaults,
+    as the trainer's are; --help lists every key. An unknown key or a wrong type ends with one line."""
+    epilog = "options (key=value):\n" + "\n".join(f"  {k + '=' + repr(e[0]):<24} {e[1]}" for k, e in options.items())
+    parser = OneLineParser(prog=f"python -m {prog}", description=doc, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, help_text, nargs in positional:
         parser.add_argument(name, help=help_text, nargs=nargs)
     parser.add_argument("options", nargs="*", metavar="key=value", help="see the options below")
     ns = vars(parser.parse_args(argv))
-    values = {k: v for k, (v, _) in options.items()}
     rest = ns.pop("options")
     # a trailing positional with nargs="+" swallows key=value tokens; give them back
     for name, _, nargs in positional:
@@ -110,16 +122,37 @@ def parse_args(prog: str, doc: str, positional: List[Tuple[str, str, Any]], opti
             if not ns[name]:
                 parser.error(f"{name}: give at least one")
     for token in rest:
-        key, _, raw = token.partition("=")
-        if key not in options or not _:
-            parser.error(f"unknown option {token!r}; options are {', '.join(options)} (key=value)")
-        default = options[key][0]
-        try:
-            values[key] = raw if default is None or isinstance(default, str) else (
-                raw.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(raw))
-        except ValueError:
-            parser.error(f"{key}={raw!r}: expected {type(default).__name__}")
-    return {**ns, **values}
+        if "=" not in token:
+            parser.error(f"unexpected argument {token!r}; options are key=value: {', '.join(options)}")
+    def kind(entry: Tuple) -> type:  # (default, help[, type]): the type of a None default is given, else str
+        return entry[2] if len(entry) > 2 else type(entry[0]) if entry[0] is not None else str
+
+    schema = make_dataclass(f"{prog}_options", [(k, Optional[kind(e)] if e[0] is None else kind(e), field(default=e[0]))
+                                               for k, e in options.items()])
+    try:
+        values = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(rest))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or str(e).splitlines()[0]
+        if key not in options:
+            parser.error(f"unknown option {key!r}; options are {', '.join(options)} (key=value)")
+        raw = [t.partition("=")[2] for t in rest if t.startswith(key + "=")][-1]
+        parser.error(f"{key}={raw!r}: expected {kind(options[key]).__name__}")
+    return {**ns, **OmegaConf.to_container(values)}
+
+
+def output_path(out: Optional[str], run_dir: Path, default_name: str) -> Path:
+    """Where a tool writes: out= as a file (it ends in an image suffix) or a folder (anything else, created if
+    needed), else <run dir>/generated/<default_name>."""
+    if not out:
+        return run_dir / "generated" / default_name
+    path = Path(out).expanduser()
+    return path if path.suffix.lower() in IMAGE_SUFFIXES else path / default_name
+
+
+def require(ok: bool, key: str, value: Any, rule: str) -> None:
+    """One line naming a tool's option and what it must be."""
+    if not ok:
+        raise RunError(f"{key}={value!r} is not allowed; {rule}")
 
 
 def run_cli(main: Callable[[], int]) -> None:
@@ -129,4 +162,12 @@ def run_cli(main: Callable[[], int]) -> None:
         sys.exit(main())
     except (RunError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except DataError as e:
+        print(f"error: {e} (the run's data, needed here)", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR):
+            raise
+        print(f"error: cannot write {e.filename} ({e.strerror}); choose another out=", file=sys.stderr)
         sys.exit(2)

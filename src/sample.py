@@ -5,25 +5,26 @@ Draws z ~ N(0, temperature^2 I) (deterministic for a seed), decodes the decoder 
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-from .runs import load_run, parse_args, run_cli
+from .runs import load_run, output_path, parse_args, require, run_cli
 from .visuals import save_grid
 
 OPTIONS = {"n": (64, "number of samples"), "temperature": (1.0, "prior std scale (below 1: safer, blander)"),
-           "seed": (0, "seed of z"), "out": (None, "output PNG path"), "individual": (False, "also one PNG each"),
+           "seed": (0, "seed of z"), "out": (None, "output .png path, or a folder"), "individual": (False, "also one PNG each"),
            "device": ("auto", "auto|cpu|cuda|mps"), "checkpoint": ("last", "last|best")}
 
 
 def main(argv=None) -> int:
     args = parse_args("src.sample", __doc__, [("run", "run dir or .pt checkpoint", None)], OPTIONS, argv)
+    require(args["n"] > 0, "n", args["n"], "give a number of samples >= 1")
+    require(args["temperature"] > 0, "temperature", args["temperature"], "must be > 0")
     run = load_run(args["run"], args["device"], args["checkpoint"])
     z = torch.randn(args["n"], run.cfg.model.latent_dim, generator=torch.Generator().manual_seed(args["seed"]))
     images = run.model.sample(z.mul(args["temperature"]).to(next(run.model.parameters()).device)).float().clamp(0, 1)
     name = f"samples_n{args['n']}_t{args['temperature']:g}_seed{args['seed']}"
-    out = Path(args["out"]) if args["out"] else run.run_dir / "generated" / f"{name}.png"
+    out = output_path(args["out"], run.run_dir, f"{name}.png")
     save_grid(images.cpu(), out, nrow=max(1, round(args["n"] ** 0.5)))
     if args["individual"]:
         for i, img in enumerate(images.cpu()):

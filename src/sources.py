@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import pickle
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class ImageData:
     factors: Dict[str, np.ndarray] = field(default_factory=dict)  # split -> (N, K) int64 factor indices
     factor_names: List[str] = field(default_factory=list)
     factor_sizes: List[int] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)  # unreadable files left out (data.on_bad_file=skip)
 
     def sizes(self) -> Dict[str, int]:
         return {f"data/{s}_size": int(len(self.images[s])) for s in SPLITS}
@@ -63,8 +65,23 @@ def fit_arrays(images: np.ndarray, cfg: DataConfig) -> np.ndarray:
     return np.ascontiguousarray(x.numpy())
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """High-bit-depth greyscale as it is displayed, scaled to 8 bits: PIL's own convert clips it, which turns a
+    16-bit PNG all white. I;16* and I hold 16-bit values (0..65535, as 16-bit PNG and TIFF files do), F holds
+    floats in [0, 1]. Other modes are returned as they are."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        scaled = np.asarray(img, dtype=np.float64) / 257.0  # 65535 -> 255
+    elif img.mode == "F":
+        scaled = np.asarray(img, dtype=np.float64) * 255.0
+    else:
+        return img
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def fit_image(img: Image.Image, channels: int, size: int, crop: Optional[int]) -> np.ndarray:
-    """A PIL image of any mode -> (C, size, size) uint8: alpha composited over black, centre crop, resize."""
+    """A PIL image of any mode -> (C, size, size) uint8: high bit depths scaled to 8 bits, alpha composited over
+    black, CMYK to RGB, centre crop, resize."""
+    img = to_8bit(img)
     if img.mode in ("P", "PA") or img.mode.endswith("A") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
@@ -151,7 +168,10 @@ def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (optionally gzipped): big-endian magic, dims, then uint8 data."""
     raw = path.read_bytes()
     if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:  # a download cut short, or not gzip at all
+            raise DataError(f"{path} is not a complete gzip file ({e}); delete it and download it again") from None
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes; replace it with the original download")
     ndim = raw[3]
@@ -286,7 +306,8 @@ def decode_celeba(cfg: DataConfig) -> ImageData:
                         "unpack the whole archive or use the partition file that came with it")
     images, ok = decode_files([folder / name for name, _ in rows], cfg, desc="decode celeba")
     split_of = np.array([s for (_, s), good in zip(rows, ok) if good])
-    return ImageData({name: images[split_of == i] for i, name in enumerate(SPLITS)})
+    return ImageData({name: images[split_of == i] for i, name in enumerate(SPLITS)},
+                     skipped=[name for (name, _), good in zip(rows, ok) if not good])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -316,7 +337,7 @@ def decode_folder(cfg: DataConfig) -> ImageData:
         raise DataError(f"data.root={cfg.root} has {len(images)} readable images, too few to fill the "
                         f"{'/'.join(empty)} split(s) at data.val_fraction={cfg.val_fraction}, "
                         f"data.test_fraction={cfg.test_fraction}; add images or raise the fractions")
-    return ImageData(out)
+    return ImageData(out, skipped=[p.relative_to(root).as_posix() for p, good in zip(paths, ok) if not good])
 
 
 # --------------------------------------------------------------------------------------------------------

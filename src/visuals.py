@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torchvision.utils import save_image
@@ -46,3 +46,32 @@ def save_traversals(model, x: torch.Tensor, dims: List[int], path: Path, steps: 
     for row, d in enumerate(dims):
         z[row * steps : (row + 1) * steps, d] = values
     save_grid(model.sample(z).float().clamp(0, 1).cpu(), path, nrow=steps)
+
+
+class FixedGrids:
+    """The sample, reconstruction and traversal grids of a run, drawn from the same z and the same inputs at
+    every eval and in every run, so they compare across evals and across runs."""
+
+    def __init__(self, z: torch.Tensor, x: torch.Tensor, traversal_dims: int, traversal_steps: int):
+        self.z, self.x = z, x  # (n, latent_dim), (n, C, H, W) on the model's device
+        self.traversal_dims, self.traversal_steps = traversal_dims, traversal_steps
+
+    @torch.no_grad()
+    def save(self, model, run_dir: Path, step: Optional[int], kl_per_dim: Sequence[float]) -> Dict[str, Path]:
+        """Per-eval grids under samples/ recons/ traversals/ (step_0001234.png), or the final ones in the run
+        dir (step None); traversals show the dims with most KL. Returns {name: path}."""
+        name = f"step_{step:07d}.png" if step is not None else None
+        paths = {"samples": run_dir / (f"samples/{name}" if name else "samples.png"),
+                 "reconstructions": run_dir / (f"recons/{name}" if name else "reconstructions.png"),
+                 "traversals": run_dir / (f"traversals/{name}" if name else "traversals.png")}
+        was_training = model.training
+        model.eval()
+        save_samples(model, self.z, paths["samples"])
+        save_reconstructions(model, self.x, paths["reconstructions"])
+        dims = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])[: self.traversal_dims]
+        if dims:
+            save_traversals(model, self.x[:1], dims, paths["traversals"], self.traversal_steps)
+        else:
+            del paths["traversals"]
+        model.train(was_training)
+        return paths

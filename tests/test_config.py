@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from src.config import Config, ConfigError, parse
 
@@ -14,15 +15,44 @@ GROUP_OPTIONS = [(p.parent.name, p.stem) for p in sorted(Path(CONF).glob("*/*.ya
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_config_option_composes_and_validates(group, option):
-    overrides = [f"{group}={option}", "data.root=/data/somewhere"]
-    cfg = parse(compose_cfg(overrides))
-    assert isinstance(cfg, Config)
+    cfg = parse(compose_cfg([f"{group}={option}", "data.root=/data/somewhere"]))
     if group in ("model", "data", "optimizer", "logger"):
         assert getattr(cfg, group).name == option
 
 
-def test_presets_state_the_seed_setting_in_honest_units():
-    seed = parse(compose_cfg(["experiment=celeba64_seed", "data.root=/data/celeba"]))
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_group_files_state_only_what_differs_from_the_defaults(group, option):
+    """Every default has one home, the dataclasses: a group file or preset restating one is a second home."""
+    if group == "sweep":
+        return  # sweeps set hydra.sweeper.params only
+    own = OmegaConf.to_container(OmegaConf.load(Path(CONF) / group / f"{option}.yaml")) or {}
+    if group == "experiment":  # a preset overlays the groups it picks; compare with those
+        picks = [next(iter(d.items())) for d in own.pop("defaults", [])]
+        base = OmegaConf.to_container(compose_cfg([f"{g.split(' ')[-1].lstrip('/')}={o}" for g, o in picks]))
+    else:
+        base = {group: OmegaConf.to_container(OmegaConf.structured(Config))[group]}
+        own = {group: own}
+    for key, value in _leaves(own):
+        if key.endswith(".name") and group != "experiment":
+            continue  # the option's own name picks it
+        assert OmegaConf.select(OmegaConf.create(base), key) != value, f"{group}/{option}.yaml restates {key}={value!r}"
+
+
+def test_the_default_run_is_the_dataclass_defaults():
+    cfg = parse(compose_cfg([]))
+    assert OmegaConf.to_container(OmegaConf.structured(cfg)) == OmegaConf.to_container(OmegaConf.structured(Config))
+
+
+def test_presets_state_the_vanilla_vae_setting_in_honest_units():
+    seed = parse(compose_cfg(["experiment=vanilla_vae_celeba64", "data.root=/data/celeba"]))
     # pixel-mean MSE + 0.00025 KL, times D = 12288, is Gaussian sigma^2 = 0.5 with beta = 3.072
     assert seed.loss.likelihood == "gaussian"
     assert seed.loss.sigma**2 == pytest.approx(0.5)

@@ -7,7 +7,7 @@ from torch import distributions as D
 
 from src.config import LossConfig
 from src.likelihoods import Bernoulli
-from src.losses import bits_per_dim, elbo_terms, kl_divergence, kl_weight
+from src.losses import Objective, bits_per_dim, kl_divergence, kl_weight
 from src.models import ConvVAE
 
 
@@ -39,6 +39,14 @@ def test_schedules():
 def _tiny_model():
     torch.manual_seed(0)
     return ConvVAE(1, 8, [4], 6, Bernoulli())
+
+
+def elbo_terms(model, x, beta, capacity=None, free_bits=0.0):
+    """The objective's terms for one forward pass, with a constant beta (and capacity) in force."""
+    schedule = dict(kl_schedule="capacity", capacity_max=capacity, capacity_steps=1) if capacity is not None else {}
+    objective = Objective(LossConfig(beta=beta, free_bits=free_bits, **schedule), 10, likelihood=model.likelihood)
+    params, mu, logvar = model(x)
+    return objective(params, x, mu, logvar, step=5)
 
 
 def test_terms_are_consistent_and_capacity_uses_abs():

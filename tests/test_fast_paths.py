@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from src.train import resolve_compile, resolve_precision, train
+from src.device import resolve_compile, resolve_precision
+from src.train import train
 
 from .conftest import compose_cfg
 

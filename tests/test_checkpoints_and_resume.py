@@ -66,6 +66,76 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
             assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-4), ra["step"]
 
 
+# Run the real entrypoint, but SIGKILL the process right after it writes last.pt at one step: a kill that lands
+# exactly at an epoch boundary or after a new-best eval, which a timed kill from outside cannot aim at.
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+import src.train as trainer
+target = int(os.environ["KILL_AFTER_CHECKPOINT_AT"])
+save = trainer.save_checkpoint
+def save_then_die(state, path):
+    save(state, path)
+    if path.name == "last.pt" and state["step"] == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+trainer.save_checkpoint = save_then_die
+trainer.main()
+"""
+
+
+def _epoch_overrides(cache):
+    """3 epochs of 8 steps, evaluated and checkpointed at the default cadence (every epoch end), with an LR
+    that halves every epoch, so a resume one epoch behind shows in train/lr."""
+    return [*tiny_overrides(cache), "trainer.max_steps=null", "trainer.max_epochs=3", "trainer.eval_every=null",
+            "trainer.checkpoint_every=null", "optimizer.scheduler=exponential", "optimizer.gamma=0.5",
+            "data.hflip=true", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("epochs")
+    run = root / "whole"
+    proc = run_cli([*_epoch_overrides(root / "cache"), f"hydra.run.dir={run}"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return root, run
+
+
+@pytest.mark.parametrize("kill_at", [8, 16], ids=["end_of_epoch_1", "end_of_epoch_2_new_best"])
+def test_resume_at_an_epoch_boundary_matches_an_uninterrupted_run(uninterrupted, kill_at):
+    root, whole = uninterrupted
+    killed = root / f"killed_at_{kill_at}"
+    script = root / "kill_after_checkpoint.py"
+    script.write_text(KILL_AFTER_CHECKPOINT)
+    overrides = [*_epoch_overrides(root / "cache"), f"hydra.run.dir={killed}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILL_AFTER_CHECKPOINT_AT": str(kill_at)}
+    proc = subprocess.run([sys.executable, str(script), *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ckpt = load_checkpoint(killed / "checkpoints" / "last.pt")
+    vals = {r["step"]: r["val/neg_elbo"] for r in _rows(whole) if "val/neg_elbo" in r}
+    # the checkpoint holds the state the next step needs: the epoch ended, the LR moved, best counts this eval
+    assert (ckpt["step"], ckpt["epoch"]) == (kill_at, kill_at // 8)
+    assert ckpt["scheduler"]["last_epoch"] == kill_at // 8
+    assert ckpt["best"] == pytest.approx(min(v for s, v in vals.items() if s <= kill_at), rel=1e-6)
+    if kill_at == 16:
+        assert vals[16] < vals[8], "the eval at step 16 should be a new best for this test to mean anything"
+        assert load_checkpoint(killed / "checkpoints" / "best.pt")["step"] == 16
+
+    resumed = run_cli(overrides)  # the same command: trainer.resume=auto
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, killed))
+    for key in (*COMPARED, "epoch", "step"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert a["best/val_neg_elbo"] == pytest.approx(min(vals.values()), rel=1e-6)
+    rows_a, rows_b = _rows(whole), _rows(killed)
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a]  # each step once
+    for ra, rb in zip(rows_a, rows_b):
+        for key, value in ra.items():
+            if isinstance(value, (int, float)) and value is not None:
+                assert rb[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (ra["step"], key)
+    best_a, best_b = (load_checkpoint(d / "checkpoints" / "best.pt") for d in (whole, killed))
+    assert best_b["step"] == best_a["step"] and best_b["best"] == pytest.approx(best_a["best"], rel=1e-4)
+
+
 def test_finished_run_is_not_retrained(tmp_path, tiny):
     run = tmp_path / "run"
     assert run_cli([*tiny, "logger=none", f"hydra.run.dir={run}"]).returncode == 0
