@@ -160,11 +160,8 @@ def run_cli(main: Callable[[], int]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         sys.exit(main())
-    except (RunError, CheckpointError, ConfigError) as e:
+    except (RunError, CheckpointError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except DataError as e:
-        print(f"error: {e} (the run's data, needed here)", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR):

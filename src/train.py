@@ -27,7 +27,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from tqdm import tqdm
@@ -586,6 +586,10 @@ class SweepReport(Callback):
             summary = json.loads(summary_path.read_text())
             if summary.get("status") != "finished":
                 failed.append(f"member {summary_path.parent.name} {summary.get('status')}: {summary.get('error')}")
+        for member in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()):
+            if (member / ".lock").is_file() and not (member / "summary.json").is_file():  # started, never ended
+                failed.append(f"member {member.name} ended without a summary: killed by the system (out of memory?) "
+                              "or by kill -9; rerun the sweep to resume it")
         refused = sweep / "refused_members.jsonl"
         if refused.is_file():
             for line in refused.read_text().splitlines():
@@ -601,6 +605,8 @@ class SweepReport(Callback):
 
 def hydra_error_line(e: BaseException) -> str:
     """Hydra's composition and override errors as one line (it prints them over several, plus a hint)."""
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the override {e.override!r}: {str(e).splitlines()[0]} (Hydra's override grammar)"
     chain = [e]
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
@@ -624,8 +630,9 @@ def hydra_error_line(e: BaseException) -> str:
 
 
 def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
-    """Wrap Hydra's error reporter: a bad override or config group (the user's input) ends with one line and
-    exit status 2; anything else is reported by Hydra as before. HYDRA_FULL_ERROR=1 still shows everything."""
+    """Wrap Hydra's error reporter: a bad override or config group (the user's input), or an output dir that
+    cannot be written, ends with one line and exit status 2; anything else is reported by Hydra as before.
+    HYDRA_FULL_ERROR=1 still shows everything."""
 
     def report(func: Callable) -> Any:
         def guarded() -> Any:
@@ -635,6 +642,12 @@ def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 print(f"Config error: {hydra_error_line(e)}", file=sys.stderr)
+                sys.exit(2)
+            except OSError as e:  # Hydra could not create the run dir or its log there
+                if e.errno not in (*OUTPUT_ERRNOS, errno.ENOENT) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"Output error: cannot write {e.filename} ({e.strerror}); choose a writable hydra.run.dir",
+                      file=sys.stderr)
                 sys.exit(2)
 
         return run_and_report(guarded)

@@ -41,9 +41,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def run_cli(args: List[str], cwd: Path = ROOT, timeout: int = 300, module: str = "src.train",
-            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+            env: Optional[Dict[str, Optional[str]]] = None) -> subprocess.CompletedProcess:
     """Run an entrypoint in a fresh interpreter, as a user would."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}  # None removes a variable, e.g. WANDB_MODE
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)

@@ -223,3 +223,13 @@ def test_ddp_two_processes_with_gloo(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["world_size"] == 2 and summary["step"] == 8
     assert proc.stdout.count("Finished: val/neg_elbo") == 1  # only rank 0 reports
+
+
+def test_divergence_before_any_checkpoint_does_not_claim_one_is_kept(tmp_path, tiny):
+    run = tmp_path / "run"
+    proc = run_cli([*tiny, "logger=none", "optimizer.lr=1e30", "trainer.log_every=1", "trainer.checkpoint_every=100",
+                    f"hydra.run.dir={run}"])
+    error = next(line for line in proc.stdout.splitlines() if "ERROR" in line)
+    assert proc.returncode == 3 and "at step 2" in error
+    assert "no checkpoint was written" in error and "kept" not in error
+    assert not (run / "checkpoints" / "last.pt").exists()

@@ -75,6 +75,15 @@ BAD = [
     ("trainer.precision=fp8", "trainer.precision"),
     ("trainer.device=cuda", "trainer.device"),
     ("data=celeba", "data.root"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ("seed=4294967296", "seed"),
+    ("seed=-1", "seed"),
+    ("data.seed=4294967296", "data.seed"),
+    ("optimizer.lr=inf", "optimizer.lr"),
+    ("loss.beta=inf", "loss.beta"),
+    ("loss.sigma=inf", "loss.sigma"),
+    ("loss.beta=nan", "loss.beta"),
 ]
 
 
@@ -94,3 +103,45 @@ def test_cli_bad_value_gives_one_line_and_no_traceback(tmp_path, override, key):
     assert len(lines) == 1, out
     assert key in lines[0] and "allowed" in lines[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # failed before any work
+
+
+HYDRA_ERRORS = [
+    ("model.latent_dim=abc", "model.latent_dim"),  # a string for an int
+    ("model.latnet_dim=64", "did you mean model.latent_dim"),  # a typo in a typed section
+    ("+model.latnet_dim=64", "did you mean model.latent_dim"),  # ... with the + that Hydra then suggests
+    ("latent_dim=64", "latent_dim"),  # a key outside every section
+    ("model=transformer", "model/transformer"),  # an unknown group option, with the ones there are
+    ("loss.beta=[1", "loss.beta=[1"),  # the override grammar
+]
+
+
+@pytest.mark.parametrize("override,needle", HYDRA_ERRORS, ids=[h[0] for h in HYDRA_ERRORS])
+def test_hydras_own_errors_end_in_one_line_and_exit_2(tmp_path, override, needle):
+    proc = run_cli([override, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) <= 2 and "Traceback" not in proc.stderr, lines
+    assert needle in lines[-1], lines
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_named_sweep_without_multirun_is_refused(tmp_path):
+    proc = run_cli(["sweep=beta", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    [line] = [line for line in proc.stdout.splitlines() if "ERROR" in line]
+    assert proc.returncode == 2 and "sweep=beta" in line and "-m" in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):
+    proc = run_cli(["logger=none", "hydra.run.dir=/sys/vae-run"])  # sysfs: no one may create folders there
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "/sys/vae-run" in lines[0], lines
+
+
+def test_a_full_disk_is_one_line_naming_the_run_dir(tmp_path, tiny):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to("/dev/full")  # every write to it fails with ENOSPC, as on a full disk
+    proc = run_cli([*tiny, "logger=none", "trainer.log_every=1", f"hydra.run.dir={run}"])
+    errors = [line for line in proc.stdout.splitlines() if "ERROR" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert len(errors) == 1 and "No space left on device" in errors[0] and str(run) in errors[0]

@@ -16,7 +16,7 @@ from PIL import Image
 
 from src.config import DataConfig
 from src.data import TrainBatches, eval_batches, load_data
-from src.sources import DataError, hash_split, read_idx
+from src.sources import DataError, fit_image, hash_split, read_idx
 from src.train import train
 
 from .conftest import compose_cfg, run_cli
@@ -202,6 +202,69 @@ def test_bad_file_error_mode_names_the_file(tmp_path):
         load_data(_cfg(tmp_path, name="folder", root=str(tmp_path / "root"), on_bad_file="error"))
 
 
+def _modes(tmp_path):
+    """One file per PIL mode a user's folder can hold, with the 8-bit image a viewer shows for it (reference)."""
+    rng = np.random.default_rng(0)
+    files = {}
+    deep = rng.integers(0, 65536, (16, 16), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "grey16.png")  # opens as I;16
+    files["I;16"] = (tmp_path / "grey16.png", np.rint(deep / 257.0).astype(np.uint8))
+    wide = rng.integers(0, 65536, (16, 16)).astype(np.int32)
+    Image.fromarray(wide, "I").save(tmp_path / "int32.tif")
+    files["I"] = (tmp_path / "int32.tif", np.rint(wide / 257.0).astype(np.uint8))
+    unit = rng.random((16, 16)).astype(np.float32)
+    Image.fromarray(unit, "F").save(tmp_path / "float.tif")
+    files["F"] = (tmp_path / "float.tif", np.rint(unit * 255.0).astype(np.uint8))
+    grey, alpha = rng.integers(0, 256, (16, 16), dtype=np.uint8), rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.merge("LA", [Image.fromarray(grey), Image.fromarray(alpha)]).save(tmp_path / "la.png")
+    files["LA"] = (tmp_path / "la.png", np.rint(grey * (alpha / 255.0)).astype(np.uint8))  # over black
+    palette = Image.fromarray(rng.integers(0, 4, (16, 16), dtype=np.uint8), "P")
+    palette.putpalette([200, 200, 200, 50, 50, 50, 255, 255, 255, 0, 0, 0] + [0] * 756)
+    palette.info["transparency"] = 2  # index 2 (white) is see-through: black once composited
+    palette.save(tmp_path / "palette.png", transparency=2)
+    files["P"] = (tmp_path / "palette.png", np.array([200, 50, 0, 0], np.uint8)[np.asarray(palette)])
+    return files
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "LA", "P"])
+def test_every_pil_mode_is_scaled_to_8_bits_as_a_viewer_shows_it(tmp_path, mode):
+    path, reference = _modes(tmp_path)[mode]
+    with Image.open(path) as img:
+        img.load()
+        assert img.mode == mode or (mode == "I" and img.mode.startswith("I"))
+        got = fit_image(img, channels=1, size=16, crop=None)[0]
+    np.testing.assert_allclose(got.astype(int), reference.astype(int), atol=1)  # rounding in PIL's luma
+
+
+def test_a_cmyk_jpeg_reads_as_its_rgb(tmp_path):
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:16, :, 0], rgb[16:, :, 2], rgb[:, :16, 1] = 220, 180, 120  # flat blocks survive JPEG
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    with Image.open(tmp_path / "cmyk.jpg") as img:
+        assert img.mode == "CMYK"
+        got = fit_image(img, channels=3, size=32, crop=None).transpose(1, 2, 0)
+    assert np.abs(got.astype(int) - rgb.astype(int)).mean() < 4
+
+
+def test_a_16_bit_folder_trains_and_reconstructs_as_it_looks(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):  # dim 16-bit images: all white if read as 8 bits by clipping
+        Image.fromarray(rng.integers(0, 20000, (16, 16), dtype=np.uint16)).save(root / f"img{i}.png")
+    data = load_data(_cfg(tmp_path, name="folder", root=str(root), image_size=16, channels=1))
+    train_images = np.asarray(data.images["train"])
+    assert 0 < train_images.mean() < 50 and train_images.max() <= 78  # 20000 / 257 = 77.8
+
+
+def test_a_truncated_gz_download_is_one_line(tmp_path):
+    make_idx(tmp_path, "", gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DataError, match="not a complete gzip file.*download it again"):
+        read_idx(path)
+
+
 def test_missing_root_and_empty_folder(tmp_path):
     with pytest.raises(DataError, match=r"data.root=.*nowhere does not exist; data=celeba expects .*Kaggle"):
         load_data(_cfg(tmp_path, name="celeba", root=str(tmp_path / "nowhere")))
@@ -238,6 +301,31 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, caplog):
     # a setting that changes the pixels is a different cache entry
     with pytest.raises(DataError, match="does not exist"):
         load_data(_cfg(tmp_path, name="celeba", root=str(tmp_path / "root"), image_size=32, channels=3))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_a_damaged_cache_file_is_detected_and_rebuilt(tmp_path, caplog, damage):
+    cfg = _cfg(tmp_path, num_train=300, val_size=20, test_size=20, image_size=32)
+    expected = np.array(load_data(cfg).images["train"])  # a copy: the memory map must not see the damage
+    [folder] = (tmp_path / "cache").iterdir()
+    train_npy = folder / "train.npy"
+    raw = bytearray(train_npy.read_bytes())
+    if damage == "truncate":
+        train_npy.write_bytes(raw[: len(raw) // 2])  # a copy or a disk that gave out half-way
+    else:
+        raw[len(raw) // 2 : len(raw) // 2 + 4096] = b"\xff" * 4096  # same size, other bytes
+        train_npy.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING):
+        second = load_data(cfg)
+    assert "is damaged" in caplog.text and "train.npy" in caplog.text
+    np.testing.assert_array_equal(expected, second.images["train"])
+
+
+def test_on_bad_file_error_is_honoured_when_a_cache_exists(tmp_path):
+    make_folder(tmp_path / "root", n_good=60)
+    load_data(_cfg(tmp_path, name="folder", root=str(tmp_path / "root"), image_size=16))  # skip: cached without the 2
+    with pytest.raises(DataError, match="on_bad_file=error.*built without 2 unreadable"):
+        load_data(_cfg(tmp_path, name="folder", root=str(tmp_path / "root"), image_size=16, on_bad_file="error"))
 
 
 def test_shapes_go_through_the_cache_with_their_factors(tmp_path):
@@ -299,7 +387,7 @@ def test_real_fashion_mnist_end_to_end(tmp_path):
     assert summary["val/mse"] < summary["val/mse_mean_image"]  # 200 steps already beat the mean image
 
 
-def test_seed_preset_trains_on_celeba_fixture(tmp_path):
+def test_vanilla_vae_preset_trains_on_celeba_fixture(tmp_path):
     make_celeba(tmp_path / "root", "kaggle", n=12)
     run = tmp_path / "run"
     proc = run_cli(["experiment=vanilla_vae_celeba64", f"data.root={tmp_path / 'root'}", f"data.cache_dir={tmp_path / 'c'}",

@@ -112,3 +112,20 @@ def test_variants_train(tmp_path, tiny, extra):
     if "optimizer.scheduler=exponential" in extra:  # 256 // 32 = 8 steps an epoch, lr decays once per epoch
         lrs = {r["epoch"]: r["train/lr"] for r in rows if "train/lr" in r}
         assert lrs[1] == pytest.approx(lrs[0] * 0.95)
+
+
+@pytest.mark.parametrize("schedule,key,expected", [
+    (["loss.kl_schedule=linear", "loss.warmup_steps=1000", "loss.beta=2"], "loss.warmup_steps=1000", 2 * 7 / 1000),
+    (["loss.kl_schedule=capacity", "loss.capacity_steps=1000", "loss.capacity_max=50"], "loss.capacity_steps=1000",
+     1.0),
+])
+def test_a_kl_schedule_longer_than_the_run_warns_once_and_the_summary_keeps_the_final_beta(tmp_path, tiny, schedule,
+                                                                                          key, expected):
+    proc = run_cli([*tiny, "logger=none", *schedule, f"hydra.run.dir={tmp_path / 'run'}"])  # 8 steps
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    warnings = [line for line in proc.stdout.splitlines() if "WARNING" in line and key in line]
+    assert len(warnings) == 1 and "longer than the run (8 steps)" in warnings[0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train/beta"] == pytest.approx(expected)  # the beta of the last step (step index 7)
+    if "capacity" in key:
+        assert summary["train/capacity"] == pytest.approx(50 * 7 / 1000)

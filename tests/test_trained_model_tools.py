@@ -144,3 +144,76 @@ def test_loading_refuses_a_crafted_pickle(tmp_path):
         pickle.dump({"model": Evil(), "config": {}}, f)
     with pytest.raises(CheckpointError, match="refused"):
         load_run(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("module,args,needles", [
+    ("src.sample", ["n=0"], ["n=0", ">= 1"]),
+    ("src.sample", ["n=-3"], ["n=-3", ">= 1"]),
+    ("src.sample", ["n=abc"], ["n='abc'", "expected int"]),
+    ("src.sample", ["nn=4"], ["unknown option 'nn'"]),
+    ("src.evaluate", ["batch_size=0"], ["batch_size=0", ">= 1"]),
+    ("src.evaluate", ["batch_size=-1"], ["batch_size=-1", ">= 1"]),
+    pytest.param("src.sample", ["device=cuda"], ["device='cuda'", "no CUDA device"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_tool_options_that_cannot_work_are_one_line(run_dir, module, args, needles):
+    _one_error_line(run_cli([str(run_dir), *args], module=module), *needles)
+
+
+def test_reconstruct_per_row_zero_is_one_line(run_dir, pictures):
+    _one_error_line(run_cli([str(run_dir), str(pictures / "a.png"), "per_row=0"], module="src.reconstruct"),
+                    "per_row=0", ">= 1")
+
+
+@pytest.mark.parametrize("out", ["folder", "nested/new folder", "grid.png"])
+def test_sample_out_is_a_folder_or_a_png_as_the_readme_says(run_dir, tmp_path, out):
+    proc = run_cli([str(run_dir), "n=4", f"out={tmp_path / out}"], module="src.sample")
+    assert proc.returncode == 0, proc.stderr
+    written = tmp_path / out if out.endswith(".png") else tmp_path / out / "samples_n4_t1_seed0.png"
+    assert Image.open(written).size[0] > 0 and f"wrote {written}" in proc.stdout
+
+
+def test_evaluate_finds_relative_data_roots_from_another_directory(tmp_path):
+    """A run trained with data.root=<relative path> is evaluated from elsewhere: the root was stored resolved."""
+    from .test_data import make_folder
+
+    make_folder(tmp_path / "pics", n_good=60)
+    run = tmp_path / "run"
+    proc = run_cli([*tiny_overrides(tmp_path / "cache"), "logger=none", "data=folder", "data.root=pics",
+                    "data.channels=1", "trainer.max_steps=2", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    again = run_cli([str(run), "iwae_k=2"], module="src.evaluate")  # from the repository root
+    assert again.returncode == 0, again.stderr
+    shutil.rmtree(tmp_path / "pics")
+    shutil.rmtree(tmp_path / "cache")
+    gone = run_cli([str(run), "iwae_k=2"], module="src.evaluate")
+    assert gone.returncode == 2 and "Traceback" not in gone.stderr
+    [line] = [line for line in gone.stderr.splitlines() if line.startswith("error:")]
+    assert f"data.root={tmp_path / 'pics'} does not exist" in line
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "list", "text", "png"])
+def test_resuming_from_a_file_that_is_not_this_tools_checkpoint_says_so(run_dir, tmp_path, tiny, kind):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "state_dict":
+        torch.save(load_run(run_dir).model.state_dict(), path)
+    elif kind == "list":
+        torch.save([torch.zeros(3), 1], path)
+    elif kind == "text":
+        path.write_text("step: 12\n")
+    else:
+        Image.new("RGB", (4, 4)).save(path, format="PNG")
+    proc = run_cli([*tiny, "logger=none", f"trainer.resume={path}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    [line] = [line for line in proc.stdout.splitlines() if "ERROR" in line]
+    assert str(path) in line and ("not a checkpoint written by this tool" in line or "not a torch checkpoint" in line)
+    assert "weights_only" not in proc.stdout + proc.stderr
+
+
+def test_a_checkpoints_config_is_never_resolved(run_dir, tmp_path, monkeypatch):
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    state["config"]["data"]["root"] = "${oc.env:VAE_SECRET_PATH}"
+    save_checkpoint(state, tmp_path / "crafted.pt")
+    monkeypatch.setenv("VAE_SECRET_PATH", "/secret/place")
+    run = load_run(tmp_path / "crafted.pt")
+    assert "${oc.env:VAE_SECRET_PATH}" in run.cfg.data.root and "/secret/place" not in run.cfg.data.root

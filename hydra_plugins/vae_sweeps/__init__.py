@@ -1,0 +1,1 @@
+"""Hydra plugins of vae-sweeps: the submitit launchers that keep a sweep going when a member is killed."""

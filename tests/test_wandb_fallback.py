@@ -1,0 +1,79 @@
+"""W&B never takes a run down: with an API key set (WANDB_MODE unset, as on a compute node), a W&B server that
+refuses, errors, answers with a proxy's HTML page or never answers sends the run offline within
+logger.init_timeout, in one line, and a rerun into the same dir works. The servers are real, on loopback."""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from .conftest import run_cli
+
+SECRET = "f00dfeed" * 5  # a 40-character API key that must never be written anywhere
+TIMEOUT = 3  # logger.init_timeout, seconds
+
+
+def _handler(kind: str, stop: threading.Event):
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self):
+            if kind == "silent":
+                stop.wait(60)  # holds the connection open and says nothing, until the test ends
+                return
+            status, body, ctype = ((500, b"Internal Server Error", "text/plain") if kind == "500" else
+                                   (200, b"<html><body>Sign in to the proxy</body></html>", "text/html"))
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = _answer
+
+        def log_message(self, *args):
+            pass
+
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def servers():
+    stop = threading.Event()
+    running = {}
+    for kind in ("500", "html", "silent"):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(kind, stop))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        running[kind] = server
+    with socket.socket() as s:  # a port that was free a moment ago and that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    urls = {kind: f"http://127.0.0.1:{srv.server_address[1]}" for kind, srv in running.items()}
+    urls["closed"] = f"http://127.0.0.1:{closed}"
+    yield urls
+    stop.set()
+    for server in running.values():
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("kind", ["closed", "500", "html", "silent"])
+def test_a_broken_wandb_server_sends_the_run_offline_and_a_rerun_works(tmp_path, tiny, servers, kind):
+    run = tmp_path / "run"
+    env = {"WANDB_MODE": None, "WANDB_API_KEY": SECRET, "WANDB_BASE_URL": servers[kind]}
+    for budget in (4, 8):  # the rerun continues the same run dir (and the same W&B run id) with a larger budget
+        proc = run_cli([*tiny, "logger=wandb", f"logger.init_timeout={TIMEOUT}", f"trainer.max_steps={budget}",
+                        f"hydra.run.dir={run}"], env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "Traceback" not in proc.stdout + proc.stderr
+        [line] = [line for line in proc.stdout.splitlines() if "W&B unreachable" in line]
+        waited = float(re.search(r"after ([0-9.]+) s", line).group(1))
+        assert waited <= TIMEOUT + 0.5, line
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["step"] == budget
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
