@@ -25,12 +25,14 @@ import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from .rundir import IGNORED, TRAINED_WITH, flatten  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 SPLIT = "test"  # the final numbers, on the official test split
 METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_units", "collapsed_units",
            "mutual_info", "mig", "sharpness_ratio", "recon_sharpness_ratio", "hf_energy_ratio", "mse"]
-IGNORED_KEYS = ("hydra.", "data.cache_dir", "trainer.progress", "trainer.resume")
+IGNORED_KEYS = ("hydra.", *IGNORED)  # keys that cannot change results
 
 
 class CompareError(RuntimeError):
@@ -57,22 +59,36 @@ def _overrides(run: Path) -> Dict[str, str]:
     return {k.lstrip("+~"): v for k, v in pairs if not k.lstrip("+~").startswith(IGNORED_KEYS)}
 
 
+def _settings(run: Path) -> Dict[str, object]:
+    """The run's settings as flat keys: what it was trained with (trained_with.yaml, never a .hydra/ that a
+    later launch may have rewritten); for a run that failed before training, the overrides it was given."""
+    record = run / TRAINED_WITH
+    if record.is_file():
+        trained = flatten(OmegaConf.to_container(OmegaConf.load(record)))
+        return {k: v for k, v in trained.items() if not k.startswith(IGNORED_KEYS)}
+    return {k: _number(v) for k, v in _overrides(run).items()}
+
+
 def read_run(run: Path) -> Dict[str, object]:
-    """One run's overrides, summary and grids; a run without summary.json is 'incomplete'."""
+    """One run's settings, overrides, summary and grids; a run without summary.json is 'incomplete'."""
     summary_path = run / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"status": "incomplete"}
-    return {"path": run, "overrides": _overrides(run), "summary": summary}
+    return {"path": run, "settings": _settings(run), "overrides": _overrides(run), "summary": summary}
 
 
 def runs_table(runs: List[Dict[str, object]], root: Path) -> pd.DataFrame:
-    """One row per run: run, status, the keys whose override differs across runs, then final metrics."""
-    keys = sorted({k for r in runs for k in r["overrides"]})
-    swept = [k for k in keys if len({r["overrides"].get(k) for r in runs}) > 1] if len(runs) > 1 else keys
+    """One row per run: run, status, the settings that differ across runs (a lone run: its overrides), then
+    the final metrics."""
+    if len(runs) > 1:
+        keys = list(dict.fromkeys(k for r in runs for k in r["settings"]))
+        swept = [k for k in keys if len({repr(r["settings"][k]) for r in runs if k in r["settings"]}) > 1]
+    else:
+        swept = sorted(runs[0]["overrides"])
     rows = []
     for r in runs:
         s = r["summary"]
         row = {"run": _relative(r["path"], root), "status": s.get("status", "incomplete")}
-        row.update({k: _number(r["overrides"].get(k)) for k in swept})
+        row.update({k: _cell(r["settings"].get(k, r["overrides"].get(k))) for k in swept})
         row.update({f"{SPLIT}/{m}": s.get(f"{SPLIT}/{m}", np.nan) for m in METRICS})
         if "error" in s:
             row["error"] = s["error"]
@@ -82,6 +98,11 @@ def runs_table(runs: List[Dict[str, object]], root: Path) -> pd.DataFrame:
     return table
 
 
+def _cell(v):
+    """A setting as a table cell: numbers as numbers, lists as their text."""
+    return str(v) if isinstance(v, (list, tuple)) else _number(v)
+
+
 def _relative(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root)) or "."
@@ -89,9 +110,11 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _number(v: Optional[str]):
+def _number(v):
+    if not isinstance(v, str):
+        return v
     try:
-        return float(v) if v is not None and not v.isalpha() else v
+        return float(v) if not v.isalpha() else v
     except ValueError:
         return v
 

@@ -389,8 +389,9 @@ def _train(raw_cfg: DictConfig | Config, run_dir: Path, stop: StopSignals) -> Di
         if not writing and rank == 0 and isinstance(e, ConfigError) and not isinstance(e, RunDirRefused):
             writing = recorded_config(run_dir) is None
             if writing:
-                record_failure(raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg),
-                               run_dir, summary)
+                as_given = raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg)
+                write_hydra_files(run_dir, as_given)  # src.compare shows the failed member's values
+                record_failure(as_given, run_dir, summary)
         elif logger is None and writing and isinstance(e, (DataError, CheckpointError)):
             record_failure(raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg), run_dir,
                            summary)

@@ -155,9 +155,10 @@ def test_sweep_rerun_skips_finished_members(tmp_path):
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     path = tmp_path / "last.pt"
-    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    good = {"model": {"w": torch.ones(3)}, "optimizer": {}, "config": {}}
+    save_checkpoint({**good, "step": 1}, path)
     with pytest.raises(Exception):  # pickling fails half-way through the write
-        save_checkpoint({"step": 2, "w": torch.zeros(10_000), "bad": lambda: None}, path)
+        save_checkpoint({**good, "step": 2, "w": torch.zeros(10_000), "bad": lambda: None}, path)
     assert load_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 

@@ -47,8 +47,7 @@ def test_group_files_state_only_what_differs_from_the_defaults(group, option):
 
 
 def test_the_default_run_is_the_dataclass_defaults():
-    cfg = parse(compose_cfg([]))
-    assert OmegaConf.to_container(OmegaConf.structured(cfg)) == OmegaConf.to_container(OmegaConf.structured(Config))
+    assert OmegaConf.to_container(compose_cfg([])) == OmegaConf.to_container(OmegaConf.structured(Config))
 
 
 def test_presets_state_the_vanilla_vae_setting_in_honest_units():
@@ -93,7 +92,11 @@ def test_bad_value_is_rejected_naming_the_key(override, key):
         parse(compose_cfg([override]))
 
 
-@pytest.mark.parametrize("override,key", BAD, ids=[b[0] for b in BAD])
+CLI_BAD = [b for b in BAD if b[0] in ("model.latent_dim=0", "data=celeba", "trainer.device=cuda", "optimizer.lr=inf",
+                                      "seed=4294967296", "trainer.max_steps=0")]  # the rest as parse() shows
+
+
+@pytest.mark.parametrize("override,key", CLI_BAD, ids=[b[0] for b in CLI_BAD])
 def test_cli_bad_value_gives_one_line_and_no_traceback(tmp_path, override, key):
     proc = run_cli([override, f"hydra.run.dir={tmp_path / 'run'}"])
     out = proc.stdout + proc.stderr

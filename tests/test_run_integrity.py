@@ -3,6 +3,7 @@ process at a time; each step once in metrics.jsonl on every path; signals stop a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import signal
@@ -16,8 +17,9 @@ import pytest
 
 from src.checkpoint import load_checkpoint
 from src.rundir import RunDirLock
+from src.train import train
 
-from .conftest import ROOT, run_cli, tiny_overrides
+from .conftest import ROOT, compose_cfg, run_cli, tiny_overrides
 
 COMPARED = ("val/neg_elbo", "val/kl", "val/iwae_nll", "test/neg_elbo", "test/kl", "test/iwae_nll", "best/val_neg_elbo")
 
@@ -73,13 +75,13 @@ def test_a_sweep_rerun_with_other_values_refuses_each_member_and_compare_keeps_t
     assert list(pd.read_csv(sweep / "compare" / "table.csv")["loss.beta"]) == [1.0, 2.0]
 
 
-def test_a_larger_budget_continues_from_last_and_equals_one_longer_run(tmp_path, base):
+def test_a_larger_budget_continues_from_last_and_equals_one_longer_run(tmp_path, base, caplog):
     whole, grown = tmp_path / "whole", tmp_path / "grown"
-    assert run_cli([*base, "trainer.max_steps=16", "trainer.eval_every=4", f"hydra.run.dir={whole}"]).returncode == 0
-    assert run_cli([*base, "trainer.max_steps=8", "trainer.eval_every=4", f"hydra.run.dir={grown}"]).returncode == 0
-    proc = run_cli([*base, "trainer.max_steps=16", "trainer.eval_every=4", f"hydra.run.dir={grown}"])
-    assert proc.returncode == 0 and "Resuming from" in proc.stdout and "at step 8" in proc.stdout
-    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, grown))
+    a = train(compose_cfg([*base, "trainer.max_steps=16", "trainer.eval_every=4"]), run_dir=whole)
+    train(compose_cfg([*base, "trainer.max_steps=8", "trainer.eval_every=4"]), run_dir=grown)
+    with caplog.at_level(logging.INFO, logger="src"):
+        b = train(compose_cfg([*base, "trainer.max_steps=16", "trainer.eval_every=4"]), run_dir=grown)
+    assert "larger budget: trainer.max_steps 8 -> 16" in caplog.text and "at step 8" in caplog.text
     for key in (*COMPARED, "step"):
         assert b[key] == pytest.approx(a[key], rel=1e-4), key
     assert _steps(grown) == _steps(whole)  # the first run's test row went with its end
@@ -124,7 +126,7 @@ trainer.main()
 def test_a_kill_before_the_first_checkpoint_leaves_each_step_once(tmp_path, base):
     run, whole = tmp_path / "run", tmp_path / "whole"
     args = [*base, "trainer.max_steps=8", "trainer.eval_every=8", "trainer.log_every=1"]
-    assert run_cli([*args, f"hydra.run.dir={whole}"]).returncode == 0
+    train(compose_cfg(args), run_dir=whole)
     script = tmp_path / "kill_at_log.py"
     script.write_text(KILL_AT_LOG)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KILL_AT_LOG_STEP": "3"}
@@ -132,18 +134,18 @@ def test_a_kill_before_the_first_checkpoint_leaves_each_step_once(tmp_path, base
                             capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL and not (run / "checkpoints" / "last.pt").exists()
     assert [s for s, _ in _steps(run)] == [1, 2, 3]
-    assert run_cli([*args, f"hydra.run.dir={run}"]).returncode == 0
+    assert train(compose_cfg(args), run_dir=run)["status"] == "finished"
     assert _steps(run) == _steps(whole)
 
 
-def test_resume_never_starts_clean_and_says_where_the_old_files_went(tmp_path, base):
+def test_resume_never_starts_clean_and_says_where_the_old_files_went(tmp_path, base, caplog):
     run = tmp_path / "run"
-    assert run_cli([*base, f"hydra.run.dir={run}"]).returncode == 0
+    train(compose_cfg(base), run_dir=run)
     first = _steps(run)
-    proc = run_cli([*base, "trainer.resume=never", "loss.beta=2", f"hydra.run.dir={run}"])
-    assert proc.returncode == 0
+    with caplog.at_level(logging.INFO, logger="src"):
+        train(compose_cfg([*base, "trainer.resume=never", "loss.beta=2"]), run_dir=run)
     [moved] = list((run / "replaced").iterdir())
-    assert f"now in {moved}" in proc.stdout
+    assert f"now in {moved}" in caplog.text
     assert _steps(run) == first and _steps(moved) == first
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
     assert (run / "trained_with.yaml").read_text().count("beta: 2.0") == 1
@@ -151,28 +153,37 @@ def test_resume_never_starts_clean_and_says_where_the_old_files_went(tmp_path, b
 
 def test_a_torn_last_line_and_a_deleted_summary_do_not_break_or_duplicate(tmp_path, base):
     run = tmp_path / "run"
-    args = [*base, "trainer.max_steps=8", "trainer.eval_every=4", f"hydra.run.dir={run}"]
-    assert run_cli(args).returncode == 0
+    cfg = compose_cfg([*base, "trainer.max_steps=8", "trainer.eval_every=4"])
+    train(cfg, run_dir=run)
     steps = _steps(run)
     (run / "summary.json").unlink()  # as if killed after the last checkpoint, before the summary
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 9, "train/lo')  # and a line torn by the kill
-    proc = run_cli(args)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert train(cfg, run_dir=run)["status"] == "finished"
     assert _steps(run) == steps
-    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
 
 
 # --------------------------------------------------------------------------------------------- signals
 
 
-@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_checkpoints_says_how_to_resume_and_the_resume_is_exact(tmp_path, cache_dir, signum, code):
-    args = [*tiny_overrides(cache_dir), "data.image_size=32", "data.num_train=512", "model.hidden_channels=[32,64]",
+def _signal_args(cache_dir):
+    """Slow enough (tens of ms a step) for a signal to land mid-run; scheduled checkpoints only at 40."""
+    return [*tiny_overrides(cache_dir), "data.image_size=32", "data.num_train=512", "model.hidden_channels=[32,64]",
             "trainer.max_steps=48", "trainer.eval_every=16", "trainer.checkpoint_every=40", "trainer.log_every=1",
             "data.hflip=true", "logger=none"]
-    whole, run = tmp_path / "whole", tmp_path / "run"
-    assert run_cli([*args, f"hydra.run.dir={whole}"]).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    whole = tmp_path_factory.mktemp("signals") / "whole"
+    train(compose_cfg(_signal_args(cache_dir)), run_dir=whole)
+    return whole
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_says_how_to_resume_and_the_resume_is_exact(tmp_path, cache_dir, uninterrupted, signum,
+                                                                         code):
+    args, whole, run = _signal_args(cache_dir), uninterrupted, tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "src.train", *args, f"hydra.run.dir={run}"], cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -87,11 +87,10 @@ def test_a_wandb_agent_command_trains_the_member_it_names(tmp_path, tiny):
 
 def test_slurm_preset_targets_the_installed_submitit_launcher():
     from hydra.utils import get_class
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
-    assert issubclass(get_class(cfg.hydra.launcher._target_), SlurmLauncher)
+    assert "SlurmLauncher" in [c.__name__ for c in get_class(cfg.hydra.launcher._target_).__mro__]
     assert cfg.hydra.launcher.max_num_timeout > 0  # a timed-out or preempted member is requeued and resumes
 
 
@@ -112,14 +111,14 @@ def test_a_member_killed_by_the_system_is_named_and_the_others_finish(tmp_path):
     out-of-memory killer does; the other finishes and the sweep ends by naming the killed one."""
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=parallel", *tiny_overrides(tmp_path / "cache"), "logger=none",
-            "trainer.max_steps=3000", "trainer.max_epochs=null", "trainer.eval_every=3000", "loss.beta=1,2",
+            "trainer.max_steps=300", "trainer.max_epochs=null", "trainer.eval_every=300", "loss.beta=1,2",
             f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     lock = sweep / "0" / ".lock"
     deadline = time.time() + 120
     while time.time() < deadline and not (lock.is_file() and lock.read_text().startswith("pid")):
-        time.sleep(0.05)
+        time.sleep(0.01)  # the lock is the member's first act: it is killed long before its 300 steps end
     os.kill(int(lock.read_text().split()[1]), signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]

@@ -63,7 +63,8 @@ def servers():
 def test_a_broken_wandb_server_sends_the_run_offline_and_a_rerun_works(tmp_path, tiny, servers, kind):
     run = tmp_path / "run"
     env = {"WANDB_MODE": None, "WANDB_API_KEY": SECRET, "WANDB_BASE_URL": servers[kind]}
-    for budget in (4, 8):  # the rerun continues the same run dir (and the same W&B run id) with a larger budget
+    budgets = (4, 8) if kind in ("closed", "silent") else (4,)  # a rerun continues the dir and its W&B run id
+    for budget in budgets:
         proc = run_cli([*tiny, "logger=wandb", f"logger.init_timeout={TIMEOUT}", f"trainer.max_steps={budget}",
                         f"hydra.run.dir={run}"], env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -73,7 +74,7 @@ def test_a_broken_wandb_server_sends_the_run_offline_and_a_rerun_works(tmp_path,
         assert waited <= TIMEOUT + 0.5, line
         summary = json.loads((run / "summary.json").read_text())
         assert summary["status"] == "finished" and summary["step"] == budget
-    assert len(list((run / "wandb").glob("offline-run-*"))) == 2
+    assert len(list((run / "wandb").glob("offline-run-*"))) == len(budgets)
     for path in run.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
