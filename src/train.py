@@ -25,17 +25,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from tqdm import tqdm
 
 from .checkpoint import (CheckpointError, check_same_experiment, find_resume_checkpoint, finished_summary,
                          load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_metrics)
-from .rundir import (RunDirLock, RunDirRefused, check_rerun, note_refused_member, record_config, recorded_config,
-                     set_aside, write_hydra_files)
 from .config import Config, ConfigError, TrainerConfig, did_you_mean, parse, register_configs, total_steps
 from .data import DataError, TrainBatches, load_data, mean_image, resolve_on_device
 from .device import autocast_for, resolve_compile, resolve_device, resolve_precision, setup_backends, synchronize
@@ -44,6 +42,8 @@ from .losses import Objective
 from .metrics import evaluate_split
 from .models import build_model
 from .optim import build_optimizer
+from .rundir import (RunDirLock, RunDirRefused, check_rerun, note_refused_member, record_config, recorded_config,
+                     set_aside, write_hydra_files)
 from .visuals import FixedGrids, fixed_latents
 
 log = logging.getLogger(__name__)
