@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
+from .checkpoint import load_checkpoint
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,7 @@ def recorded_config(run_dir: Path) -> Optional[Dict[str, Any]]:
         return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     last = run_dir / "checkpoints" / "last.pt"
     if last.is_file():
-        from .checkpoint import load_checkpoint
-
-        return load_checkpoint(last).get("config")
+        return load_checkpoint(last)["config"]
     return None
 
 
