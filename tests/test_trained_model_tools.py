@@ -217,3 +217,13 @@ def test_a_checkpoints_config_is_never_resolved(run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_SECRET_PATH", "/secret/place")
     run = load_run(tmp_path / "crafted.pt")
     assert "${oc.env:VAE_SECRET_PATH}" in run.cfg.data.root and "/secret/place" not in run.cfg.data.root
+
+
+def test_reconstruct_shows_a_16_bit_png_as_it_looks(run_dir, tmp_path):
+    dim = np.full((24, 24), 12000, np.uint16)  # 12000 / 65535 of full scale: a dark grey, not white
+    Image.fromarray(dim).save(tmp_path / "deep.png")
+    out = tmp_path / "recon.png"
+    proc = run_cli([str(run_dir), str(tmp_path / "deep.png"), f"out={out}"], module="src.reconstruct")
+    assert proc.returncode == 0, proc.stderr
+    tile = np.asarray(Image.open(out).convert("L"))[2:18, 2:18]  # the input tile: 16x16 inside 2 px of padding
+    assert abs(tile.mean() - 12000 / 257) < 2
