@@ -13,6 +13,7 @@ from typing import ContextManager, Dict, List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .data import eval_batches, mean_image
 from .losses import Objective, bits_per_dim
@@ -21,6 +22,7 @@ from .visuals import fixed_latents
 
 EVAL_SEED = 0  # eval's own RNG: its numbers do not depend on how far training's RNG has moved
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015
+KL_ACTIVE_NATS = 0.1  # a dim carrying more KL than this (nats per image, on average) counts in kl_active_units
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -149,10 +151,12 @@ def evaluate(
     factors: Optional[np.ndarray] = None,
     mi_images: int = 2000,
     autocast: Optional[ContextManager] = None,
+    progress: Optional[str] = None,
 ) -> Dict[str, object]:
     """Every metric of the design's list over all images of a split, in nats per image where it is one.
 
     `loss` is the objective at the beta in force at `step`; z_samples are fixed prior draws for the blur ratios.
+    `progress` names a progress bar (with an ETA) over the split's batches; None shows none.
     """
     was_training = model.training
     model.eval()
@@ -162,7 +166,9 @@ def evaluate(
     n = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), (autocast or nullcontext()):
         torch.manual_seed(EVAL_SEED)
-        for x in eval_batches(images, batch_size, device):
+        batches = tqdm(eval_batches(images, batch_size, device), total=math.ceil(len(images) / batch_size),
+                       desc=progress, unit="batch", disable=progress is None, leave=False, dynamic_ncols=True)
+        for x in batches:
             mu, logvar = model.encode(x)
             terms = objective(model.decode(model.reparameterize(mu, logvar)), x, mu, logvar, step)
             terms["mse"] = ((model.likelihood.mean(model.decode(mu)) - x) ** 2).mean()
@@ -182,6 +188,8 @@ def evaluate(
         out["iwae_k"] = iwae_k
         out["active_units"] = active_units(mu_all)
         out["collapsed_units"] = mu_all.shape[1] - out["active_units"]
+        # another view of collapse: dims that cost KL, whether or not their mean moves with x (README: Diagnostics)
+        out["kl_active_units"] = int(sum(kl > KL_ACTIVE_NATS for kl in out["kl_per_dim"]))
         out["mutual_info"] = mutual_info(mu_all[:mi_images], logvar_all[:mi_images])
         out.update(blur_metrics(model, images, z_samples, device))
     if factors is not None:
@@ -211,5 +219,6 @@ def evaluate_split(model: VAE, objective: Objective, cfg, data, split: str, *, d
                        batch_size=cfg.data.eval_batch_size,
                        mean_img=mean_img if mean_img is not None else mean_image(data.images["train"]),
                        iwae_k=iwae_k, z_samples=fixed_latents(cfg.eval.blur_samples, cfg.model.latent_dim).to(device),
-                       factors=data.factors.get(split), mi_images=cfg.eval.mi_images, autocast=autocast)
+                       factors=data.factors.get(split), mi_images=cfg.eval.mi_images, autocast=autocast,
+                       progress=f"eval {split} (IWAE k={iwae_k})" if cfg.trainer.progress else None)
     return {f"{split}/{k}": v for k, v in metrics.items()}

@@ -120,6 +120,21 @@ def test_active_units_counts_an_encoder_that_ignores_some_dims(images):
     assert active_units(torch.zeros(10, 4)) == 0
 
 
+def test_kl_active_units_counts_dims_that_cost_kl_even_when_their_mean_never_moves(images):
+    # mu = 0 for every x and a fixed logvar c per dim: KL_d = (e^c - 1 - c) / 2 in closed form, I(x; z_d) = 0
+    torch.manual_seed(0)
+    model = MLPVAE(1, 8, [16], 4, Bernoulli())
+    logvars = torch.tensor([-4.0, 0.0, -0.5, -1.0])  # KL 1.509, 0, 0.053, 0.184 nats
+    with torch.no_grad():
+        model.encoder[-1].weight.zero_()
+        model.encoder[-1].bias.copy_(torch.cat([torch.zeros(4), logvars]))
+    out = _evaluate(model, images)
+    expected = 0.5 * (logvars.exp() - 1 - logvars)
+    assert out["kl_per_dim"] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert out["kl_active_units"] == 2  # above 0.1 nats: the dims with logvar -4 and -1
+    assert out["active_units"] == 0  # ... yet no mean varies with x: KL spent on a narrow posterior, no information
+
+
 def test_mutual_info_is_zero_for_an_encoder_that_ignores_x(images):
     assert abs(_evaluate(_mlp_with_rows_zeroed(0), images)["mutual_info"]) < 1e-3
     assert _evaluate(_mlp_with_rows_zeroed(3), images)["mutual_info"] > 1.0
