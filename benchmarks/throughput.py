@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -124,7 +125,8 @@ class ExamplesVAE(torch.nn.Module):
 def mlp_overrides(batch: int, steps: int, cache: str) -> list:
     """The product's canonical MLP VAE on Fashion-MNIST at its native 28x28 (random images without the data)."""
     data = (["data=fashion_mnist", f"data.root={FASHION_MNIST}"] if FASHION_MNIST.is_dir() else
-            ["data=shapes", "data.val_size=64", "data.test_size=64", f"data.num_train={batch * (WARMUP_STEPS + steps + 1)}"])
+            ["data=shapes", "data.val_size=64", "data.test_size=64",
+             f"data.num_train={batch * (WARMUP_STEPS + steps + 1)}"])
     return [*data, "data.image_size=28", f"data.batch_size={batch}", f"data.cache_dir={cache}", "model=mlp",
             "model.latent_dim=20", "model.hidden_channels=[400]", "loss.likelihood=bernoulli", "trainer.device=cpu",
             *_single_eval(steps)]
@@ -200,7 +202,8 @@ def side_by_side(reference, product, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    parser.add_argument("--batches", nargs="+", type=int, help="VanillaVAE batches (default: 64 on CPU; 64, 512 on CUDA)")
+    parser.add_argument("--batches", nargs="+", type=int,
+                        help="VanillaVAE batches (default: 64 on CPU; 64, 512 on CUDA)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CPU, 200 on CUDA)")
     parser.add_argument("--mlp-steps", type=int, default=300, help="timed steps of the MLP VAE (CPU)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -225,8 +228,8 @@ def main() -> None:
             steps = args.steps or (20 if device == "cpu" else 200)
             for batch in args.batches or ([64] if device == "cpu" else [64, 512]):
                 overrides = [*product_overrides(device, batch, steps, cache), *args.extra]
-                row = side_by_side(lambda: vanilla_vae_reference_images_per_s(torch.device(device), batch, steps),
-                                   lambda: product_images_per_s(overrides, device), args.repeats)
+                row = side_by_side(partial(vanilla_vae_reference_images_per_s, torch.device(device), batch, steps),
+                                   partial(product_images_per_s, overrides, device), args.repeats)
                 row["steps"] = steps
                 if args.concurrent and batch == 64:
                     row["concurrent"] = concurrent(args.concurrent, device, batch, steps, cache, args.extra)
@@ -235,8 +238,8 @@ def main() -> None:
                 print(json.dumps({f"vanilla_vae_celeba64/{device}/batch{batch}": row}), file=sys.stderr)
     if "mlp_fashion_mnist28" in args.settings:
         overrides = mlp_overrides(128, args.mlp_steps, cache)
-        row = side_by_side(lambda: mlp_plain_images_per_s(128, args.mlp_steps, cache),
-                           lambda: product_images_per_s(overrides, "cpu"), args.repeats)
+        row = side_by_side(partial(mlp_plain_images_per_s, 128, args.mlp_steps, cache),
+                           partial(product_images_per_s, overrides, "cpu"), args.repeats)
         row.update(steps=args.mlp_steps, data="Fashion-MNIST" if FASHION_MNIST.is_dir() else "random 28x28")
         results["mlp_fashion_mnist28/cpu/batch128"] = row
         print(json.dumps({"mlp_fashion_mnist28/cpu/batch128": row}), file=sys.stderr)

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 SPLIT = "test"  # the final numbers, on the official test split
 METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_units", "kl_active_units",
-           "collapsed_units", "mutual_info", "mig", "sharpness_ratio", "recon_sharpness_ratio", "hf_energy_ratio", "mse"]
+           "collapsed_units", "mutual_info", "mig", "sharpness_ratio", "recon_sharpness_ratio", "hf_energy_ratio",
+           "mse"]
 IGNORED_KEYS = ("hydra.", *IGNORED)  # keys that cannot change results
 
 

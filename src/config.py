@@ -271,5 +271,6 @@ def parse(cfg: DictConfig | Config) -> Config:
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     """The run's length in optimisation steps: trainer.max_steps or max_epochs, whichever ends first."""
-    limits = [cfg.trainer.max_steps, None if cfg.trainer.max_epochs is None else cfg.trainer.max_epochs * steps_per_epoch]
+    t = cfg.trainer
+    limits = [t.max_steps, None if t.max_epochs is None else t.max_epochs * steps_per_epoch]
     return min(s for s in limits if s is not None)

@@ -86,7 +86,8 @@ class Objective:
             return None
         key, length = ramp[c.kl_schedule]
         beta, capacity = self.weights(steps - 1)
-        reached = f"beta {beta:.4g} of {c.beta:.4g}" if capacity is None else f"capacity {capacity:.4g} of {c.capacity_max:.4g} nats"
+        reached = (f"beta {beta:.4g} of {c.beta:.4g}" if capacity is None else
+                   f"capacity {capacity:.4g} of {c.capacity_max:.4g} nats")
         return (f"{key}={length} is longer than the run ({steps} steps): it ends at {reached}; "
                 f"summary.json records the beta in force at the end (train/beta)")
 

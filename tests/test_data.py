@@ -394,8 +394,8 @@ def test_real_fashion_mnist_end_to_end(tmp_path):
 def test_vanilla_vae_preset_trains_on_celeba_fixture(tmp_path):
     make_celeba(tmp_path / "root", "kaggle", n=12)
     run = tmp_path / "run"
-    proc = run_cli(["experiment=vanilla_vae_celeba64", f"data.root={tmp_path / 'root'}", f"data.cache_dir={tmp_path / 'c'}",
-                    "data.batch_size=4", "trainer.max_steps=2", "trainer.progress=false", f"hydra.run.dir={run}"])
+    proc = run_cli(["experiment=vanilla_vae_celeba64", f"data.root={tmp_path / 'root'}",
+                    f"data.cache_dir={tmp_path / 'c'}", "data.batch_size=4", "trainer.max_steps=2", "trainer.progress=false", f"hydra.run.dir={run}"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and len(summary["val/kl_per_dim"]) == 128

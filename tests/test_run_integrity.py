@@ -91,8 +91,8 @@ def test_a_second_process_into_the_same_run_dir_is_refused_naming_the_holder(tmp
     run = tmp_path / "run"
     slow = [*base, "trainer.max_steps=100000", "trainer.max_epochs=null", "trainer.eval_every=100000",
             f"hydra.run.dir={run}"]  # killed below, long before its end
-    first = subprocess.Popen([sys.executable, "-m", "src.train", *slow], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen([sys.executable, "-m", "src.train", *slow], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.time() + 120
         while not (run / "metrics.jsonl").is_file() and time.time() < deadline:
