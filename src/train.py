@@ -367,7 +367,8 @@ def _train(raw_cfg: DictConfig | Config, run_dir: Path, stop: StopSignals) -> Di
 
         checkpoint = None
         if resume_from is not None:
-            checkpoint = load_checkpoint(resume_from, map_location=device)
+            # loaded on the CPU: RNG states must stay CPU tensors, and load_state_dict moves the rest to the device
+            checkpoint = load_checkpoint(resume_from)
             check_same_experiment(checkpoint["config"], config, resume_from)
             log.info("Resuming from %s at step %d", resume_from, checkpoint["step"])
         if rank == 0:
