@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "conv"
     latent_dim: int = 10
-    # conv: channels of each stride-2 stage (image_size / 2**len must be whole); mlp: hidden widths
+    # conv: channels of each stride-2 stage (image_size >= 2**len); mlp: hidden widths
     hidden_channels: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
 
 
@@ -97,7 +97,7 @@ class EvalConfig:
     iwae_k: int = 5  # importance samples for val/iwae_nll at every eval
     iwae_k_test: int = 50  # for the final test/iwae_nll
     mi_images: int = 2000  # images whose aggregate posterior estimates mutual_info
-    blur_samples: int = 256  # fixed prior samples and real images behind the sharpness ratios
+    blur_samples: int = 256  # fixed prior samples and real images behind the blur measures
     traversal_dims: int = 8  # top dims by KL shown in traversals
     traversal_steps: int = 7  # values from -3 to 3
 
@@ -221,8 +221,8 @@ def parse(cfg: DictConfig | Config) -> Config:
     _choice("data.on_bad_file", d.on_bad_file, ("skip", "error"))
     if m.name == "conv":
         depth = len(m.hidden_channels)
-        _check(d.image_size % 2**depth == 0 and d.image_size >= 2**depth, "data.image_size", d.image_size,
-               f"must be a multiple of 2**len(model.hidden_channels) = {2**depth} for a {depth}-stage conv model")
+        _check(d.image_size >= 2**depth, "data.image_size", d.image_size,
+               f"must be at least 2**len(model.hidden_channels) = {2**depth} for a {depth}-stage conv model")
 
     _choice("optimizer.name", o.name, OPTIMIZERS)
     _check(o.lr > 0, "optimizer.lr", o.lr, "must be > 0")

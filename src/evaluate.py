@@ -1,7 +1,7 @@
 """Evaluate a run again, more carefully: `python -m src.evaluate <run dir> [split=test] [iwae_k=5000]`.
 
 Recomputes the final metrics over the whole split (ELBO terms and IWAE in nats per image, bits per dim,
-active units, mutual information, sharpness, MIG on shapes) with the run's own data and preprocessing, writes
+active units, mutual information, blur, MIG on shapes) with the run's own data and preprocessing, writes
 eval_<split>.json (with iwae_k inside) beside summary.json, and prints a table. Same k and seed as training's final
 eval gives the same numbers as summary.json.
 """

@@ -53,21 +53,34 @@ def _down(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU())
 
 
-def _up(c_in: int, c_out: int) -> nn.Sequential:
+def _up(c_in: int, c_out: int, output_padding: int = 1) -> nn.Sequential:
+    """Doubles the size (output_padding 1) or doubles it less one (0), undoing a _down of an odd size."""
     return nn.Sequential(
-        nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU()
+        nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=output_padding),
+        nn.BatchNorm2d(c_out), nn.LeakyReLU(),
     )
 
 
-class ConvVAE(VAE):
-    """Stride-2 conv stages down to (hidden[-1], s, s), s = image_size / 2**len(hidden), and mirrored up.
+def conv_sizes(image_size: int, stages: int) -> List[int]:
+    """Side length after each stride-2 stage, rounding up: 64 -> [64, 32, 16, 8, 4], 28 -> [28, 14, 7, 4, 2]."""
+    sizes = [image_size]
+    for _ in range(stages):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
 
-    With hidden [32, 64, 128, 256, 512] at 64x64 this is PyTorch-VAE's VanillaVAE; any length and size work.
+
+class ConvVAE(VAE):
+    """Stride-2 conv stages down to (hidden[-1], s, s), and mirrored up to exactly the input size.
+
+    With hidden [32, 64, 128, 256, 512] at 64x64 this is PyTorch-VAE's VanillaVAE. Any size works: an odd side
+    rounds up on the way down (28 -> 14 -> 7 -> 4 -> 2) and the matching upsampling drops the extra pixel, so
+    MNIST-like data train at their native 28x28.
     """
 
     def __init__(self, channels: int, image_size: int, hidden: List[int], latent_dim: int, likelihood: Likelihood):
         super().__init__(likelihood, latent_dim)
-        s = image_size // 2 ** len(hidden)
+        sizes = conv_sizes(image_size, len(hidden))
+        s = sizes[-1]
         widths = [channels, *hidden]
         self.encoder = nn.Sequential(
             *[_down(a, b) for a, b in zip(widths[:-1], widths[1:])],
@@ -75,10 +88,12 @@ class ConvVAE(VAE):
             nn.Linear(hidden[-1] * s * s, 2 * latent_dim),
         )
         rev = hidden[::-1]
+        # upsampling from sizes[i + 1] to sizes[i] gives 2 * sizes[i + 1] - 1 + output_padding pixels
+        pads = [big - (2 * small - 1) for big, small in zip(sizes[-2::-1], sizes[:0:-1])]
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, rev[0] * s * s),
             nn.Unflatten(1, (rev[0], s, s)),
-            *[_up(a, b) for a, b in zip(rev, [*rev[1:], rev[-1]])],  # len(hidden) upsamplings
+            *[_up(a, b, p) for a, b, p in zip(rev, [*rev[1:], rev[-1]], pads)],  # len(hidden) upsamplings
             nn.Conv2d(rev[-1], likelihood.num_params * channels, 3, padding=1),
         )
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +15,12 @@ from torchvision.transforms.v2 import functional as TF
 from src.config import DataConfig, LossConfig
 from src.likelihoods import Bernoulli, Gaussian
 from src.losses import Objective
-from src.metrics import (active_units, evaluate, high_frequency_energy, iwae_log_weights, mig, mutual_info,
-                         sharpness_ratio)
+from src.metrics import (BLUR_WINDOW, active_units, blur_effect, evaluate, iwae_log_weights, laplacian_variance,
+                         mig, mutual_info, sharpness_ratio)
 from src.models import VAE, MLPVAE
-from src.sources import decode_shapes
+from src.sources import decode_shapes, read_idx
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 class IdentityMeanGaussian(Gaussian):
@@ -136,8 +140,19 @@ def test_kl_active_units_counts_dims_that_cost_kl_even_when_their_mean_never_mov
 
 
 def test_mutual_info_is_zero_for_an_encoder_that_ignores_x(images):
-    assert abs(_evaluate(_mlp_with_rows_zeroed(0), images)["mutual_info"]) < 1e-3
+    ignoring = _evaluate(_mlp_with_rows_zeroed(0), images)
+    assert abs(ignoring["mutual_info"]) < 1e-3 and not ignoring["mutual_info_capped"]
     assert _evaluate(_mlp_with_rows_zeroed(3), images)["mutual_info"] > 1.0
+
+
+def test_mutual_info_at_its_ceiling_log_n_is_flagged(images):
+    model = _mlp_with_rows_zeroed(6)
+    with torch.no_grad():  # every image gets its own narrow posterior: q(z) is N disjoint bumps, I = log N
+        model.encoder[-1].weight[:6] *= 100
+        model.encoder[-1].bias[6:] = -20.0
+    out = _evaluate(model, images)
+    assert out["mutual_info_max"] == pytest.approx(math.log(len(images)))  # 300 images, below mi_images
+    assert out["mutual_info"] == pytest.approx(math.log(300), abs=0.05) and out["mutual_info_capped"]
 
 
 @pytest.mark.parametrize("a", [0.5, 1.0, 2.0])
@@ -160,14 +175,55 @@ def shapes():
     return decode_shapes(DataConfig(num_train=10, val_size=2000, test_size=10, image_size=32))
 
 
-def test_sharpness_is_below_one_for_blurred_data_and_one_for_data(shapes):
+def test_sharpness_ratio_is_below_one_for_blurred_data_and_one_for_data(shapes):
     real = torch.from_numpy(shapes.images["val"][:256]).float() / 255
     other = torch.from_numpy(shapes.images["val"][256:512]).float() / 255
     blurred = TF.gaussian_blur(real, [7, 7], [1.5, 1.5])
     assert sharpness_ratio(real, real) == pytest.approx(1.0)
     assert sharpness_ratio(other, real) == pytest.approx(1.0, abs=0.15)
     assert sharpness_ratio(blurred, real) < 0.3
-    assert high_frequency_energy(blurred) < 0.3 * high_frequency_energy(real)
+
+
+def test_blur_effect_of_a_step_edge_is_one_over_the_window_and_of_a_flat_image_one():
+    step = torch.zeros(2, 1, 24, 24)
+    step[0, :, :, 12:] = 1.0  # a vertical edge: the re-blurred ramp keeps 1/window of the one-pixel jump
+    step[1] = step[0].transpose(-1, -2)  # the same edge, horizontal
+    assert blur_effect(step).tolist() == pytest.approx([1 / BLUR_WINDOW] * 2, rel=1e-5)
+    assert blur_effect(torch.full((1, 3, 16, 16), 0.4)).item() == 1.0  # nothing left to lose: as blurry as it gets
+
+
+def _fashion_mnist(n: int) -> torch.Tensor:
+    if not FASHION.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{FASHION} is missing: .ci/run installs Debian's dataset-fashion-mnist")
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    return torch.from_numpy(read_idx(FASHION / "t10k-images-idx3-ubyte.gz")[:n].copy()).float().div(255)[:, None]
+
+
+LADDER = (0.0, 0.5, 1.0, 1.5, 2.0)  # Gaussian sigma in pixels
+
+
+@pytest.mark.parametrize("images", ["shapes, grey, 32 px", "shapes, colour, 64 px", "Fashion-MNIST, 28 px"])
+def test_blur_effect_rises_strictly_along_a_gaussian_blur_ladder(images):
+    if images.startswith("shapes"):
+        colour = "colour" in images
+        data = decode_shapes(DataConfig(num_train=10, val_size=128, test_size=10, channels=3 if colour else 1,
+                                        image_size=64 if colour else 32))
+        x = torch.from_numpy(data.images["val"]).float() / 255
+    else:
+        x = _fashion_mnist(128)
+    rungs = [x if s == 0 else TF.gaussian_blur(x, [2 * math.ceil(4 * s) + 1] * 2, [s, s]) for s in LADDER]
+    per_image = torch.stack([blur_effect(r) for r in rungs], 1)  # (N, 5)
+    means = per_image.mean(0)
+    assert (means.diff() > 0.02).all(), means.tolist()  # the mean of the split, rung by rung
+    assert (per_image.diff(dim=1) > 0).all()  # and every single image
+
+
+def test_blur_effect_ignores_contrast_where_the_laplacian_counts_it(shapes):
+    real = torch.from_numpy(shapes.images["val"][:256]).float() / 255
+    faded = 0.25 + 0.5 * real  # the same shapes at half the contrast: no blurrier
+    torch.testing.assert_close(blur_effect(faded), blur_effect(real), rtol=1e-4, atol=1e-5)
+    assert laplacian_variance(faded) == pytest.approx(laplacian_variance(real) / 4, rel=1e-4)
 
 
 def test_mig_is_high_for_an_encoder_reading_the_factors_and_zero_for_noise(shapes):

@@ -88,7 +88,7 @@ def test_evaluate_reproduces_the_summary_at_the_same_k(run_dir):
     assert proc.returncode == 0, proc.stderr
     again = json.loads((run_dir / "eval_test.json").read_text())
     for key in ("test/neg_elbo", "test/recon_nll", "test/kl", "test/iwae_nll", "test/active_units",
-                "test/mutual_info", "test/sharpness_ratio", "test/mig", "test/mse"):
+                "test/mutual_info", "test/sample_blur", "test/recon_blur", "test/mig", "test/mse"):
         assert again[key] == pytest.approx(summary[key], rel=1e-5), key
     assert "test/iwae_nll" in proc.stdout
 
