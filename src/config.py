@@ -109,6 +109,7 @@ class LoggerConfig:
     project: str = "vae-sweeps"
     entity: Optional[str] = None
     init_timeout: float = 30.0  # seconds to reach W&B online before going on offline
+    group: Optional[str] = None  # W&B group; default: the sweep folder's name (a lone run: its own folder's)
 
 
 @dataclass

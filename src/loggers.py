@@ -7,15 +7,17 @@ import logging
 import math
 import netrc
 import os
+import re
 import secrets
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 from .config import LoggerConfig
+from .rundir import IGNORED
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +65,53 @@ def _has_credentials() -> bool:
         return False
 
 
-def run_identity(run_dir: Path) -> Tuple[str, str]:
-    """(name, group): the member's override string, and the sweep it belongs to (a single run is its own)."""
+def short_names(keys: List[str]) -> Dict[str, str]:
+    """Dotted keys by their last part ("loss.beta" -> "beta"), unless two would share one."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def swept_keys(sweep_dir: Path) -> List[str]:
+    """The keys a Hydra multirun sweeps over: its sweeper params and its command line's sweep overrides
+    (`loss.beta=1,4`), read from the multirun.yaml Hydra writes into the sweep folder."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return []
+    hydra = OmegaConf.load(path).hydra
+    given = [f"{k}={v}" for k, v in (OmegaConf.select(hydra, "sweeper.params") or {}).items()]
+    given += list(OmegaConf.select(hydra, "overrides.task") or [])
+    overrides = OverridesParser.create().parse_overrides(given)
+    return list(dict.fromkeys(o.key_or_group for o in overrides if o.is_sweep_override()))
+
+
+def group_name(folder: Path) -> str:
+    """A readable W&B group for a sweep (or lone run) folder: its name, with the date folder above it when the
+    name is Hydra's default time of day (outputs/sweeps/2026-11-26/10-42-07 -> 2026-11-26/10-42-07)."""
+    folder = Path(folder)
+    if re.fullmatch(r"\d\d-\d\d-\d\d", folder.name):
+        return f"{folder.parent.name}/{folder.name}"
+    return folder.name
+
+
+def run_identity(run_dir: Path, group: Optional[str] = None) -> Tuple[str, str]:
+    """(name, group) of a run on W&B: its swept keys and their values ("beta=4 latent_dim=16"), grouped under
+    `logger.group` or the sweep folder's name; a lone run is named by its overrides and grouped by its folder."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    group = group or os.environ.get("WANDB_RUN_GROUP")
     if not HydraConfig.initialized():
-        return run_dir.name, run_dir.name
+        return run_dir.name, group or group_name(run_dir)
     hc = HydraConfig.get()
-    name = hc.job.override_dirname or "defaults"
-    group = hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.run.dir
-    return name, os.environ.get("WANDB_RUN_GROUP") or str(group)
+    given = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
+    given = {k.lstrip("+~"): v for k, v in given.items() if not k.lstrip("+~").startswith(("hydra.", *IGNORED))}
+    multirun = hc.mode == RunMode.MULTIRUN
+    keys = [k for k in swept_keys(hc.sweep.dir) if k in given] if multirun else list(given)
+    name = " ".join(f"{short}={given[k]}" for k, short in short_names(keys).items()) or "defaults"
+    return name, group or group_name(Path(hc.sweep.dir if multirun else hc.run.dir))
 
 
 def wandb_unreachable(timeout: float) -> Optional[str]:
@@ -95,7 +133,8 @@ def wandb_unreachable(timeout: float) -> Optional[str]:
     return None
 
 
-def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any]):
+def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: Optional[str] = None,
+                group: Optional[str] = None, job_type: str = "train"):
     """wandb.init with the files in the run dir; the run id is kept there so a resume continues the run.
 
     If the server cannot be used online (unreachable, refusing, erroring, silent), the run goes on offline
@@ -110,9 +149,10 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any]):
     # under a W&B agent the sweep chooses the id; otherwise reuse ours, or make one and keep it
     run_id = id_file.read_text().strip() if id_file.is_file() else os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
-    name, group = run_identity(run_dir)
+    if name is None:
+        name, group = run_identity(run_dir, cfg.group)
     kwargs = dict(project=cfg.project, entity=cfg.entity, dir=str(run_dir), id=run_id, resume="allow", name=name,
-                  group=group, job_type="train", config=config,
+                  group=group, job_type=job_type, config=config,
                   settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off"))
     started = time.monotonic()
     reason = wandb_unreachable(cfg.init_timeout) if mode == "online" else None
@@ -201,6 +241,8 @@ def _wandb_values(metrics: Dict[str, Any]) -> Dict[str, Any]:
         if isinstance(v, (list, tuple)):
             table = wandb.Table(data=[[d, x] for d, x in enumerate(v)], columns=["dim", "kl_nats"])
             out[k] = wandb.plot.bar(table, "dim", "kl_nats", title=f"{k} (nats per image)")
+            width = len(str(len(v) - 1))  # and one scalar per dim, so runs overlay dim by dim: val/kl_per_dim/03
+            out.update({f"{k}/{d:0{width}d}": _plain(x) for d, x in enumerate(v)})
         else:
             out[k] = _plain(v)
     return out

@@ -1,10 +1,18 @@
 """A real sweep with a failing member, then `python -m src.compare` on it."""
 from __future__ import annotations
 
+import html
 import json
+import re
+import shutil
+import subprocess
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
+
+from src.compare import HOW_TO_READ, MONTAGE_ROWS, MONTAGE_WIDTH
 
 from .conftest import leet, run_cli, tiny_overrides
 
@@ -47,14 +55,82 @@ def test_compare_writes_table_plots_montages_and_report(sweep):
             assert table.loc[i, key] == pytest.approx(summary[key]), (member, key)
     # higher beta, lower rate: the table carries the rate-distortion trade-off
     assert table.loc[1, "test/kl"] < table.loc[0, "test/kl"]
-    assert "loss.beta" in (out / "table.md").read_text()
+    md = (out / "table.md").read_text()
+    header_row = next(line for line in md.splitlines() if line.startswith("|"))
+    assert "Swept: loss.beta = 0.5, 4, -1." in md and " beta |" in header_row and "KL (nats)" in header_row
     report = (out / "report.html").read_text()
-    for name in ("rate_distortion.png", "collapse_blur.png", "kl_per_dim.png", "samples_montage.png",
-                 "reconstructions_montage.png"):
+    assert "Swept: loss.beta = 0.5, 4, -1." in report and "data: shapes, 16x16x1" in report
+    assert "model: conv [8, 16], latent_dim 4" in report and "likelihood: bernoulli" in report
+    assert "max_epochs 5, max_steps 60, batch 32, trained 40 steps" in report  # 5 epochs of 8 steps end first
+    for name, how in HOW_TO_READ.items():
         assert (out / name).stat().st_size > 1000 and f'src="{name}"' in report, name
+        assert html.escape(how) in report, name
+
+
+def test_montage_tiles_are_the_runs_pixels_enlarged_whole(sweep):
+    folder, _ = sweep
+    run_cli([str(folder)], module="src.compare")
+    sheet = np.asarray(Image.open(folder / "compare" / "samples_montage.png").convert("RGB"))
+    grid = np.asarray(Image.open(folder / "0" / "samples.png").convert("RGB"))  # 16 px images, 8 a row
+    scale = round(MONTAGE_WIDTH / grid.shape[1])  # 146 px wide: 2x
+    rows = min(grid.shape[0], 2 + MONTAGE_ROWS * 18)  # at most MONTAGE_ROWS rows of the grid
+    top = 22  # below the caption
+    enlarged = grid[:rows].repeat(scale, 0).repeat(scale, 1)
+    assert scale == 2 and np.array_equal(sheet[top : top + rows * scale, : grid.shape[1] * scale], enlarged)
+
+
+def test_wandb_names_a_member_by_its_swept_keys_and_groups_it_by_the_sweep_folder(sweep):
+    folder, _ = sweep
+    for member, beta in (("0", "0.5"), ("1", "4")):
+        run = next(r["run"] for r in leet(folder / member / "wandb") if r["type"] == "run")
+        assert (run["display_name"], run["run_group"]) == (f"beta={beta}", "sweep")
+    history = [r["history"]["item"] for r in leet(folder / "0" / "wandb") if r["type"] == "history"]
+    evals = [h for h in history if "val/kl_per_dim/0" in h]  # per-dim KL as scalars: runs overlay dim by dim
+    assert evals and all(f"val/kl_per_dim/{d}" in evals[-1] for d in range(4))
+
+
+def test_compare_wandb_logs_one_summary_run_into_the_sweeps_group(sweep):
+    folder, _ = sweep
+    proc = run_cli([str(folder), "--wandb"], module="src.compare")
+    assert proc.returncode == 0, proc.stderr
+    records = leet(folder / "compare" / "wandb")
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert (run["display_name"], run["run_group"], run["job_type"]) == ("compare sweep", "sweep", "compare")
+    logged = {k for r in records if r["type"] == "history" for k in r["history"]["item"]}
+    for name in ("table", "collapse", "blur", "samples_montage", "traversals_montage"):
+        assert any(k.startswith(f"compare/{name}") for k in logged), name
 
 
 def test_compare_on_a_folder_without_runs_is_one_line(tmp_path):
     proc = run_cli([str(tmp_path)], module="src.compare")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "no runs under" in proc.stderr
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# run in the page once everything has loaded: what a person at a 1280-px window would see
+PROBE = """<script>window.addEventListener("load", () => {
+  const b = document.body, imgs = [...document.images];
+  b.dataset.pageWidth = document.documentElement.scrollWidth;
+  b.dataset.tableRight = Math.ceil(document.querySelector("table").getBoundingClientRect().right);
+  b.dataset.images = imgs.length;
+  b.dataset.broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).length;
+});</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_report_fits_a_1280_px_window_in_a_real_browser(sweep):
+    folder, _ = sweep
+    assert run_cli([str(folder)], module="src.compare").returncode == 0
+    out = folder / "compare"
+    probe = out / "probe.html"  # beside report.html, so its relative image links resolve the same way
+    probe.write_text((out / "report.html").read_text().replace("</body>", PROBE + "</body>"))
+    try:
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+                              "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                             capture_output=True, text=True, timeout=120).stdout
+    finally:
+        probe.unlink()
+    seen = dict(re.findall(r'data-([a-z-]+)="(\d+)"', dom))
+    assert int(seen["page-width"]) <= 1280 and int(seen["table-right"]) <= 1280, seen  # nothing hides off the right
+    assert int(seen["images"]) == len(HOW_TO_READ) and seen["broken"] == "0", seen  # every figure shows
