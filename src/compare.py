@@ -67,8 +67,8 @@ HOW_TO_READ = {
     "traversals_montage.png": "Each run walks its highest-KL dims one at a time (rows) from -3 to +3 (columns): "
                               "a row that does not change is a collapsed dim.",
 }
-MONTAGE_ROWS = 4  # grid rows shown per run in a montage
-MONTAGE_WIDTH = 300  # px: each run's grid is enlarged by a whole factor to about this width
+MONTAGE_ROWS, MONTAGE_COLS = 4, 7  # the part of each run's grid a montage shows (7: a whole traversal row)
+MONTAGE_WIDTH = 300  # px: each run's part is enlarged by the smallest whole factor that makes it at least this wide
 
 
 class CompareError(RuntimeError):
@@ -288,7 +288,10 @@ def plot_blur(table: pd.DataFrame, path: Path) -> None:
     ax.axhline(data_blur, color="grey", ls=":", lw=1)
     ax.annotate(f"real images {data_blur:.3f}", (0.01, data_blur), xycoords=("axes fraction", "data"),
                 xytext=(0, 4), textcoords="offset points", fontsize=8, color="grey")
-    ax.set_ylim(0, 1)
+    shown = pd.concat([table.loc[done, f"{SPLIT}/sample_blur"], table.loc[done, f"{SPLIT}/recon_blur"]])
+    low, high = min(shown.min(), data_blur), max(shown.max(), data_blur)
+    pad = max(0.02, 0.1 * (high - low))  # zoomed to the runs and the real images, so small steps show
+    ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
     ax.set(xlabel=xlabel, ylabel="blur (0 sharp, 1 flat)", title="Blur")
     _style_x(ax, table, x)
     ax.legend(fontsize=7)
@@ -334,10 +337,10 @@ def plot_kl_heatmap(runs: List[Dict[str, object]], labels: List[str], path: Path
     plt.close(fig)
 
 
-def montage(runs: List[Dict[str, object]], labels: List[str], name: str, path: Path, per_row: int = 4) -> bool:
-    """The runs' `name` grids side by side: the first MONTAGE_ROWS rows of each, enlarged by one whole factor
-    (nearest neighbour, so pixels stay pixels) and captioned with the run's swept values and any non-finished
-    status; False if no run has one."""
+def montage(runs: List[Dict[str, object]], labels: List[str], name: str, path: Path, per_row: int = 3) -> bool:
+    """The runs' `name` grids side by side: the first MONTAGE_ROWS x MONTAGE_COLS images of each, enlarged by
+    one whole factor (nearest neighbour, so pixels stay pixels) and captioned with the run's swept values and
+    any non-finished status; False if no run has one."""
     if not any((r["path"] / name).is_file() for r in runs):
         return False
     grids = []
@@ -346,10 +349,11 @@ def montage(runs: List[Dict[str, object]], labels: List[str], name: str, path: P
         img = Image.open(path_r).convert("RGB") if path_r.is_file() else None
         size = int(r["settings"].get("data.image_size") or 0)
         if img is not None and size:  # torchvision's grid: 2 px padding around (size)-px images
-            img = img.crop((0, 0, img.width, min(img.height, 2 + MONTAGE_ROWS * (size + 2))))
+            img = img.crop((0, 0, min(img.width, 2 + MONTAGE_COLS * (size + 2)),
+                            min(img.height, 2 + MONTAGE_ROWS * (size + 2))))
         grids.append(img)
     widest = max(g.width for g in grids if g is not None)
-    scale = max(1, round(MONTAGE_WIDTH / widest))
+    scale = -(-MONTAGE_WIDTH // widest)  # ceil: 28-px images twice their size, 16-px ones three times
     font = ImageFont.load_default(size=14)
     tiles = []
     for g, r, label in zip(grids, runs, labels):

@@ -95,11 +95,13 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     iwae_k: int = 5  # importance samples for val/iwae_nll at every eval
-    iwae_k_test: int = 50  # for the final test/iwae_nll
+    iwae_k_test: int = 20  # for the final test/iwae_nll (README: Diagnostics, what it costs)
     mi_images: int = 2000  # images whose aggregate posterior estimates mutual_info
     blur_samples: int = 256  # fixed prior samples and real images behind the blur measures
     traversal_dims: int = 8  # top dims by KL shown in traversals
     traversal_steps: int = 7  # values from -3 to 3
+    fid: bool = False  # FID and KID at the final test eval (optional extra: pip install -e ".[fid]")
+    fid_images: int = 2000  # real images, prior samples and reconstructions each
 
 
 @dataclass
@@ -180,6 +182,7 @@ def parse(cfg: DictConfig | Config) -> Config:
     """
     # imported here: those modules import this one for their config types
     from .device import COMPILE_MODES, DEVICES, PRECISIONS, missing_device
+    from .fid import missing_extra
     from .likelihoods import LIKELIHOODS
     from .loggers import LOGGER_MODES, LOGGERS
     from .losses import KL_SCHEDULES
@@ -260,7 +263,9 @@ def parse(cfg: DictConfig | Config) -> Config:
     if (problem := missing_device(t.device, "trainer.device")) is not None:
         raise ConfigError(problem)
 
-    for key in ("iwae_k", "iwae_k_test", "mi_images", "blur_samples", "traversal_steps"):
+    if cfg.eval.fid and (problem := missing_extra()) is not None:
+        raise ConfigError(problem)
+    for key in ("iwae_k", "iwae_k_test", "mi_images", "blur_samples", "traversal_steps", "fid_images"):
         _check(getattr(cfg.eval, key) > 0, f"eval.{key}", getattr(cfg.eval, key), "must be a positive integer")
     _check(cfg.eval.traversal_dims >= 0, "eval.traversal_dims", cfg.eval.traversal_dims, "must be >= 0")
 

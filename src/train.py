@@ -39,6 +39,7 @@ from .data import DataError, TrainBatches, load_data, mean_image, resolve_on_dev
 from .device import autocast_for, resolve_compile, resolve_device, resolve_precision, setup_backends, synchronize
 from .loggers import RunLogger, record_failure, write_json
 from .losses import Objective
+from .fid import evaluate_fid
 from .metrics import evaluate_split
 from .models import build_model
 from .optim import build_optimizer
@@ -488,6 +489,8 @@ def fit(cfg: Config, model, objective: Objective, optimizer, scheduler, batches:
         return {}
 
     test = evaluate("test", step=state.step, iwae_k=cfg.eval.iwae_k_test)
+    if cfg.eval.fid:
+        test.update(evaluate_fid(model, data.images["test"], cfg, device, "test"))
     logger.log(test, state.step)
     grids.save(model, run_dir, None, state.val["val/kl_per_dim"])  # the final grids; W&B has them from the last eval
     beta, capacity = objective.weights(state.step - 1)  # in force at the end, whatever the schedule reached

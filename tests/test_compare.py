@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src.compare import HOW_TO_READ, MONTAGE_ROWS, MONTAGE_WIDTH
+from src.compare import HOW_TO_READ, MONTAGE_COLS, MONTAGE_ROWS, MONTAGE_WIDTH
 
 from .conftest import leet, run_cli, tiny_overrides
 
@@ -72,11 +72,11 @@ def test_montage_tiles_are_the_runs_pixels_enlarged_whole(sweep):
     run_cli([str(folder)], module="src.compare")
     sheet = np.asarray(Image.open(folder / "compare" / "samples_montage.png").convert("RGB"))
     grid = np.asarray(Image.open(folder / "0" / "samples.png").convert("RGB"))  # 16 px images, 8 a row
-    scale = round(MONTAGE_WIDTH / grid.shape[1])  # 146 px wide: 2x
-    rows = min(grid.shape[0], 2 + MONTAGE_ROWS * 18)  # at most MONTAGE_ROWS rows of the grid
+    rows, cols = min(grid.shape[0], 2 + MONTAGE_ROWS * 18), 2 + MONTAGE_COLS * 18  # the part a montage shows
+    scale = -(-MONTAGE_WIDTH // cols)  # 128 px wide: 3x
     top = 22  # below the caption
-    enlarged = grid[:rows].repeat(scale, 0).repeat(scale, 1)
-    assert scale == 2 and np.array_equal(sheet[top : top + rows * scale, : grid.shape[1] * scale], enlarged)
+    enlarged = grid[:rows, :cols].repeat(scale, 0).repeat(scale, 1)
+    assert scale == 3 and np.array_equal(sheet[top : top + rows * scale, : cols * scale], enlarged)
 
 
 def test_wandb_names_a_member_by_its_swept_keys_and_groups_it_by_the_sweep_folder(sweep):
