@@ -89,6 +89,20 @@ def test_wandb_names_a_member_by_its_swept_keys_and_groups_it_by_the_sweep_folde
     assert evals and all(f"val/kl_per_dim/{d}" in evals[-1] for d in range(4))
 
 
+def test_logger_group_names_the_group_and_a_lone_run_is_named_by_its_overrides(tmp_path):
+    run = tmp_path / "2026-11-26" / "10-42-07"
+    proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "loss.beta=2", f"hydra.run.dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = next(r["run"] for r in leet(run / "wandb") if r["type"] == "run")
+    assert record["run_group"] == "2026-11-26/10-42-07"  # Hydra's default time folder keeps its date
+    assert "beta=2" in record["display_name"] and "cache_dir" not in record["display_name"]
+    grouped = tmp_path / "grouped"
+    proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "logger.group=my_study",
+                    f"hydra.run.dir={grouped}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert next(r["run"] for r in leet(grouped / "wandb") if r["type"] == "run")["run_group"] == "my_study"
+
+
 def test_compare_wandb_logs_one_summary_run_into_the_sweeps_group(sweep):
     folder, _ = sweep
     proc = run_cli([str(folder), "--wandb"], module="src.compare")
