@@ -668,4 +668,10 @@ if __name__ == "__main__":
     # by reference instead of by value
     from src.train import main as entrypoint
 
-    entrypoint()
+    try:
+        entrypoint()
+    except ValueError as e:  # Hydra's own check of its flags, raised before its error reporter
+        if not str(e).startswith("Only one of") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Command-line error: {e} (e.g. `-m ... --cfg job` cannot be combined)", file=sys.stderr)
+        sys.exit(2)

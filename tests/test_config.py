@@ -127,6 +127,13 @@ def test_hydras_own_errors_end_in_one_line_and_exit_2(tmp_path, override, needle
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_hydra_flags_that_cannot_go_together_are_one_line(tmp_path):
+    proc = run_cli(["-m", "--cfg", "job", "loss.beta=1,4", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, lines
+    assert "--multirun" in lines[0] and "--cfg" in lines[0]
+
+
 def test_a_named_sweep_without_multirun_is_refused(tmp_path):
     proc = run_cli(["sweep=beta", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
     [line] = [line for line in proc.stdout.splitlines() if "ERROR" in line]
