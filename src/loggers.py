@@ -107,7 +107,8 @@ def run_identity(run_dir: Path, group: Optional[str] = None) -> Tuple[str, str]:
         return run_dir.name, group or group_name(run_dir)
     hc = HydraConfig.get()
     given = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
-    given = {k.lstrip("+~"): v for k, v in given.items() if not k.lstrip("+~").startswith(("hydra.", *IGNORED))}
+    given = {k.lstrip("+~"): v for k, v in given.items()  # what cannot change results does not name a run
+             if not k.lstrip("+~").startswith(("hydra.", *IGNORED)) and k.lstrip("+~") != "logger"}
     multirun = hc.mode == RunMode.MULTIRUN
     keys = [k for k in swept_keys(hc.sweep.dir) if k in given] if multirun else list(given)
     name = " ".join(f"{short}={given[k]}" for k, short in short_names(keys).items()) or "defaults"

@@ -91,11 +91,13 @@ def test_wandb_names_a_member_by_its_swept_keys_and_groups_it_by_the_sweep_folde
 
 def test_logger_group_names_the_group_and_a_lone_run_is_named_by_its_overrides(tmp_path):
     run = tmp_path / "2026-11-26" / "10-42-07"
-    proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "loss.beta=2", f"hydra.run.dir={run}"])
+    proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "loss.beta=2", "logger=wandb",
+                    f"hydra.run.dir={run}"])  # as a W&B agent's command line gives them
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = next(r["run"] for r in leet(run / "wandb") if r["type"] == "run")
     assert record["run_group"] == "2026-11-26/10-42-07"  # Hydra's default time folder keeps its date
-    assert "beta=2" in record["display_name"] and "cache_dir" not in record["display_name"]
+    name = record["display_name"]
+    assert "beta=2" in name and "cache_dir" not in name and "logger" not in name and "hydra" not in name
     grouped = tmp_path / "grouped"
     proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "logger.group=my_study",
                     f"hydra.run.dir={grouped}"])
