@@ -1,4 +1,6 @@
-"""Compare runs offline: `python -m src.compare <sweep or run dir> [...] [--out DIR] [--wandb]`.
+"""Compare runs offline: `python -m src.compare [<sweep or run dir> ...] [--out DIR] [--wandb]`.
+
+Without a folder it compares the newest sweep under outputs/sweeps/ (as `python -m src.train -m` left it).
 
 Finds every run under the given folders and writes into `<first dir>/compare/`:
 - table.csv (every setting that differs, every final metric, full names) and table.md (short names, units);
@@ -67,12 +69,22 @@ HOW_TO_READ = {
     "traversals_montage.png": "Each run walks its highest-KL dims one at a time (rows) from -3 to +3 (columns): "
                               "a row that does not change is a collapsed dim.",
 }
+DEFAULT_SWEEPS = "outputs/sweeps"  # where Hydra puts multiruns by default (conf/config.yaml)
 MONTAGE_ROWS, MONTAGE_COLS = 4, 7  # the part of each run's grid a montage shows (7: a whole traversal row)
 MONTAGE_WIDTH = 300  # px: each run's part is enlarged by the smallest whole factor that makes it at least this wide
 
 
 class CompareError(RuntimeError):
     """Nothing to compare; the message names the folder."""
+
+
+def newest_sweep(root: Path) -> Path:
+    """The most recently started multirun under `root` (Hydra writes multirun.yaml into each sweep folder)."""
+    sweeps = list(root.glob("**/multirun.yaml")) if root.is_dir() else []
+    if not sweeps:
+        raise CompareError(f"no sweep under {root}/ (run from the folder you trained in, or name a sweep or run "
+                           "folder: python -m src.compare outputs/sweeps/<date>/<time>)")
+    return max(sweeps, key=lambda p: p.stat().st_mtime).parent
 
 
 def find_runs(dirs: List[Path]) -> List[Path]:
@@ -529,13 +541,18 @@ def log_to_wandb(table: pd.DataFrame, runs: List[Dict[str, object]], figures: Li
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run folders (searched recursively)")
+    parser.add_argument("dirs", nargs="*", type=Path,
+                        help="sweep or run folders, searched recursively (default: the newest sweep under "
+                             f"{DEFAULT_SWEEPS}/)")
     parser.add_argument("--out", type=Path, help="output folder (default: <first dir>/compare)")
     parser.add_argument("--wandb", action="store_true",
                         help="also log the comparison to W&B as one run in the sweep's group (offline without a key)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if not args.dirs:
+            args.dirs = [newest_sweep(Path(DEFAULT_SWEEPS))]
+            log.info("Comparing the newest sweep, %s", args.dirs[0])
         table = compare(args.dirs, args.out, wandb=args.wandb)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -89,9 +89,9 @@ def swept_keys(sweep_dir: Path) -> List[str]:
 
 def group_name(folder: Path) -> str:
     """A readable W&B group for a sweep (or lone run) folder: its name, with the date folder above it when the
-    name is Hydra's default time of day (outputs/sweeps/2026-11-26/10-42-07 -> 2026-11-26/10-42-07)."""
+    name is a time of day, as Hydra's default (outputs/sweeps/2026-11-26/10-42-07-123456 -> 2026-11-26/10-42-07-123456)."""
     folder = Path(folder)
-    if re.fullmatch(r"\d\d-\d\d-\d\d", folder.name):
+    if re.fullmatch(r"\d\d-\d\d-\d\d(-\d+)?", folder.name):
         return f"{folder.parent.name}/{folder.name}"
     return folder.name
 

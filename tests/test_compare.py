@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -90,12 +91,12 @@ def test_wandb_names_a_member_by_its_swept_keys_and_groups_it_by_the_sweep_folde
 
 
 def test_logger_group_names_the_group_and_a_lone_run_is_named_by_its_overrides(tmp_path):
-    run = tmp_path / "2026-11-26" / "10-42-07"
+    run = tmp_path / "2026-11-26" / "10-42-07-123456"  # the layout of Hydra's default folders here
     proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "loss.beta=2", "logger=wandb",
                     f"hydra.run.dir={run}"])  # as a W&B agent's command line gives them
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = next(r["run"] for r in leet(run / "wandb") if r["type"] == "run")
-    assert record["run_group"] == "2026-11-26/10-42-07"  # Hydra's default time folder keeps its date
+    assert record["run_group"] == "2026-11-26/10-42-07-123456"  # a time-of-day folder keeps its date
     name = record["display_name"]
     assert "beta=2" in name and "cache_dir" not in name and "logger" not in name and "hydra" not in name
     grouped = tmp_path / "grouped"
@@ -115,6 +116,22 @@ def test_compare_wandb_logs_one_summary_run_into_the_sweeps_group(sweep):
     logged = {k for r in records if r["type"] == "history" for k in r["history"]["item"]}
     for name in ("table", "collapse", "blur", "samples_montage", "traversals_montage"):
         assert any(k.startswith(f"compare/{name}") for k in logged), name
+
+
+def test_compare_without_a_folder_takes_the_newest_sweep(sweep, tmp_path):
+    folder, _ = sweep
+    sweeps = tmp_path / "outputs" / "sweeps"
+    older = sweeps / "2026-11-25" / "09-00-00-000000"
+    shutil.copytree(folder, older, ignore=shutil.ignore_patterns("compare", "wandb"))
+    newest = sweeps / "2026-11-26" / "10-00-00-000000"
+    shutil.copytree(folder, newest, ignore=shutil.ignore_patterns("compare", "wandb"))
+    os.utime(older / "multirun.yaml", (1, 1))  # started long ago
+    proc = run_cli([], cwd=tmp_path, module="src.compare")
+    assert proc.returncode == 0, proc.stderr
+    assert (newest / "compare" / "report.html").is_file() and not (older / "compare").exists()
+    assert "newest sweep, outputs/sweeps/2026-11-26/10-00-00-000000" in proc.stderr
+    empty = run_cli([], cwd=tmp_path / "outputs", module="src.compare")
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1 and "no sweep under outputs/sweeps/" in empty.stderr
 
 
 def test_compare_on_a_folder_without_runs_is_one_line(tmp_path):
