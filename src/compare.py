@@ -274,7 +274,8 @@ def plot_collapse(table: pd.DataFrame, path: Path) -> None:
         b.axhline(ceiling, color="grey", ls=":", lw=1)
         b.annotate(f"ceiling log N = {ceiling:.2f}", (0.01, ceiling), xycoords=("axes fraction", "data"),
                    xytext=(0, -11), textcoords="offset points", fontsize=8, color="grey")
-    b.set_ylim(bottom=0)
+    top_mi = max(float(table[f"{SPLIT}/mutual_info"].max()), float(ceiling) if pd.notna(ceiling) else 0.0)
+    b.set_ylim(0, 1.08 * top_mi if top_mi > 0 else 1)  # room above the ceiling for its hollow points
     b.set(xlabel=xlabel, ylabel="I(x; z) (nats)", title="Mutual information")
     for ax in (a, b):
         _style_x(ax, table, x)
@@ -339,6 +340,7 @@ def plot_kl_heatmap(runs: List[Dict[str, object]], labels: List[str], path: Path
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.annotate("> 0.1", (1.01, 1.01), xycoords="axes fraction", va="bottom", fontsize=7)  # the counts' header
     for i, k in enumerate(kls):
         ax.annotate(str(sum(v > 0.1 for v in k)), (1.01, i), xycoords=("axes fraction", "data"), va="center",
                     fontsize=8)
