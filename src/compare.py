@@ -34,7 +34,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from .loggers import swept_keys  # noqa: E402
+from .loggers import short_names, swept_keys  # noqa: E402
 from .rundir import IGNORED, TRAINED_WITH, flatten  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -183,15 +183,11 @@ def _number(v):
         return v
 
 
-def _short(key: str, keys: List[str]) -> str:
-    """`loss.beta` -> `beta`, unless another key ends the same way."""
-    last = key.rsplit(".", 1)[-1]
-    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
-
-
-def _labels(table: pd.DataFrame) -> List[str]:
-    swept = table.attrs["swept"]
-    return [" ".join(f"{_short(k, swept)}={_fmt(row[k])}" for k in swept) or row["run"] for _, row in table.iterrows()]
+def _labels(table: pd.DataFrame, keys: Optional[List[str]] = None) -> List[str]:
+    """Each run as `beta=4 latent_dim=16` over the swept keys (or `keys`); the run's folder when none."""
+    keys = table.attrs["swept"] if keys is None else keys
+    short = short_names(table.attrs["swept"])
+    return [" ".join(f"{short[k]}={_fmt(row[k])}" for k in keys) or row["run"] for _, row in table.iterrows()]
 
 
 def _fmt(v) -> str:
@@ -203,8 +199,8 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     an MI at its ceiling shown as '>= x', and only the columns some run has."""
     swept = table.attrs["swept"]
     out = pd.DataFrame({"run": table["run"]})
-    for k in swept:
-        out[_short(k, swept)] = table[k].map(_fmt)
+    for k, short in short_names(swept).items():
+        out[short] = table[k].map(_fmt)
     if (table["status"] != "finished").any():
         out["status"] = table["status"]
     for metric, (name, fmt) in COLUMNS.items():
@@ -230,9 +226,10 @@ def _x_axis(table: pd.DataFrame):
     key, others = swept[0], swept[1:]
     x = table[key].to_numpy() if pd.api.types.is_numeric_dtype(table[key]) else np.arange(len(table))
     if not others:
-        return x, _short(key, swept), [("", table.index)]
-    names = pd.Series([" ".join(f"{_short(k, swept)}={_fmt(row[k])}" for k in others) for _, row in table.iterrows()])
-    return x, _short(key, swept), [(name, list(idx)) for name, idx in names.groupby(names, sort=False).groups.items()]
+        return x, short_names(swept)[key], [("", table.index)]
+    names = pd.Series(_labels(table, others))
+    series = [(name, list(idx)) for name, idx in names.groupby(names, sort=False).groups.items()]
+    return x, short_names(swept)[key], series
 
 
 def _style_x(ax, table: pd.DataFrame, x) -> None:
