@@ -89,7 +89,8 @@ def swept_keys(sweep_dir: Path) -> List[str]:
 
 def group_name(folder: Path) -> str:
     """A readable W&B group for a sweep (or lone run) folder: its name, with the date folder above it when the
-    name is a time of day, as Hydra's default (outputs/sweeps/2026-11-26/10-42-07-123456 -> 2026-11-26/10-42-07-123456)."""
+    name is a time of day as in Hydra's default (outputs/sweeps/2026-11-26/10-42-07-123456 ->
+    2026-11-26/10-42-07-123456; outputs/my_study -> my_study)."""
     folder = Path(folder)
     if re.fullmatch(r"\d\d-\d\d-\d\d(-\d+)?", folder.name):
         return f"{folder.parent.name}/{folder.name}"

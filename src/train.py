@@ -37,9 +37,9 @@ from .checkpoint import (CheckpointError, check_same_experiment, find_resume_che
 from .config import Config, ConfigError, TrainerConfig, did_you_mean, parse, register_configs, total_steps
 from .data import DataError, TrainBatches, load_data, mean_image, resolve_on_device
 from .device import autocast_for, resolve_compile, resolve_device, resolve_precision, setup_backends, synchronize
+from .fid import evaluate_fid
 from .loggers import RunLogger, record_failure, write_json
 from .losses import Objective
-from .fid import evaluate_fid
 from .metrics import evaluate_split
 from .models import build_model
 from .optim import build_optimizer
