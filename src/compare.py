@@ -29,13 +29,12 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .loggers import short_names, swept_keys  # noqa: E402
-from .rundir import IGNORED, TRAINED_WITH, flatten  # noqa: E402
+from .rundir import IGNORED, flatten, recorded_config, result_overrides  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +99,15 @@ def find_runs(dirs: List[Path]) -> List[Path]:
     return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
 
 
-def _overrides(run: Path) -> Dict[str, str]:
+def _overrides(run: Path) -> Dict[str, object]:
+    """The overrides the run was launched with that can change results, typed as the config holds them."""
     path = run / ".hydra" / "overrides.yaml"
     items = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
-    pairs = (o.split("=", 1) for o in items if "=" in o)
-    return {k.lstrip("+~"): v for k, v in pairs if not k.lstrip("+~").startswith(("hydra.", *IGNORED))}
+    return {k: o.value() for k, o in result_overrides(items).items()}
 
 
 def _trained_with(run: Path) -> Dict[str, object]:
-    record = run / TRAINED_WITH
-    return flatten(OmegaConf.to_container(OmegaConf.load(record))) if record.is_file() else {}
+    return flatten(recorded_config(run) or {})
 
 
 def _settings(run: Path) -> Dict[str, object]:
@@ -118,7 +116,7 @@ def _settings(run: Path) -> Dict[str, object]:
     trained = _trained_with(run)
     if trained:
         return {k: v for k, v in trained.items() if not k.startswith(("hydra.", *IGNORED))}
-    return {k: _value(v) for k, v in _overrides(run).items()}
+    return _overrides(run)
 
 
 def read_run(run: Path) -> Dict[str, object]:
@@ -156,7 +154,7 @@ def runs_table(runs: List[Dict[str, object]], root: Path) -> pd.DataFrame:
 
 def _cell(v):
     """A setting as a table cell: numbers as numbers, lists as their text."""
-    return str(v) if isinstance(v, (list, tuple)) else _number(v)
+    return str(v) if isinstance(v, (list, tuple)) else v
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -164,23 +162,6 @@ def _relative(path: Path, root: Path) -> str:
         return str(path.relative_to(root)) or "."
     except ValueError:
         return str(path)
-
-
-def _value(text: str):
-    """An override's value as the config holds it ("16" -> 16, "[8,16]" -> [8, 16]), so it compares equal."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _number(v):
-    if not isinstance(v, str):
-        return v
-    try:
-        return float(v) if not v.isalpha() else v
-    except ValueError:
-        return v
 
 
 def _labels(table: pd.DataFrame, keys: Optional[List[str]] = None) -> List[str]:

@@ -40,16 +40,12 @@ def missing_extra() -> Optional[str]:
     return None
 
 
-def weights_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
-
-
 class Features(nn.Module):
-    """Images in [0, 1], (B, 1 or 3, H, W) -> (B, D) features, with `num_features` as torchmetrics expects."""
+    """Images in [0, 1], (B, 1 or 3, H, W) -> (B, D) float64 features of `extractor` (grey images as RGB)."""
 
-    def __init__(self, extractor: nn.Module, num_features: int, uint8: bool):
+    def __init__(self, extractor: nn.Module, uint8: bool):
         super().__init__()
-        self.extractor, self.num_features, self.uint8 = extractor, num_features, uint8
+        self.extractor, self.uint8 = extractor, uint8
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -75,7 +71,7 @@ def inception(device: torch.device) -> Features:
     FidUnavailable, in one line, when they can be neither found nor fetched."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    path = weights_path()
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
     if not path.is_file():
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
@@ -94,7 +90,7 @@ def inception(device: torch.device) -> Features:
             socket.setdefaulttimeout(previous)
     net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                              feature_extractor_weights_path=str(path))
-    return Features(net, 2048, uint8=True).to(device).eval()
+    return Features(net, uint8=True).to(device).eval()
 
 
 def features_of(images: torch.Tensor, extractor: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:

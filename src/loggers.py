@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlparse
 
 from .config import LoggerConfig
-from .rundir import IGNORED
+from .rundir import result_overrides
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +107,7 @@ def run_identity(run_dir: Path, group: Optional[str] = None) -> Tuple[str, str]:
     if not HydraConfig.initialized():
         return run_dir.name, group or group_name(run_dir)
     hc = HydraConfig.get()
-    given = dict(o.split("=", 1) for o in hc.overrides.task if "=" in o)
-    given = {k.lstrip("+~"): v for k, v in given.items()  # what cannot change results does not name a run
-             if not k.lstrip("+~").startswith(("hydra.", *IGNORED)) and k.lstrip("+~") != "logger"}
+    given = {k: o.get_value_element_as_str() for k, o in result_overrides(hc.overrides.task).items()}
     multirun = hc.mode == RunMode.MULTIRUN
     keys = [k for k in swept_keys(hc.sweep.dir) if k in given] if multirun else list(given)
     name = " ".join(f"{short}={given[k]}" for k, short in short_names(keys).items()) or "defaults"

@@ -71,6 +71,16 @@ def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def result_overrides(overrides: List[str]) -> Dict[str, Any]:
+    """The command-line overrides that can change a run's results, by key, as Hydra parses them (Override
+    objects: `+`/`~` gone, `.value()` typed): not hydra.*, not the IGNORED keys, not the logger choice."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return {o.key_or_group: o for o in parsed
+            if not o.key_or_group.startswith(("hydra.", *IGNORED)) and o.key_or_group != "logger"}
+
+
 def recorded_config(run_dir: Path) -> Optional[Dict[str, Any]]:
     """What the run in this dir was trained with: trained_with.yaml, or (runs of earlier versions) the config
     saved in checkpoints/last.pt; None for a dir that holds no experiment yet."""

@@ -50,7 +50,7 @@ def test_the_pipeline_scores_samples_and_reconstructions_against_the_real_images
     images = (rng.random((300, 1, 8, 8)) > 0.5).astype(np.uint8) * 255
     torch.manual_seed(0)
     model = MLPVAE(1, 8, [16], 4, Bernoulli()).eval()
-    extractor = Features(TinyFeatures(), 16, uint8=False)
+    extractor = Features(TinyFeatures(), uint8=False)
     scores = sample_and_recon_scores(model, images, 256, extractor, 64, torch.device("cpu"))
     assert scores["fid_images"] == 256
     assert scores["fid_samples"] > 0 and scores["fid_recon"] > 0 and scores["kid_samples"] > 0
