@@ -1,9 +1,9 @@
 """Checkpoints and resume: plain dicts of tensors and plain types, written atomically, loaded weights-only;
-the RNG state, the choice of checkpoint to resume from, and the checks that it belongs to this experiment."""
+the RNG state, the choice of checkpoint to resume from, and the records a rerun reads (summary, metrics)."""
 from __future__ import annotations
 
 import json
-import os
+import logging
 import pickle
 import random
 from pathlib import Path
@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .rundir import RunDir, atomic_write
 
-# sections whose change makes an old checkpoint a different experiment (the trainer's budget may grow)
-RESUME_MUST_MATCH = ("model", "data", "loss", "optimizer")
+log = logging.getLogger(__name__)
+
 CHECKPOINT_KEYS = {"model", "optimizer", "step", "config"}  # what every checkpoint of this tool holds
 
 
@@ -24,17 +25,10 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
-    """Write to a temp file, fsync, then rename over `path`: a crash mid-write leaves the old file intact."""
+    """Atomically, fsynced: a crash mid-write leaves the old file intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, fsync=True) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -102,55 +96,53 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-def find_resume_checkpoint(resume: str, run_dir: Path) -> Optional[Path]:
+def find_resume_checkpoint(resume: str, run_dir: RunDir) -> Optional[Path]:
     """The checkpoint `trainer.resume` points at: auto -> this run dir's last.pt if any; never -> None."""
     if resume == "never":
         return None
     if resume == "auto":
-        path = run_dir / "checkpoints" / "last.pt"
-        return path if path.is_file() else None
+        return run_dir.last if run_dir.last.is_file() else None
     path = Path(resume).expanduser()
-    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    path = RunDir(path).last if path.is_dir() else path
     if not path.is_file():
         raise ConfigError(f"trainer.resume={resume!r} is not allowed; no checkpoint at {path}: give a .pt file, a run "
                           "dir holding checkpoints/last.pt, auto or never")
     return path
 
 
-def check_same_experiment(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
-    """Refuse to resume a checkpoint of another model, data, loss or optimizer (the trainer's budget may grow)."""
-    for section in RESUME_MUST_MATCH:
-        for key, value in current[section].items():
-            old = saved.get(section, {}).get(key, value)
-            if old != value:
-                raise ConfigError(f"{section}.{key}={value!r} is not allowed here: {path} was trained with "
-                                  f"{old!r}; use a new hydra.run.dir, or trainer.resume=never to start over")
+def read_summary(run_dir: RunDir) -> Optional[Dict[str, Any]]:
+    """The run dir's summary.json, or None if there is none or it is damaged (a damaged one is rewritten when the
+    run next ends, so it costs nothing but a warning)."""
+    if not run_dir.summary.is_file():
+        return None
+    try:
+        summary = json.loads(run_dir.summary.read_text())
+    except (ValueError, UnicodeDecodeError):
+        summary = None
+    if not isinstance(summary, dict):
+        log.warning("%s is damaged (not a JSON object); it is rewritten when this run ends", run_dir.summary)
+        return None
+    return summary
 
 
-def finished_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+def finished_summary(run_dir: RunDir) -> Optional[Dict[str, Any]]:
     """The run dir's summary.json when it says the run finished, else None."""
-    path = run_dir / "summary.json"
-    if path.is_file():
-        summary = json.loads(path.read_text())
-        if summary.get("status") == "finished":
-            return summary
-    return None
+    summary = read_summary(run_dir)
+    return summary if summary is not None and summary.get("status") == "finished" else None
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
+def truncate_metrics(run_dir: RunDir, step: int) -> None:
     """Keep metrics.jsonl rows up to the checkpoint at `step`, so each step appears once after a resume: rows
     written after it, the final test row (written after the last checkpoint) and a line torn by a kill go."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not run_dir.metrics.is_file():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in run_dir.metrics.read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # torn by a kill mid-write: it is rewritten by the resumed run
         if row["step"] < step or (row["step"] == step and not any(k.startswith("test/") for k in row)):
             kept.append(line)
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(r + "\n" for r in kept))
-    tmp.replace(path)
+    with atomic_write(run_dir.metrics) as tmp:
+        tmp.write_text("".join(r + "\n" for r in kept))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import logging
 import re
 import sys
@@ -33,8 +32,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from .loggers import short_names, swept_keys  # noqa: E402
-from .rundir import IGNORED, flatten, recorded_config, result_overrides  # noqa: E402
+from .naming import short_names, swept_keys  # noqa: E402
+from .rundir import RunDir  # noqa: E402
+from .checkpoint import CheckpointError, read_summary  # noqa: E402
+from .identity import RecordError, changes_results, flatten, recorded_config, result_overrides  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,11 @@ def _overrides(run: Path) -> Dict[str, object]:
 
 
 def _trained_with(run: Path) -> Dict[str, object]:
-    return flatten(recorded_config(run) or {})
+    try:
+        return flatten(recorded_config(run) or {})
+    except (RecordError, CheckpointError) as e:  # one damaged member must not stop the comparison
+        log.warning("%s", e)
+        return {}
 
 
 def _settings(run: Path) -> Dict[str, object]:
@@ -115,14 +120,13 @@ def _settings(run: Path) -> Dict[str, object]:
     later launch may have rewritten); for a run that failed before training, the overrides it was given."""
     trained = _trained_with(run)
     if trained:
-        return {k: v for k, v in trained.items() if not k.startswith(("hydra.", *IGNORED))}
+        return {k: v for k, v in trained.items() if not k.startswith("hydra.") and changes_results(k)}
     return _overrides(run)
 
 
 def read_run(run: Path) -> Dict[str, object]:
     """One run's settings, overrides, summary and grids; a run without summary.json is 'incomplete'."""
-    summary_path = run / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"status": "incomplete"}
+    summary = read_summary(RunDir(run)) or {"status": "incomplete"}
     return {"path": run, "settings": _settings(run), "overrides": _overrides(run), "summary": summary}
 
 
@@ -500,7 +504,8 @@ def log_to_wandb(table: pd.DataFrame, runs: List[Dict[str, object]], figures: Li
     import wandb as wb
 
     from .config import LoggerConfig
-    from .loggers import group_name, start_wandb
+    from .loggers import start_wandb
+    from .naming import group_name
 
     logger = {k.split(".", 1)[1]: v for k, v in _trained_with(runs[0]["path"]).items() if k.startswith("logger.")}
     cfg = LoggerConfig(project=logger.get("project") or "vae-sweeps", entity=logger.get("entity"),

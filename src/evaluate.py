@@ -13,10 +13,11 @@ import torch
 
 from .config import total_steps
 from .data import load_data
-from .loggers import write_json
 from .losses import Objective
 from .metrics import evaluate_split
-from .runs import RunError, load_run, parse_args, require, run_cli
+from .rundir import write_json
+from .tool_args import parse_args, require, run_cli
+from .trained import RunError, load_run
 
 OPTIONS = {"split": ("test", "train|val|test"), "iwae_k": (5000, "importance samples per image"),
            "batch_size": (None, "images per eval batch (default: the run's data.eval_batch_size)", int),

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .runs import RunError, load_run, output_path, parse_args, read_images, run_cli
+from .tool_args import output_path, parse_args, run_cli
+from .trained import RunError, load_run, read_images
 from .visuals import save_grid
 
 OPTIONS = {"steps": (10, "points on the path, ends included"), "method": ("slerp", "slerp|lerp"),

@@ -4,42 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import netrc
 import os
-import re
 import secrets
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 from urllib.parse import urlparse
 
 from .config import LoggerConfig
-from .rundir import result_overrides
+from .naming import run_identity
+from .rundir import RunDir, plain
 
 log = logging.getLogger(__name__)
 
 LOGGERS = ("none", "wandb")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
-RUN_ID_FILE = "wandb_run_id"  # in the run dir: a rerun into the same dir continues the same W&B run
-
-
-def _plain(v: Any) -> Any:
-    """JSON-safe: non-finite floats become null rather than invalid JSON."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def write_json(path: Path, obj: Dict[str, Any]) -> None:
-    """Write JSON atomically (temp + rename), so a reader never sees half a summary."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({k: _plain(v) for k, v in obj.items()}, indent=2) + "\n")
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------- W&B
@@ -63,55 +45,6 @@ def _has_credentials() -> bool:
         return netrc.netrc().authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
-
-
-def short_names(keys: List[str]) -> Dict[str, str]:
-    """Dotted keys by their last part ("loss.beta" -> "beta"), unless two would share one."""
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
-
-
-def swept_keys(sweep_dir: Path) -> List[str]:
-    """The keys a Hydra multirun sweeps over: its sweeper params and its command line's sweep overrides
-    (`loss.beta=1,4`), read from the multirun.yaml Hydra writes into the sweep folder."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
-
-    path = Path(sweep_dir) / "multirun.yaml"
-    if not path.is_file():
-        return []
-    hydra = OmegaConf.load(path).hydra
-    given = [f"{k}={v}" for k, v in (OmegaConf.select(hydra, "sweeper.params") or {}).items()]
-    given += list(OmegaConf.select(hydra, "overrides.task") or [])
-    overrides = OverridesParser.create().parse_overrides(given)
-    return list(dict.fromkeys(o.key_or_group for o in overrides if o.is_sweep_override()))
-
-
-def group_name(folder: Path) -> str:
-    """A readable W&B group for a sweep (or lone run) folder: its name, with the date folder above it when the
-    name is a time of day as in Hydra's default (outputs/sweeps/2026-11-26/10-42-07-123456 ->
-    2026-11-26/10-42-07-123456; outputs/my_study -> my_study)."""
-    folder = Path(folder)
-    if re.fullmatch(r"\d\d-\d\d-\d\d(-\d+)?", folder.name):
-        return f"{folder.parent.name}/{folder.name}"
-    return folder.name
-
-
-def run_identity(run_dir: Path, group: Optional[str] = None) -> Tuple[str, str]:
-    """(name, group) of a run on W&B: its swept keys and their values ("beta=4 latent_dim=16"), grouped under
-    `logger.group` or the sweep folder's name; a lone run is named by its overrides and grouped by its folder."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    group = group or os.environ.get("WANDB_RUN_GROUP")
-    if not HydraConfig.initialized():
-        return run_dir.name, group or group_name(run_dir)
-    hc = HydraConfig.get()
-    given = {k: o.get_value_element_as_str() for k, o in result_overrides(hc.overrides.task).items()}
-    multirun = hc.mode == RunMode.MULTIRUN
-    keys = [k for k in swept_keys(hc.sweep.dir) if k in given] if multirun else list(given)
-    name = " ".join(f"{short}={given[k]}" for k, short in short_names(keys).items()) or "defaults"
-    return name, group or group_name(Path(hc.sweep.dir if multirun else hc.run.dir))
 
 
 def wandb_unreachable(timeout: float) -> Optional[str]:
@@ -145,7 +78,7 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
     mode = wandb_mode(cfg.mode)
     if mode == "disabled":
         return None
-    id_file = run_dir / RUN_ID_FILE
+    id_file = RunDir(run_dir).wandb_run_id
     # under a W&B agent the sweep chooses the id; otherwise reuse ours, or make one and keep it
     run_id = id_file.read_text().strip() if id_file.is_file() else os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
     id_file.write_text(run_id + "\n")
@@ -191,7 +124,7 @@ def record_failure(raw_cfg: Any, run_dir: Path, summary: Dict[str, Any]) -> None
             return
         run = start_wandb(cfg, Path(run_dir), OmegaConf.to_container(raw_cfg))
         if run is not None:
-            run.summary.update({k: _plain(v) for k, v in summary.items()})
+            run.summary.update({k: plain(v) for k, v in summary.items()})
             run.finish(exit_code=1)
     except Exception as e:  # the original error is the one to report
         log.debug("could not record the failure in W&B: %s", e)
@@ -204,13 +137,13 @@ class RunLogger:
     """Appends one flat JSON line per call to `<run_dir>/metrics.jsonl`, and mirrors it to W&B when on."""
 
     def __init__(self, run_dir: Path, cfg: Optional[LoggerConfig] = None, config: Optional[Dict[str, Any]] = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.file = open(self.path, "a", buffering=1)
         self.wandb = start_wandb(cfg, Path(run_dir), config or {}) if cfg is not None and cfg.name == "wandb" else None
         self.run_id = self.wandb.id if self.wandb is not None else None
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
-        self.file.write(json.dumps({"step": step, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")
+        self.file.write(json.dumps({"step": step, **{k: plain(v) for k, v in metrics.items()}}) + "\n")
         if self.wandb is not None:
             self.wandb.log({"step": step, **_wandb_values(metrics)})
 
@@ -225,7 +158,7 @@ class RunLogger:
         """Close metrics.jsonl; on W&B, summary.json becomes the run summary, and the exit code says failed."""
         self.file.close()
         if self.wandb is not None:
-            self.wandb.summary.update({k: _plain(v) for k, v in summary.items()})
+            self.wandb.summary.update({k: plain(v) for k, v in summary.items()})
             self.wandb.finish(exit_code=0 if summary.get("status") == "finished" else 1)
             self.wandb = None
 
@@ -242,7 +175,7 @@ def _wandb_values(metrics: Dict[str, Any]) -> Dict[str, Any]:
             table = wandb.Table(data=[[d, x] for d, x in enumerate(v)], columns=["dim", "kl_nats"])
             out[k] = wandb.plot.bar(table, "dim", "kl_nats", title=f"{k} (nats per image)")
             width = len(str(len(v) - 1))  # and one scalar per dim, so runs overlay dim by dim: val/kl_per_dim/03
-            out.update({f"{k}/{d:0{width}d}": _plain(x) for d, x in enumerate(v)})
+            out.update({f"{k}/{d:0{width}d}": plain(x) for d, x in enumerate(v)})
         else:
-            out[k] = _plain(v)
+            out[k] = plain(v)
     return out

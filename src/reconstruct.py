@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .runs import load_run, output_path, parse_args, read_images, require, run_cli
+from .tool_args import output_path, parse_args, require, run_cli
+from .trained import load_run, read_images
 from .visuals import save_reconstructions
 
 OPTIONS = {"out": (None, "output .png path, or a folder"), "per_row": (8, "images per row"), "device": ("auto", "auto|cpu|cuda|mps"),

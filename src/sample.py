@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .runs import load_run, output_path, parse_args, require, run_cli
+from .tool_args import output_path, parse_args, require, run_cli
+from .trained import load_run
 from .visuals import save_grid
 
 OPTIONS = {"n": (64, "number of samples"), "temperature": (1.0, "prior std scale (below 1: safer, blander)"),

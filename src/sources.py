@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import multiprocessing
 import os
 import pickle
 import zlib
@@ -115,7 +116,10 @@ def decode_files(paths: Sequence[Path], cfg: DataConfig, desc: str) -> Tuple[np.
     workers = min(os.cpu_count() or 1, 16)
     out = np.empty((len(paths), cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
     ok, bad = [], []
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 256 else None
+    # forkserver, not fork: a forked worker would inherit the run dir's lock and the run's signal handlers, and
+    # outlive a killed run holding the lock; a forkserver worker starts from a clean process and ends with ours
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) \
+        if workers > 1 and len(jobs) > 256 else None
     results = pool.map(_decode_one, jobs, chunksize=64) if pool else map(_decode_one, jobs)
     try:
         for i, (arr, err) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=1.0)):

@@ -1,103 +1,49 @@
-"""Train one VAE: `python -m src.train [overrides]`, or `train(cfg)` from Python.
+"""Train one VAE: `train(cfg)` from Python, or `python -m src.train [overrides]` (the command line is src/cli.py).
 
-train() reads: setup -> data -> model and objective -> (resume) -> fit() -> final eval and summary.json.
-fit() is the loop: take a step, advance the TrainState, then do what is due (log, eval, checkpoint).
+train() reads: setup -> data -> model and objective -> (resume) -> fit() -> final eval -> summary.json.
+fit() is the loop: take a step, advance the TrainState, then do what is due (log, eval, checkpoint); the final
+test eval is its last block. What happens around a run as a process (the lock, Ctrl-C and SIGTERM, summary.json
+on every exit) is src/lifecycle.py.
 """
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import math
 import os
 import random
-import shlex
-import signal
-import sys
-import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional
 
-import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, OverrideParseException
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 from tqdm import tqdm
 
-from .checkpoint import (CheckpointError, check_same_experiment, find_resume_checkpoint, finished_summary,
-                         load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_metrics)
-from .config import Config, ConfigError, TrainerConfig, did_you_mean, parse, register_configs, total_steps
-from .data import DataError, TrainBatches, load_data, mean_image, resolve_on_device
+from .checkpoint import find_resume_checkpoint, finished_summary, load_checkpoint, rng_state, save_checkpoint, \
+    set_rng_state, truncate_metrics
+from .config import Config, ConfigError, TrainerConfig, total_steps
+from .data import TrainBatches, load_data, mean_image, resolve_on_device
 from .device import autocast_for, resolve_compile, resolve_device, resolve_precision, setup_backends, synchronize
 from .fid import evaluate_fid
-from .loggers import RunLogger, record_failure, write_json
+from .identity import check_checkpoint, check_rerun, record_config
+from .lifecycle import DivergedError, RunLifecycle
+from .loggers import RunLogger
 from .losses import Objective
 from .metrics import evaluate_split
 from .models import build_model
 from .optim import build_optimizer
-from .rundir import (RunDirLock, RunDirRefused, check_rerun, note_refused_member, record_config, recorded_config,
-                     set_aside, write_hydra_files)
+from .rundir import RunDir, write_hydra_files
+from .validate import parse
 from .visuals import FixedGrids, fixed_latents
 
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 5  # steps left out of perf/train_images_per_s (allocator, cudnn autotune, compilation)
-
-
-class DivergedError(RuntimeError):
-    """The loss went non-finite; the message names the step and the term."""
-
-
-class Interrupted(Exception):
-    """A signal stopped the run, at training step `step` (None: outside the loop)."""
-
-    def __init__(self, signum: int, step: Optional[int] = None):
-        self.signum, self.step = signum, step
-        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT, as a shell reports them
-        super().__init__(f"interrupted by {signal.Signals(signum).name}" + (f" at step {step}" if step else ""))
-
-
-class StopSignals:
-    """SIGTERM (SLURM preemption, a container stop) and SIGINT (Ctrl-C) end a run cleanly. In the training loop
-    (`defer`), the loop finishes its step, writes a checkpoint and then stops; elsewhere the run stops at once.
-    SIGUSR2, which submitit sends before a SLURM time limit, is handled the same way when submitit listens for it,
-    and submitit's own handler then requeues the job (it resumes from the checkpoint)."""
-
-    def __init__(self):
-        self.defer, self.received = False, None
-        self.previous: Dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            signals = [signal.SIGINT, signal.SIGTERM]
-            if callable(signal.getsignal(signal.SIGUSR2)):  # submitit's requeue handler
-                signals.append(signal.SIGUSR2)
-            for signum in signals:
-                self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if not self.defer:
-            raise Interrupted(signum)
-        self.received = signum
-
-    def stop(self, step: int) -> None:
-        """After the checkpoint: hand SIGUSR2 to submitit (it requeues and exits), else raise Interrupted."""
-        if self.received == signal.SIGUSR2:
-            self.previous[self.received](self.received, None)
-        raise Interrupted(self.received, step)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -109,10 +55,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_distributed(t: TrainerConfig, device: torch.device) -> Tuple[int, int, torch.device]:
-    """(rank, world_size, device) under `trainer.strategy=ddp` and torchrun: NCCL on CUDA, gloo on CPU."""
+@dataclass
+class Placement:
+    """Where this process trains: its rank among `world_size` DDP ranks, and its device."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed(t: TrainerConfig, device: torch.device) -> Placement:
+    """Under `trainer.strategy=ddp` and torchrun: NCCL on CUDA, gloo on CPU; else one rank."""
     if t.strategy != "ddp":
-        return 0, 1, device
+        return Placement(0, 1, device)
     if "RANK" not in os.environ:
         raise ConfigError("trainer.strategy='ddp' is not allowed outside torchrun; run "
                           "torchrun --nproc_per_node=N -m src.train trainer.strategy=ddp hydra.run.dir=<dir> ...")
@@ -123,7 +77,7 @@ def init_distributed(t: TrainerConfig, device: torch.device) -> Tuple[int, int, 
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    return Placement(dist.get_rank(), dist.get_world_size(), device)
 
 
 # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -246,30 +200,34 @@ class TrainStep:
 
 
 class TrainState:
-    """All that a run's training changes besides the weights and the optimizer: step, epoch, best, the last
-    eval, the data order, the RNGs and the device-side metric sums. It is advanced before anything is logged,
-    evaluated or saved, so a checkpoint always holds exactly what the next step needs."""
+    """Everything a checkpoint holds: the model, optimizer, LR scheduler and grad scaler, and what training
+    changes besides them (step, epoch, best, the last eval, the data order, the RNGs, the device-side metric
+    sums). It is advanced before anything is logged, evaluated or saved, so a checkpoint always holds exactly what
+    the next step needs; `state_dict()` is the checkpoint, `load_state_dict()` resumes from one."""
 
-    def __init__(self, batches: TrainBatches, sums: MetricSums):
-        self.batches, self.sums = batches, sums
+    def __init__(self, model, optimizer, scheduler, scaler, batches: TrainBatches, sums: MetricSums,
+                 config: Dict[str, Any]):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.batches, self.sums, self.config = batches, sums, config
         self.step, self.epoch = 0, 0
         self.best = math.inf  # lowest val/neg_elbo so far, nats per image
         self.val: Dict[str, Any] = {}  # the last eval's metrics
+        self.wandb_run_id: Optional[str] = None
 
-    def advance(self, terms: Dict[str, torch.Tensor]) -> bool:
-        """Count one step and its terms; True when it ended an epoch."""
+    def advance(self, terms: Dict[str, torch.Tensor]) -> None:
+        """Count one step and its terms; an epoch's end moves the LR schedule."""
         self.step += 1
         self.sums.add(terms, self.step)
-        if self.step % len(self.batches):
-            return False
-        self.epoch += 1
-        return True
+        if self.step % len(self.batches) == 0:
+            self.epoch += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
 
-    def raise_if_diverged(self, run_dir: Path) -> None:
+    def raise_if_diverged(self, run_dir: RunDir) -> None:
         """Stop with DivergedError, naming the step and terms, if any step so far went non-finite."""
         if (reason := self.sums.divergence()) is not None:
-            last = run_dir / "checkpoints" / "last.pt"
-            kept = f"the last good checkpoint is kept in {last}" if last.is_file() else "no checkpoint was written"
+            kept = f"the last good checkpoint is kept in {run_dir.last}" if run_dir.last.is_file() else \
+                "no checkpoint was written"
             raise DivergedError(f"{reason}; {kept}")
 
     def record_eval(self, val: Dict[str, Any]) -> bool:
@@ -286,10 +244,19 @@ class TrainState:
             yield from self.batches.epoch(start=self.step % len(self.batches))
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "best": self.best, "val": self.val, "rng": rng_state(),
-                "data": self.batches.state_dict(self.step % len(self.batches)), **self.sums.state_dict()}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "step": self.step, "epoch": self.epoch, "best": self.best, "val": self.val, "rng": rng_state(),
+                "data": self.batches.state_dict(self.step % len(self.batches)), **self.sums.state_dict(),
+                "wandb_run_id": self.wandb_run_id, "config": self.config}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.best, self.val = state["step"], state["epoch"], state["best"], state["val"]
         self.batches.load_state_dict(state["data"])
         self.sums.load_state_dict(state)
@@ -307,203 +274,158 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dic
     settings skips a finished run and resumes an unfinished one (trainer.resume=auto), a larger budget continues
     it, and any other difference raises RunDirRefused before anything in the dir changes. One process at a time.
     """
-    run_dir = Path(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunDirLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None  # DDP: rank 0 holds the dir
-    try:
-        with StopSignals() as stop:
-            return _train(cfg, run_dir, stop)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train(raw_cfg: DictConfig | Config, run_dir: Path, stop: StopSignals) -> Dict[str, Any]:
-    summary: Dict[str, Any] = {"status": "failed"}
-    logger, rank, writing = None, int(os.environ.get("RANK", "0")), False
-    try:
-        cfg = parse(raw_cfg)
+    rd = RunDir(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
+    with RunLifecycle(rd, cfg) as run:
+        raw_cfg, cfg = cfg, parse(cfg)
         config = OmegaConf.to_container(OmegaConf.structured(cfg))
-        verdict = "new" if cfg.trainer.resume == "never" else check_rerun(run_dir, config)
-        if verdict == "same" and (finished := finished_summary(run_dir)) is not None:
-            log.info("Run in %s already finished; not retraining it (trainer.resume=never trains again)", run_dir)
+        # 1. the run dir: skip a finished run, resume or continue an unfinished one, refuse another experiment
+        verdict = "new" if cfg.trainer.resume == "never" else check_rerun(rd, config)
+        if verdict == "same" and (finished := finished_summary(rd)) is not None:
+            log.info("Run in %s already finished; not retraining it (trainer.resume=never trains again)", rd.root)
             return finished
-        writing = rank == 0
-        if writing and cfg.trainer.resume == "never" and (moved := set_aside(run_dir)) is not None:
-            log.info("trainer.resume=never: the earlier run's files are now in %s", moved)
-        if writing:
-            record_config(run_dir, config)
-            write_hydra_files(run_dir, raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg))
-        resume_from = find_resume_checkpoint(cfg.trainer.resume, run_dir)
-        rank, world_size, device = init_distributed(cfg.trainer, resolve_device(cfg.trainer.device))
-        if rank != 0:  # only rank 0 talks: its log, its run dir, its W&B run
+        resume_from = find_resume_checkpoint(cfg.trainer.resume, rd)
+        place = init_distributed(cfg.trainer, resolve_device(cfg.trainer.device))
+        if place.rank != 0:  # only rank 0 talks: its log, its run dir, its W&B run
             logging.getLogger("src").setLevel(logging.WARNING)
-        if cfg.data.batch_size % world_size:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; with {world_size} ranks it must "
-                              f"divide evenly (it is the global batch)")
+        if cfg.data.batch_size % place.world_size:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; with {place.world_size} ranks "
+                              "it must divide evenly (it is the global batch)")
         seed_everything(cfg.seed)
-        setup_backends(device, cfg.trainer.cudnn_benchmark)
-        log.info("Run dir: %s (device %s%s)", run_dir, device, f", {world_size} ranks" if world_size > 1 else "")
+        setup_backends(place.device, cfg.trainer.cudnn_benchmark)
+        log.info("Run dir: %s (device %s%s)", rd.root, place.device,
+                 f", {place.world_size} ranks" if place.world_size > 1 else "")
 
+        # 2. data
         data = load_data(cfg.data)
-        summary.update(data.sizes(), world_size=world_size)
+        run.summary.update(data.sizes(), world_size=place.world_size)
         channels_last = cfg.trainer.channels_last and cfg.model.name == "conv"
-        batches = TrainBatches(data.images["train"], cfg.data.batch_size, device, cfg.data.hflip, cfg.seed,
-                               resolve_on_device(cfg.data.on_device, data.images["train"], device), channels_last)
-        batches.shard(rank, world_size)
+        batches = TrainBatches(data.images["train"], cfg.data.batch_size, place.device, cfg.data.hflip, cfg.seed,
+                               resolve_on_device(cfg.data.on_device, data.images["train"], place.device),
+                               channels_last)
+        batches.shard(place.rank, place.world_size)
         if len(batches) == 0:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; the train split has only "
                               f"{len(data.images['train'])} images")
 
+        # 3. objective, model, optimizer: the training state
         objective = Objective(cfg.loss, total_steps(cfg, len(batches)))
         if (warning := objective.schedule_warning()) is not None:
             log.warning(warning)
-        model = build_model(cfg.model, cfg.data, objective.likelihood).to(device)
+        model = build_model(cfg.model, cfg.data, objective.likelihood).to(place.device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer, scheduler = build_optimizer(cfg.optimizer, model,
-                                               fused=cfg.trainer.fused_adam and device.type in ("cuda", "cpu"))
+                                               fused=cfg.trainer.fused_adam and place.device.type in ("cuda", "cpu"))
+        scaler = torch.amp.GradScaler(place.device.type,
+                                      enabled=resolve_precision(cfg.trainer.precision, place.device) == "fp16")
+        state = TrainState(model, optimizer, scheduler, scaler, batches, MetricSums(cfg.model.latent_dim,
+                                                                                     place.device), config)
         log.info("Model: %s, %.2fM parameters; data: %s", cfg.model.name,
                  sum(p.numel() for p in model.parameters()) / 1e6, data.sizes())
-
-        checkpoint = None
         if resume_from is not None:
             # loaded on the CPU: RNG states must stay CPU tensors, and load_state_dict moves the rest to the device
             checkpoint = load_checkpoint(resume_from)
-            check_same_experiment(checkpoint["config"], config, resume_from)
-            log.info("Resuming from %s at step %d", resume_from, checkpoint["step"])
-        if rank == 0:
-            truncate_metrics(run_dir, checkpoint["step"] if checkpoint is not None else 0)  # each step once
-            logger = RunLogger(run_dir, cfg.logger, config)
-        summary.update(fit(cfg, model, objective, optimizer, scheduler, batches, data, device, run_dir, logger,
-                           checkpoint, rank, world_size, stop))
-        summary["status"] = "finished"
-    except DivergedError as e:
-        summary.update(status="diverged", error=str(e))
-        raise
-    except Interrupted as e:
-        summary.update(status="interrupted", error=str(e), step=e.step)
-        raise
-    except BaseException as e:
-        summary["error"] = f"{type(e).__name__}: {e}"
-        # a bad value into a dir that holds no experiment yet is recorded there (summary.json, W&B); a refused
-        # rerun, or a bad value aimed at an existing run, leaves the dir exactly as it was
-        if not writing and rank == 0 and isinstance(e, ConfigError) and not isinstance(e, RunDirRefused):
-            writing = recorded_config(run_dir) is None
-            if writing:
-                as_given = raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg)
-                write_hydra_files(run_dir, as_given)  # src.compare shows the failed member's values
-                record_failure(as_given, run_dir, summary)
-        elif logger is None and writing and isinstance(e, (DataError, CheckpointError)):
-            record_failure(raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg), run_dir,
-                           summary)
-        raise
-    finally:
-        if writing:
-            write_json(run_dir / "summary.json", summary)
-        if logger is not None:
-            logger.finish(summary)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:
+            check_checkpoint(checkpoint["config"], config, resume_from)
+            state.load_state_dict(checkpoint)
+            log.info("Resuming from %s at step %d", resume_from, state.step)
+
+        # 4. the run dir is this run's from here: its record, .hydra/, metrics (each step once) and logger
+        if place.rank == 0 and cfg.trainer.resume == "never" and (moved := rd.set_aside()) is not None:
+            log.info("trainer.resume=never: the earlier run's files are now in %s", moved)
+        run.claim()
+        if run.writing:
+            record_config(rd, config)
+            write_hydra_files(rd, raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg))
+            truncate_metrics(rd, state.step)
+            run.logger = RunLogger(rd.root, cfg.logger, config)
+            state.wandb_run_id = run.logger.run_id
+        run.summary.update(fit(cfg, state, objective, data, place, run))
+    if place.rank == 0:
+        s = run.summary
         log.info("Finished: val/neg_elbo %.2f nats/image (%.4f bits/dim), val/kl %.2f nats; outputs in %s",
-                 summary["val/neg_elbo"], summary["val/bits_per_dim"], summary["val/kl"], run_dir)
-    return summary
+                 s["val/neg_elbo"], s["val/bits_per_dim"], s["val/kl"], rd.root)
+    return run.summary
 
 
-def fit(cfg: Config, model, objective: Objective, optimizer, scheduler, batches: TrainBatches, data, device,
-        run_dir: Path, logger: Optional[RunLogger], checkpoint: Optional[Dict[str, Any]], rank: int,
-        world_size: int, stop: StopSignals) -> Dict[str, Any]:
-    """The training loop, from `checkpoint` when resuming; returns the final metrics for summary.json."""
-    t = cfg.trainer
+def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Placement,
+        run: RunLifecycle) -> Dict[str, Any]:
+    """The training loop from where `state` stands, then the final test eval; returns the final metrics."""
+    t, rd, logger, stop, device = cfg.trainer, run.dir, run.logger, run.stop, place.device
+    stop.defer = True  # from here a signal ends the run at the next step boundary, after a checkpoint
     steps = objective.total_steps
-    eval_every = t.eval_every or len(batches)
+    eval_every = t.eval_every or len(state.batches)
     checkpoint_every = t.checkpoint_every or eval_every
     precision = resolve_precision(t.precision, device)
     autocast = autocast_for(device, precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    take_step = TrainStep(model, objective, optimizer, scaler, autocast, resolve_compile(t.compile, device, world_size),
-                          world_size)
+    take_step = TrainStep(state.model, objective, state.optimizer, state.scaler, autocast,
+                          resolve_compile(t.compile, device, place.world_size), place.world_size)
     log.info("Training: precision %s, compile %s, channels_last %s", precision, take_step.compile_mode or "off",
-             batches.memory_format == torch.channels_last)
-    mean_img = mean_image(data.images["train"])
+             state.batches.memory_format == torch.channels_last)
     x_fixed = torch.from_numpy(np.array(data.images["val"][: t.num_samples])).float().div(255).to(device)
     grids = FixedGrids(fixed_latents(t.num_samples, cfg.model.latent_dim).to(device), x_fixed,
                        cfg.eval.traversal_dims, cfg.eval.traversal_steps)
-    state = TrainState(batches, MetricSums(cfg.model.latent_dim, device))
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        if scheduler is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        state.load_state_dict(checkpoint)
-    evaluate = partial(evaluate_split, model, objective, cfg, data, device=device, mean_img=mean_img,
-                       autocast=autocast)
+    evaluate = partial(evaluate_split, state.model, objective, cfg, data, device=device,
+                       mean_img=mean_image(data.images["train"]), autocast=autocast)
     meter = Throughput(device)
-    bar = tqdm(total=steps, initial=state.step, disable=not t.progress or rank != 0, desc="train", unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=state.step, disable=not t.progress or place.rank != 0, desc="train",
+               unit="step", dynamic_ncols=True)
     batch_stream = state.batches_from_here()
-    model.train()
-    stop.defer = True  # a signal now ends the run at the next step boundary, after a checkpoint
+    state.model.train()
     while state.step < steps:
         # 1. one step, then the state moves on (the epoch and the LR schedule with it)
         x = next(batch_stream)
         meter.before_step()
         terms = take_step(x, state.step)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used; an epoch's end moves the schedule
-        meter.after_step(len(x) * world_size)
-        if state.advance(terms) and scheduler is not None:
-            scheduler.step()
+        lr = state.optimizer.param_groups[0]["lr"]  # the rate this step used; an epoch's end moves the schedule
+        meter.after_step(len(x) * place.world_size)
+        state.advance(terms)
         bar.update()
         # 2. what is due at this step: log, eval, checkpoint
         last = state.step == steps
         if state.step % t.log_every == 0 or last:
-            _log_train(state, objective, lr, logger, bar, run_dir)
-        if rank != 0:
+            _log_train(state, objective, lr, logger, bar, rd)
+        if place.rank != 0:
             if stop.received:
                 stop.stop(state.step)
             continue
         evaluating = state.step % eval_every == 0 or last
         if evaluating:
-            state.raise_if_diverged(run_dir)
+            state.raise_if_diverged(rd)
             meter.pause()
             improved = state.record_eval(evaluate("val", step=state.step, iwae_k=cfg.eval.iwae_k))
             logger.log(state.val, state.step)
-            logger.log_images(grids.save(model, run_dir, state.step, state.val["val/kl_per_dim"]), state.step)
+            logger.log_images(grids.save(state.model, rd.root, state.step, state.val["val/kl_per_dim"]), state.step)
             _log_eval(state, cfg)
         if evaluating or state.step % checkpoint_every == 0 or stop.received:
-            state.raise_if_diverged(run_dir)  # never overwrite a good checkpoint with a diverged model
-            ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else None, **state.state_dict(),
-                    "wandb_run_id": logger.run_id if logger else None,
-                    "config": OmegaConf.to_container(OmegaConf.structured(cfg))}
+            state.raise_if_diverged(rd)  # never overwrite a good checkpoint with a diverged model
+            ckpt = state.state_dict()
             if evaluating and improved:  # best.pt first: a kill between the two writes redoes this eval on resume
-                save_checkpoint(ckpt, run_dir / "checkpoints" / "best.pt")
-            save_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt")
+                save_checkpoint(ckpt, rd.best)
+            save_checkpoint(ckpt, rd.last)
         if stop.received:
             stop.stop(state.step)
-    stop.defer = False
     bar.close()
-    if rank != 0:
+    if place.rank != 0:
         return {}
 
+    # 3. the final test eval (after the last checkpoint: a kill here redoes only this block)
     test = evaluate("test", step=state.step, iwae_k=cfg.eval.iwae_k_test)
     if cfg.eval.fid:
-        test.update(evaluate_fid(model, data.images["test"], cfg, device, "test"))
+        test.update(evaluate_fid(state.model, data.images["test"], cfg, device, "test"))
     logger.log(test, state.step)
-    grids.save(model, run_dir, None, state.val["val/kl_per_dim"])  # the final grids; W&B has them from the last eval
+    grids.save(state.model, rd.root, None, state.val["val/kl_per_dim"])  # the final grids; W&B has the last eval's
     beta, capacity = objective.weights(state.step - 1)  # in force at the end, whatever the schedule reached
     final = {"step": state.step, "epoch": state.epoch, **state.val, **test, "best/val_neg_elbo": state.best,
              "train/beta": beta, **({"train/capacity": capacity} if capacity is not None else {})}
     if meter.images_per_s() is not None:
         final["perf/train_images_per_s"] = meter.images_per_s()
+    stop.defer = False
     return final
 
 
-def _log_train(state: TrainState, objective: Objective, lr: float, logger: Optional[RunLogger], bar, run_dir: Path):
+def _log_train(state: TrainState, objective: Objective, lr: float, logger: Optional[RunLogger], bar, rd: RunDir):
     """The train/ means since the last log, with what the schedules set for the step just taken."""
-    state.raise_if_diverged(run_dir)  # the host syncs here, once per log interval
+    state.raise_if_diverged(rd)  # the host syncs here, once per log interval
     beta, capacity = objective.weights(state.step - 1)
     row = {**state.sums.pop_means(), "train/beta": beta, "train/lr": lr, "epoch": state.epoch}
     if capacity is not None:
@@ -523,155 +445,9 @@ def _log_eval(state: TrainState, cfg: Config) -> None:
              v["val/mse"], v["val/mse_mean_image"], v["val/sample_blur"], v["val/data_blur"])
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-
-register_configs()
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: found however the module is run
-USER_ERRORS = {RunDirRefused: "Refused", ConfigError: "Config error", DataError: "Data error",
-               CheckpointError: "Checkpoint error", DivergedError: "Diverged"}
-OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # a full or read-only disk
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Hydra entrypoint: returns val/neg_elbo (nats per image), the objective sweepers minimise.
-
-    A single run that fails on bad input or diverges exits non-zero with one line, no traceback. In a multirun
-    a failing member is recorded (its summary.json and train.log, or for a refused member a line in the sweep
-    dir) and returns NaN, so the other members go on; SweepReport names the failures when the sweep ends.
-    A signal stops the whole process, multirun or not, with 128 + the signal's number.
-    """
-    hydra_cfg = HydraConfig.get()
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    try:
-        study = hydra_cfg.runtime.choices.get("sweep")
-        if study and not multirun:  # a named study is a multirun; without -m it would train one default run
-            raise ConfigError(f"sweep={study} is not allowed without -m; run python -m src.train -m sweep={study}")
-        return train(cfg).get("val/neg_elbo", float("nan"))
-    except Interrupted as e:
-        last = run_dir / "checkpoints" / "last.pt"
-        saved = f"checkpoint {last} (step {load_checkpoint(last)['step']})" if last.is_file() else "no checkpoint yet"
-        command = " ".join(["python -m src.train", *map(shlex.quote, hydra_cfg.overrides.task),
-                            f"hydra.run.dir={shlex.quote(str(run_dir))}"])
-        log.error("Interrupted: %s; %s; resume with: %s", e, saved, command)
-        sys.exit(e.exit_code)
-    except tuple(USER_ERRORS) as e:
-        label = next(text for cls, text in USER_ERRORS.items() if isinstance(e, cls))
-        log.error("%s: %s", label, e)
-        if isinstance(e, RunDirRefused) and multirun:
-            note_refused_member(run_dir, str(e))
-        if not multirun:
-            sys.exit(3 if isinstance(e, DivergedError) else 2)
-    except OSError as e:
-        if e.errno not in OUTPUT_ERRNOS:
-            raise
-        log.error("Output error: cannot write %s (%s); free space or choose a writable hydra.run.dir",
-                  e.filename or run_dir, e.strerror)
-        if not multirun:
-            sys.exit(2)
-    except Exception:
-        if not multirun:
-            raise
-        log.exception("Member failed")  # the traceback goes to this member's train.log
-    return float("nan")
-
-
-class SweepReport(Callback):
-    """At the end of a multirun: one line per failed or refused member, and exit status 1 if any."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        (Path(config.hydra.sweep.dir) / "refused_members.jsonl").unlink(missing_ok=True)  # from an earlier launch
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = Path(config.hydra.sweep.dir)
-        failed = []
-        for summary_path in sorted(sweep.glob("*/summary.json"), key=lambda p: int(p.parent.name)
-                                   if p.parent.name.isdigit() else 0):
-            summary = json.loads(summary_path.read_text())
-            if summary.get("status") != "finished":
-                failed.append(f"member {summary_path.parent.name} {summary.get('status')}: {summary.get('error')}")
-        for member in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()):
-            if (member / ".lock").is_file() and not (member / "summary.json").is_file():  # started, never ended
-                failed.append(f"member {member.name} ended without a summary: killed by the system (out of memory?) "
-                              "or by kill -9; rerun the sweep to resume it")
-        refused = sweep / "refused_members.jsonl"
-        if refused.is_file():
-            for line in refused.read_text().splitlines():
-                note = json.loads(line)
-                failed.append(f"member {note['member']} refused: {note['error']}")
-        if failed:
-            for line in failed:
-                log.error(line)
-            log.error("%d member(s) of the sweep in %s did not finish", len(failed), sweep)
-            sys.exit(1)
-        log.info("Sweep finished: every member in %s", sweep)
-
-
-def hydra_error_line(e: BaseException) -> str:
-    """Hydra's composition and override errors as one line (it prints them over several, plus a hint)."""
-    if isinstance(e, OverrideParseException):
-        return f"cannot parse the override {e.override!r}: {str(e).splitlines()[0]} (Hydra's override grammar)"
-    chain = [e]
-    while chain[-1].__cause__ is not None:
-        chain.append(chain[-1].__cause__)
-    for cause in chain:  # a key that is not in the schema: name it and the nearest known key
-        key = getattr(cause, "full_key", None)
-        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
-            section, _, name = key.rpartition(".")
-            schema = OmegaConf.structured(Config)
-            known = schema.get(section) if section else schema
-            if isinstance(known, DictConfig):
-                where = f"a key of {section}" if section else "a config key"
-                return f"{key} is not {where}{did_you_mean(name, list(known.keys()), section + '.' if section else '')}"
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    lines = lines[: next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))]
-    if len(chain) > 1 and isinstance(chain[1], OmegaConfBaseException):
-        lines.append(str(chain[1]).splitlines()[0])
-    text = lines[0]
-    for line in lines[1:]:
-        text += (" " if text.endswith(":") else "; ") + line
-    return text
-
-
-def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
-    """Wrap Hydra's error reporter: a bad override or config group (the user's input), or an output dir that
-    cannot be written, ends with one line and exit status 2; anything else is reported by Hydra as before.
-    HYDRA_FULL_ERROR=1 still shows everything."""
-
-    def report(func: Callable) -> Any:
-        def guarded() -> Any:
-            try:
-                return func()
-            except (HydraException, OmegaConfBaseException) as e:
-                if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
-                print(f"Config error: {hydra_error_line(e)}", file=sys.stderr)
-                sys.exit(2)
-            except OSError as e:  # Hydra could not create the run dir or its log there
-                if e.errno not in (*OUTPUT_ERRNOS, errno.ENOENT) or os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
-                print(f"Output error: cannot write {e.filename} ({e.strerror}); choose a writable hydra.run.dir",
-                      file=sys.stderr)
-                sys.exit(2)
-
-        return run_and_report(guarded)
-
-    return report
-
-
 if __name__ == "__main__":
-    import hydra._internal.utils as hydra_utils
+    # `python -m src.train`: the command line lives in src/cli.py; launchers (joblib, submitit) pickle its `main`
+    # by reference, as `src.cli.main`
+    from src.cli import run
 
-    hydra_utils.run_and_report = _one_line_hydra_errors(hydra_utils.run_and_report)
-    # run the copy imported as `src.train`, not `__main__`: launchers (joblib, submitit) then pickle `main`
-    # by reference instead of by value
-    from src.train import main as entrypoint
-
-    try:
-        entrypoint()
-    except ValueError as e:  # Hydra's own check of its flags, raised before its error reporter
-        if not str(e).startswith("Only one of") or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"Command-line error: {e} (e.g. `-m ... --cfg job` cannot be combined)", file=sys.stderr)
-        sys.exit(2)
+    run()

@@ -26,7 +26,7 @@ def tiny_overrides(cache_dir: Path) -> List[str]:
         "data.eval_batch_size=64", f"data.cache_dir={cache_dir}",
         "model.hidden_channels=[8,16]", "model.latent_dim=4",
         "trainer.max_steps=8", "trainer.eval_every=4", "trainer.log_every=2", "trainer.progress=false",
-        "trainer.device=cpu", "trainer.num_samples=16",
+        "trainer.device=cpu", "trainer.num_samples=16", "logger=none",  # W&B only where W&B is under test
     ]
 
 

@@ -78,7 +78,8 @@ def save_then_die(state, path):
     if path.name == "last.pt" and state["step"] == target:
         os.kill(os.getpid(), signal.SIGKILL)
 trainer.save_checkpoint = save_then_die
-trainer.main()
+import src.cli
+src.cli.main()
 """
 
 

@@ -22,7 +22,7 @@ from .conftest import leet, run_cli, tiny_overrides
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     proc = run_cli(["-m", *tiny_overrides(root / "cache"), "trainer.max_steps=60", "trainer.eval_every=60", "loss.beta=0.5,4,-1",
-                    f"hydra.sweep.dir={root / 'sweep'}"])
+                    "logger=wandb", f"hydra.sweep.dir={root / 'sweep'}"])
     return root / "sweep", proc
 
 
@@ -100,7 +100,7 @@ def test_logger_group_names_the_group_and_a_lone_run_is_named_by_its_overrides(t
     name = record["display_name"]
     assert "beta=2" in name and "cache_dir" not in name and "logger" not in name and "hydra" not in name
     grouped = tmp_path / "grouped"
-    proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "logger.group=my_study",
+    proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "logger=wandb", "logger.group=my_study",
                     f"hydra.run.dir={grouped}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert next(r["run"] for r in leet(grouped / "wandb") if r["type"] == "run")["run_group"] == "my_study"

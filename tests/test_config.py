@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from src.config import Config, ConfigError, parse
+from src.config import Config, ConfigError
+from src.validate import parse
 
 from .conftest import CONF, compose_cfg, run_cli
 

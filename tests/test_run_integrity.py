@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from src.checkpoint import load_checkpoint
-from src.rundir import RunDirLock
+from src.rundir import RunDir, RunDirLock
 from src.train import train
 
 from .conftest import ROOT, compose_cfg, run_cli, tiny_overrides
@@ -104,7 +104,7 @@ def test_a_second_process_into_the_same_run_dir_is_refused_naming_the_holder(tmp
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    RunDirLock(run).release()  # the lock died with its process (kill -9): no stale lock is left
+    RunDirLock(RunDir(run)).release()  # the lock died with its process (kill -9): no stale lock is left
 
 
 # --------------------------------------------------------------------------------------------- each step once
@@ -119,7 +119,8 @@ def log_then_die(self, metrics, step):
     if step == target:
         os.kill(os.getpid(), signal.SIGKILL)
 trainer.RunLogger.log = log_then_die
-trainer.main()
+import src.cli
+src.cli.main()
 """
 
 

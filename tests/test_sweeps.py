@@ -20,7 +20,7 @@ from .conftest import CONF, ROOT, leet, run_cli, tiny_overrides
 def beta_sweep(tmp_path_factory):
     """The named beta sweep (4 members), tiny, with W&B on (offline)."""
     root = tmp_path_factory.mktemp("beta")
-    proc = run_cli(["-m", "sweep=beta", "logger=wandb", *tiny_overrides(root / "cache"), "trainer.max_steps=4",
+    proc = run_cli(["-m", "sweep=beta", *tiny_overrides(root / "cache"), "logger=wandb", "trainer.max_steps=4",
                     f"hydra.sweep.dir={root / 'sweep'}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root / "sweep"
@@ -77,7 +77,7 @@ def test_a_wandb_agent_command_trains_the_member_it_names(tmp_path, tiny):
     assert command[:3] == ["python", "-m", "${program}"] and command[-1] == "${args_no_hyphens}"
     member = [f"{key}={p['values'][-1]}" for key, p in spec["parameters"].items()]  # loss.beta=16
     run = tmp_path / "run"
-    proc = run_cli([*command[3:-1], *member, *tiny, "trainer.max_steps=2", f"hydra.run.dir={run}"],
+    proc = run_cli([*tiny, *command[3:-1], *member, "trainer.max_steps=2", f"hydra.run.dir={run}"],
                    module=spec["program"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])

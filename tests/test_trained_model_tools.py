@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from src.checkpoint import CheckpointError, save_checkpoint
-from src.runs import RunError, load_run
+from src.trained import RunError, load_run
 from src.train import train
 
 from .conftest import compose_cfg, run_cli, tiny_overrides

@@ -1,0 +1,197 @@
+"""The command line of `python -m src.train`: Hydra's entry point, exit codes, the one-line form of Hydra's own
+errors, and the report at the end of a multirun. Training itself is `src.train.train(cfg)`; what happens around
+it as a process (lock, signals, summary on every exit) is `src.lifecycle`.
+
+Exit codes: 0 finished (or already finished); 2 bad input (a config value, a refused rerun, unreadable data or
+checkpoint, an unwritable output dir); 3 diverged; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM);
+a multirun exits 1 when any member did not finish.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, OverrideParseException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from .checkpoint import CheckpointError, load_checkpoint, read_summary
+from .config import Config, ConfigError, register_configs
+from .data import DataError
+from .identity import RecordError
+from .lifecycle import DivergedError, Interrupted
+from .rundir import RunDir, RunDirRefused
+from .train import train
+from .validate import did_you_mean
+
+log = logging.getLogger(__name__)
+
+register_configs()
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: found however the module is run
+USER_ERRORS = {RunDirRefused: "Refused", ConfigError: "Config error", DataError: "Data error",
+               CheckpointError: "Checkpoint error", RecordError: "Damaged run dir", DivergedError: "Diverged"}
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # a full or read-only disk
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Hydra entrypoint: returns val/neg_elbo (nats per image), the objective sweepers minimise.
+
+    A single run that fails on bad input or diverges exits non-zero with one line, no traceback. In a multirun
+    a failing member is recorded (its summary.json and train.log, or for a refused member a line in the sweep
+    dir) and returns NaN, so the other members go on; SweepReport names the failures when the sweep ends.
+    A signal stops the whole process, multirun or not, with 128 + the signal's number.
+    """
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        study = hydra_cfg.runtime.choices.get("sweep")
+        if study and not multirun:  # a named study is a multirun; without -m it would train one default run
+            raise ConfigError(f"sweep={study} is not allowed without -m; run python -m src.train -m sweep={study}")
+        return train(cfg).get("val/neg_elbo", float("nan"))
+    except Interrupted as e:
+        last = RunDir(run_dir).last
+        try:
+            saved = f"checkpoint {last} (step {load_checkpoint(last)['step']})" if last.is_file() else "no checkpoint yet"
+        except CheckpointError as damaged:
+            saved = str(damaged)
+        command = " ".join(["python -m src.train", *map(shlex.quote, hydra_cfg.overrides.task),
+                            f"hydra.run.dir={shlex.quote(str(run_dir))}"])
+        log.error("Interrupted: %s; %s; resume with: %s", e, saved, command)
+        sys.exit(e.exit_code)
+    except tuple(USER_ERRORS) as e:
+        label = next(text for cls, text in USER_ERRORS.items() if isinstance(e, cls))
+        log.error("%s: %s", label, e)
+        if isinstance(e, RunDirRefused) and multirun:
+            note_refused_member(run_dir, str(e))
+        if not multirun:
+            sys.exit(3 if isinstance(e, DivergedError) else 2)
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS:
+            raise
+        log.error("Output error: cannot write %s (%s); free space or choose a writable hydra.run.dir",
+                  e.filename or run_dir, e.strerror)
+        if not multirun:
+            sys.exit(2)
+    except Exception:
+        if not multirun:
+            raise
+        log.exception("Member failed")  # the traceback goes to this member's train.log
+    return float("nan")
+
+
+class SweepReport(Callback):
+    """At the end of a multirun: one line per failed or refused member, and exit status 1 if any."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        (Path(config.hydra.sweep.dir) / "refused_members.jsonl").unlink(missing_ok=True)  # from an earlier launch
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        failed = []
+        members = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+        for member in members:
+            rd = RunDir(member)
+            summary = read_summary(rd)
+            if summary is not None and summary.get("status") != "finished":
+                failed.append(f"member {member.name} {summary.get('status')}: {summary.get('error')}")
+            elif summary is None and rd.lock.is_file():  # started, never ended
+                failed.append(f"member {member.name} ended without a summary: killed by the system (out of memory?) "
+                              "or by kill -9; rerun the sweep to resume it")
+        refused = sweep / "refused_members.jsonl"
+        if refused.is_file():
+            for line in refused.read_text().splitlines():
+                note = json.loads(line)
+                failed.append(f"member {note['member']} refused: {note['error']}")
+        if failed:
+            for line in failed:
+                log.error(line)
+            log.error("%d member(s) of the sweep in %s did not finish", len(failed), sweep)
+            sys.exit(1)
+        log.info("Sweep finished: every member in %s", sweep)
+
+
+def hydra_error_line(e: BaseException) -> str:
+    """Hydra's composition and override errors as one line (it prints them over several, plus a hint)."""
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the override {e.override!r}: {str(e).splitlines()[0]} (Hydra's override grammar)"
+    chain = [e]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    for cause in chain:  # a key that is not in the schema: name it and the nearest known key
+        key = getattr(cause, "full_key", None)
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+            section, _, name = key.rpartition(".")
+            schema = OmegaConf.structured(Config)
+            known = schema.get(section) if section else schema
+            if isinstance(known, DictConfig):
+                where = f"a key of {section}" if section else "a config key"
+                return f"{key} is not {where}{did_you_mean(name, list(known.keys()), section + '.' if section else '')}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    lines = lines[: next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))]
+    if len(chain) > 1 and isinstance(chain[1], OmegaConfBaseException):
+        lines.append(str(chain[1]).splitlines()[0])
+    text = lines[0]
+    for line in lines[1:]:
+        text += (" " if text.endswith(":") else "; ") + line
+    return text
+
+
+def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
+    """Wrap Hydra's error reporter: a bad override or config group (the user's input), or an output dir that
+    cannot be written, ends with one line and exit status 2; anything else is reported by Hydra as before.
+    HYDRA_FULL_ERROR=1 still shows everything."""
+
+    def report(func: Callable) -> Any:
+        def guarded() -> Any:
+            try:
+                return func()
+            except (HydraException, OmegaConfBaseException) as e:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"Config error: {hydra_error_line(e)}", file=sys.stderr)
+                sys.exit(2)
+            except OSError as e:  # Hydra could not create the run dir or its log there
+                if e.errno not in (*OUTPUT_ERRNOS, errno.ENOENT) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"Output error: cannot write {e.filename} ({e.strerror}); choose a writable hydra.run.dir",
+                      file=sys.stderr)
+                sys.exit(2)
+
+        return run_and_report(guarded)
+
+    report.one_line = True
+    return report
+
+
+def run() -> None:
+    """`python -m src.train`: Hydra's main, with its errors in one line."""
+    import hydra._internal.utils as hydra_utils
+
+    if not getattr(hydra_utils.run_and_report, "one_line", False):
+        hydra_utils.run_and_report = _one_line_hydra_errors(hydra_utils.run_and_report)
+    try:
+        main()
+    except ValueError as e:  # Hydra's own check of its flags, raised before its error reporter
+        if not str(e).startswith("Only one of") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Command-line error: {e} (e.g. `-m ... --cfg job` cannot be combined)", file=sys.stderr)
+        sys.exit(2)
+
+
+def note_refused_member(run_dir: Path, message: str) -> None:
+    """In a multirun, a refused member leaves its own dir untouched; the sweep dir keeps one line for it, which
+    the sweep report reads at the end."""
+    with open(run_dir.parent / "refused_members.jsonl", "a") as f:
+        f.write(json.dumps({"member": run_dir.name, "error": message}) + "\n")

@@ -1,0 +1,144 @@
+"""What makes two runs "the same experiment", defined once: the rerun check (skip, resume, continue with a
+larger budget, or refuse), the resume-from-a-checkpoint check, W&B names and `src.compare`'s labels all use it.
+
+Two configs are the same experiment when they agree on every key that can change results. Keys that cannot
+(NOT_RESULTS: where files live, progress bars, logging, how to resume) are ignored; a key missing from an older
+record means that key's default, so runs of earlier versions still resume or are skipped.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Config
+from .rundir import RunDir, RunDirRefused, write_text
+
+log = logging.getLogger(__name__)
+
+# keys that cannot change a run's results: where files live, how data is held, progress bars, logging, resuming
+NOT_RESULTS = ("data.cache_dir", "data.download", "data.on_device", "trainer.progress", "trainer.resume", "logger.")
+BUDGET = ("trainer.max_steps", "trainer.max_epochs")  # may grow: the run continues from last.pt
+
+
+def flatten(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"loss": {"beta": 4}} -> {"loss.beta": 4}."""
+    out: Dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changes_results(key: str) -> bool:
+    return not key.startswith(NOT_RESULTS)
+
+
+DEFAULTS = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+
+
+@dataclass
+class Difference:
+    key: str
+    recorded: Any
+    current: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.current!r} (recorded {self.key}={self.recorded!r})"
+
+
+def compare(recorded: Dict[str, Any], current: Dict[str, Any]) -> Tuple[str, Optional[Difference]]:
+    """("same" | "larger_budget" | "different", the first difference that decided it, in the current config's
+    order). A key the recorded config lacks has its default there (it was added since); a key the current schema
+    no longer has cannot be set, so it is not compared."""
+    old, new = flatten(recorded), flatten(current)
+    grown = None
+    for key, value in new.items():
+        was = old.get(key, DEFAULTS.get(key))
+        if not changes_results(key) or was == value:
+            continue
+        if key in BUDGET and _larger(value, was):
+            grown = grown or Difference(key, was, value)
+            continue
+        return "different", Difference(key, was, value)
+    return ("larger_budget", grown) if grown else ("same", None)
+
+
+def _larger(new: Optional[int], old: Optional[int]) -> bool:
+    """A budget of None is unlimited (the other budget key decides)."""
+    return new is None or (old is not None and new > old)
+
+
+# ------------------------------------------------------------------------------------------- the record
+
+
+class RecordError(RuntimeError):
+    """A run dir's record that cannot be read; the message names the file and the fix."""
+
+
+def recorded_config(run_dir: Path | RunDir) -> Optional[Dict[str, Any]]:
+    """What the run in this dir was trained with: trained_with.yaml, or (runs of earlier versions) the config
+    saved in checkpoints/last.pt; None for a dir that holds no experiment yet."""
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    if rd.trained_with.is_file():
+        try:
+            record = OmegaConf.to_container(OmegaConf.load(rd.trained_with), resolve=False)
+        except (OmegaConfBaseException, ValueError, TypeError, UnicodeDecodeError) as e:
+            record = e
+        if not isinstance(record, dict):
+            raise RecordError(f"{rd.trained_with} is damaged (not a YAML mapping of config keys); remove it and "
+                              "rerun with the settings the run was trained with, or use another hydra.run.dir")
+        return record
+    if rd.last.is_file():
+        return load_checkpoint(rd.last)["config"]
+    return None
+
+
+def record_config(run_dir: RunDir, current: Dict[str, Any]) -> None:
+    """Write trained_with.yaml, atomically."""
+    write_text(run_dir.trained_with, OmegaConf.to_yaml(OmegaConf.create(current)))
+
+
+def check_rerun(run_dir: RunDir, current: Dict[str, Any]) -> str:
+    """What a rerun into `run_dir` with config `current` does: "new", "same" or "larger_budget". Any other
+    difference raises RunDirRefused naming the first differing key and both values."""
+    recorded = recorded_config(run_dir)
+    if recorded is None:
+        return "new"
+    verdict, diff = compare(recorded, current)
+    if verdict == "different":
+        raise RunDirRefused(f"{diff.key}={diff.current!r} differs from the run in {run_dir.root}, which was trained "
+                            f"with {diff.key}={diff.recorded!r}; use a new hydra.run.dir (or hydra.sweep.dir), or "
+                            "trainer.resume=never to set the old run aside and start over")
+    if verdict == "larger_budget":
+        log.info("Continuing the run in %s with a larger budget: %s %s -> %s", run_dir.root, diff.key, diff.recorded,
+                 diff.current)
+    return verdict
+
+
+def check_checkpoint(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
+    """A checkpoint named by trainer.resume=<path> must be of the same experiment; its budget may differ."""
+    as_saved = {**current, "trainer": {**current["trainer"], **{k.split(".")[1]: flatten(saved).get(k, DEFAULTS[k])
+                                                               for k in BUDGET}}}
+    verdict, diff = compare(saved, as_saved)
+    if verdict == "different":
+        raise CheckpointError(f"{diff.key}={diff.current!r} is not allowed here: {path} was trained with "
+                              f"{diff.recorded!r}; use a checkpoint of this experiment, or drop trainer.resume")
+
+
+def result_overrides(overrides: List[str]) -> Dict[str, Any]:
+    """The command-line overrides that can change a run's results, by key, as Hydra parses them (Override
+    objects: `+`/`~` gone, `.value()` typed): not hydra.*, not the NOT_RESULTS keys, not the logger choice."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return {o.key_or_group: o for o in parsed
+            if not o.key_or_group.startswith("hydra.") and changes_results(o.key_or_group)
+            and o.key_or_group != "logger"}

@@ -1,0 +1,152 @@
+"""A run as a process: what happens around training, whatever way it ends.
+
+`RunLifecycle` is the one context manager around `train()`'s body (in the manner of lightning-hydra-template's
+`task_wrapper`): it holds the run dir's lock, turns SIGTERM/SIGINT (and SIGUSR2 under submitit) into a clean stop,
+writes summary.json on every exit with the status that exit means, records a failure that happened before the
+logger started, finishes the logger, and tears down DDP.
+
+On Ctrl-C or SIGTERM: inside the training loop the step in flight finishes, a checkpoint is written and the run
+stops with `Interrupted` (exit 128 + signal number); outside the loop it stops at once. `Interrupted` derives from
+BaseException, as KeyboardInterrupt does, so no `except Exception` on the way can swallow a stop request.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any, Dict, Optional
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from .checkpoint import CheckpointError
+from .config import Config
+from .identity import RecordError, recorded_config
+from .loggers import RunLogger, record_failure
+from .rundir import RunDir, RunDirLock, RunDirRefused, remove_stale_temps, write_hydra_files, write_json
+
+log = logging.getLogger(__name__)
+
+
+class DivergedError(RuntimeError):
+    """The loss went non-finite; the message names the step and the term."""
+
+
+class Interrupted(BaseException):
+    """A signal stopped the run, at training step `step` (None: outside the loop)."""
+
+    def __init__(self, signum: int, step: Optional[int] = None):
+        self.signum, self.step = signum, step
+        self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT, as a shell reports them
+        super().__init__(f"interrupted by {signal.Signals(signum).name}" + (f" at step {step}" if step else ""))
+
+
+class StopSignals:
+    """SIGTERM (SLURM preemption, a container stop) and SIGINT (Ctrl-C) end a run cleanly. In the training loop
+    (`defer`), the loop finishes its step, writes a checkpoint and then stops; elsewhere the run stops at once.
+    SIGUSR2, which submitit sends before a SLURM time limit, is handled the same way when submitit listens for it,
+    and submitit's own handler then requeues the job (it resumes from the checkpoint)."""
+
+    def __init__(self):
+        self.defer, self.received = False, None
+        self.previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            signals = [signal.SIGINT, signal.SIGTERM]
+            if callable(signal.getsignal(signal.SIGUSR2)):  # submitit's requeue handler
+                signals.append(signal.SIGUSR2)
+            for signum in signals:
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if not self.defer:
+            raise Interrupted(signum)
+        self.received = signum
+
+    def stop(self, step: int) -> None:
+        """After the checkpoint: hand SIGUSR2 to submitit (it requeues and exits), else raise Interrupted."""
+        if self.received == signal.SIGUSR2:
+            self.previous[self.received](self.received, None)
+        raise Interrupted(self.received, step)
+
+
+class RunLifecycle:
+    """`with RunLifecycle(run_dir, cfg) as run:` around a run's body. The body fills `run.summary`, calls
+    `run.claim()` once the run dir is accepted (from then on summary.json is written on every exit) and sets
+    `run.logger` once the logger starts. Exceptions pass through, recorded: status finished, failed, diverged or
+    interrupted."""
+
+    def __init__(self, run_dir: RunDir, raw_cfg: DictConfig | Config):
+        self.dir, self.raw_cfg = run_dir, raw_cfg
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.summary: Dict[str, Any] = {"status": "failed"}
+        self.logger: Optional[RunLogger] = None
+        self.writing = False  # summary.json is ours to write
+        self.stop = StopSignals()
+        self.lock: Optional[RunDirLock] = None
+
+    def __enter__(self) -> "RunLifecycle":
+        self.dir.root.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:  # DDP: rank 0 holds the dir
+            self.lock = RunDirLock(self.dir)
+        self.stop.__enter__()
+        return self
+
+    def claim(self) -> None:
+        """The rerun check passed: this process writes the run dir. A summary of an earlier end (a finished run
+        now continued with a larger budget) goes first, so no reader ever sees its status beside a new budget."""
+        if self.rank != 0:
+            return
+        self.writing = True
+        remove_stale_temps(self.dir)
+        self.dir.summary.unlink(missing_ok=True)
+
+    def __exit__(self, kind, e, tb) -> bool:
+        try:
+            if e is None:
+                self.summary["status"] = "finished"
+            elif isinstance(e, DivergedError):
+                self.summary.update(status="diverged", error=str(e))
+            elif isinstance(e, Interrupted):
+                self.summary.update(status="interrupted", error=str(e), step=e.step)
+            else:
+                self.summary["error"] = f"{kind.__name__}: {e}"
+                self._record_early_failure(e)
+            if self.writing:
+                write_json(self.dir.summary, self.summary)
+            if self.logger is not None:
+                self.logger.finish(self.summary)
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            self.stop.__exit__()
+            if self.lock is not None:
+                self.lock.release()
+        return False
+
+    def _record_early_failure(self, e: BaseException) -> None:
+        """A failure before the run dir was claimed (a bad value, unreadable data) is recorded there only when the
+        dir holds no experiment yet (summary.json, .hydra/, a failed W&B run), so src.compare and the sweep report
+        show the failed member and a corrected rerun starts fresh; a refused rerun, or a failure aimed at an
+        existing run, leaves the dir exactly as it was."""
+        if self.rank != 0 or isinstance(e, RunDirRefused):
+            return
+        as_given = self.raw_cfg if isinstance(self.raw_cfg, DictConfig) else OmegaConf.structured(self.raw_cfg)
+        if not self.writing:
+            try:
+                fresh = recorded_config(self.dir) is None
+            except (RecordError, CheckpointError):  # a damaged record: leave the dir as it is
+                fresh = False
+            if not fresh:
+                return
+            self.writing = True
+            write_hydra_files(self.dir, as_given)
+        if self.logger is None:
+            record_failure(as_given, self.dir.root, self.summary)

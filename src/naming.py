@@ -1,0 +1,59 @@
+"""Names of sweeps and their members, one rule for W&B and the report: a member is named by its swept keys and
+their values ("beta=4 latent_dim=16"), a sweep by its folder ("2026-11-26/10-42-07-123456", "my_study")."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .identity import result_overrides
+
+
+def short_names(keys: List[str]) -> Dict[str, str]:
+    """Dotted keys by their last part ("loss.beta" -> "beta"), unless two would share one."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def swept_keys(sweep_dir: Path) -> List[str]:
+    """The keys a Hydra multirun sweeps over: its sweeper params and its command line's sweep overrides
+    (`loss.beta=1,4`), read from the multirun.yaml Hydra writes into the sweep folder."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return []
+    hydra = OmegaConf.load(path).hydra
+    given = [f"{k}={v}" for k, v in (OmegaConf.select(hydra, "sweeper.params") or {}).items()]
+    given += list(OmegaConf.select(hydra, "overrides.task") or [])
+    overrides = OverridesParser.create().parse_overrides(given)
+    return list(dict.fromkeys(o.key_or_group for o in overrides if o.is_sweep_override()))
+
+
+def group_name(folder: Path) -> str:
+    """A readable W&B group for a sweep (or lone run) folder: its name, with the date folder above it when the
+    name is a time of day as in Hydra's default (outputs/sweeps/2026-11-26/10-42-07-123456 ->
+    2026-11-26/10-42-07-123456; outputs/my_study -> my_study)."""
+    folder = Path(folder)
+    if re.fullmatch(r"\d\d-\d\d-\d\d(-\d+)?", folder.name):
+        return f"{folder.parent.name}/{folder.name}"
+    return folder.name
+
+
+def run_identity(run_dir: Path, group: Optional[str] = None) -> Tuple[str, str]:
+    """(name, group) of a run on W&B: its swept keys and their values ("beta=4 latent_dim=16"), grouped under
+    `logger.group` or the sweep folder's name; a lone run is named by its overrides and grouped by its folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    group = group or os.environ.get("WANDB_RUN_GROUP")
+    if not HydraConfig.initialized():
+        return run_dir.name, group or group_name(run_dir)
+    hc = HydraConfig.get()
+    given = {k: o.get_value_element_as_str() for k, o in result_overrides(hc.overrides.task).items()}
+    multirun = hc.mode == RunMode.MULTIRUN
+    keys = [k for k in swept_keys(hc.sweep.dir) if k in given] if multirun else list(given)
+    name = " ".join(f"{short}={given[k]}" for k, short in short_names(keys).items()) or "defaults"
+    return name, group or group_name(Path(hc.sweep.dir if multirun else hc.run.dir))
