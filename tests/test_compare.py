@@ -22,7 +22,7 @@ from .conftest import leet, run_cli, tiny_overrides
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     proc = run_cli(["-m", *tiny_overrides(root / "cache"), "trainer.max_steps=60", "trainer.eval_every=60", "loss.beta=0.5,4,-1",
-                    "logger=wandb", f"hydra.sweep.dir={root / 'sweep'}"])
+                    "logger=wandb", f"hydra.sweep.dir={root / 'sweep'}"], real_process=True)
     return root / "sweep", proc
 
 
@@ -43,7 +43,7 @@ def test_a_failing_member_does_not_stop_the_others(sweep):
 
 def test_compare_writes_table_plots_montages_and_report(sweep):
     folder, _ = sweep
-    proc = run_cli([str(folder)], module="src.compare")
+    proc = run_cli([str(folder)], module="src.compare", real_process=True)  # the smoke test of the command
     assert proc.returncode == 0, proc.stderr
     out = folder / "compare"
     table = pd.read_csv(out / "table.csv")
@@ -93,7 +93,7 @@ def test_wandb_names_a_member_by_its_swept_keys_and_groups_it_by_the_sweep_folde
 def test_logger_group_names_the_group_and_a_lone_run_is_named_by_its_overrides(tmp_path):
     run = tmp_path / "2026-11-26" / "10-42-07-123456"  # the layout of Hydra's default folders here
     proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "loss.beta=2", "logger=wandb",
-                    f"hydra.run.dir={run}"])  # as a W&B agent's command line gives them
+                    f"hydra.run.dir={run}"], real_process=True)  # as a W&B agent's command line gives them
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = next(r["run"] for r in leet(run / "wandb") if r["type"] == "run")
     assert record["run_group"] == "2026-11-26/10-42-07-123456"  # a time-of-day folder keeps its date
@@ -101,14 +101,14 @@ def test_logger_group_names_the_group_and_a_lone_run_is_named_by_its_overrides(t
     assert "beta=2" in name and "cache_dir" not in name and "logger" not in name and "hydra" not in name
     grouped = tmp_path / "grouped"
     proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "logger=wandb", "logger.group=my_study",
-                    f"hydra.run.dir={grouped}"])
+                    f"hydra.run.dir={grouped}"], real_process=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert next(r["run"] for r in leet(grouped / "wandb") if r["type"] == "run")["run_group"] == "my_study"
 
 
 def test_compare_wandb_logs_one_summary_run_into_the_sweeps_group(sweep):
     folder, _ = sweep
-    proc = run_cli([str(folder), "--wandb"], module="src.compare")
+    proc = run_cli([str(folder), "--wandb"], module="src.compare", real_process=True)
     assert proc.returncode == 0, proc.stderr
     records = leet(folder / "compare" / "wandb")
     run = next(r["run"] for r in records if r["type"] == "run")

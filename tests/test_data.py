@@ -278,7 +278,7 @@ def test_missing_root_and_empty_folder(tmp_path):
 
 def test_cli_missing_root_is_one_line(tmp_path):
     proc = run_cli(["data=celeba", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}",
-                    f"data.cache_dir={tmp_path / 'cache'}"])
+                    f"data.cache_dir={tmp_path / 'cache'}", "logger=none"])
     out = proc.stdout + proc.stderr
     errors = [line for line in out.splitlines() if "ERROR" in line]
     assert proc.returncode != 0 and "Traceback" not in out
@@ -369,7 +369,7 @@ def test_train_on_cifar_fixture_via_cli(tmp_path):
     run = tmp_path / "run"
     proc = run_cli(["data=cifar10", f"data.root={tmp_path / 'root'}", f"data.cache_dir={tmp_path / 'cache'}",
                     "data.val_size=16", "data.batch_size=16", "model.hidden_channels=[8,16]", "trainer.max_steps=3",
-                    "trainer.progress=false", f"hydra.run.dir={run}"])
+                    "trainer.progress=false", "logger=none", f"hydra.run.dir={run}"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["status"], summary["data/train_size"], summary["data/test_size"]) == ("finished", 64, 16)
@@ -395,7 +395,8 @@ def test_vanilla_vae_preset_trains_on_celeba_fixture(tmp_path):
     make_celeba(tmp_path / "root", "kaggle", n=12)
     run = tmp_path / "run"
     proc = run_cli(["experiment=vanilla_vae_celeba64", f"data.root={tmp_path / 'root'}",
-                    f"data.cache_dir={tmp_path / 'c'}", "data.batch_size=4", "trainer.max_steps=2", "trainer.progress=false", f"hydra.run.dir={run}"])
+                    f"data.cache_dir={tmp_path / 'c'}", "data.batch_size=4", "trainer.max_steps=2", "trainer.progress=false", "logger=none",
+                    f"hydra.run.dir={run}"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and len(summary["val/kl_per_dim"]) == 128

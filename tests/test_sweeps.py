@@ -21,7 +21,7 @@ def beta_sweep(tmp_path_factory):
     """The named beta sweep (4 members), tiny, with W&B on (offline)."""
     root = tmp_path_factory.mktemp("beta")
     proc = run_cli(["-m", "sweep=beta", *tiny_overrides(root / "cache"), "logger=wandb", "trainer.max_steps=4",
-                    f"hydra.sweep.dir={root / 'sweep'}"])
+                    f"hydra.sweep.dir={root / 'sweep'}"], real_process=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root / "sweep"
 
@@ -78,7 +78,7 @@ def test_a_wandb_agent_command_trains_the_member_it_names(tmp_path, tiny):
     member = [f"{key}={p['values'][-1]}" for key, p in spec["parameters"].items()]  # loss.beta=16
     run = tmp_path / "run"
     proc = run_cli([*tiny, *command[3:-1], *member, "trainer.max_steps=2", f"hydra.run.dir={run}"],
-                   module=spec["program"])
+                   module=spec["program"], real_process=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["train/beta"] == 16.0 and (run / "wandb").is_dir()
@@ -99,7 +99,7 @@ def test_slurm_preset_targets_the_installed_submitit_launcher():
                          ids=["joblib", "submitit_local", "parallel"])
 def test_launchers_finish_both_members(tmp_path, launcher):
     proc = run_cli(["-m", *launcher, *tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "logger=none",
-                    "loss.beta=0.5,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"])
+                    "loss.beta=0.5,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], real_process=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for member in ("0", "1"):
         assert json.loads((tmp_path / "sweep" / member / "summary.json").read_text())["status"] == "finished"

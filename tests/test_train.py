@@ -23,7 +23,7 @@ def _read_jsonl(path):
 
 def test_cli_run_writes_the_run_dir_contract(tmp_path, tiny):
     run = tmp_path / "run"
-    proc = run_cli([*tiny, f"hydra.run.dir={run}"])
+    proc = run_cli([*tiny, f"hydra.run.dir={run}"], real_process=True)  # the smoke test of the command
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert str(run) in proc.stdout  # it says where its outputs are
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "metrics.jsonl", "summary.json",

@@ -66,7 +66,7 @@ def test_a_broken_wandb_server_sends_the_run_offline_and_a_rerun_works(tmp_path,
     budgets = (4, 8) if kind in ("closed", "silent") else (4,)  # a rerun continues the dir and its W&B run id
     for budget in budgets:
         proc = run_cli([*tiny, "logger=wandb", f"logger.init_timeout={TIMEOUT}", f"trainer.max_steps={budget}",
-                        f"hydra.run.dir={run}"], env=env)
+                        f"hydra.run.dir={run}"], env=env, real_process=True)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "Traceback" not in proc.stdout + proc.stderr
         [line] = [line for line in proc.stdout.splitlines() if "W&B unreachable" in line]
