@@ -110,27 +110,6 @@ def find_resume_checkpoint(resume: str, run_dir: RunDir) -> Optional[Path]:
     return path
 
 
-def read_summary(run_dir: RunDir) -> Optional[Dict[str, Any]]:
-    """The run dir's summary.json, or None if there is none or it is damaged (a damaged one is rewritten when the
-    run next ends, so it costs nothing but a warning)."""
-    if not run_dir.summary.is_file():
-        return None
-    try:
-        summary = json.loads(run_dir.summary.read_text())
-    except (ValueError, UnicodeDecodeError):
-        summary = None
-    if not isinstance(summary, dict):
-        log.warning("%s is damaged (not a JSON object); it is rewritten when this run ends", run_dir.summary)
-        return None
-    return summary
-
-
-def finished_summary(run_dir: RunDir) -> Optional[Dict[str, Any]]:
-    """The run dir's summary.json when it says the run finished, else None."""
-    summary = read_summary(run_dir)
-    return summary if summary is not None and summary.get("status") == "finished" else None
-
-
 def truncate_metrics(run_dir: RunDir, step: int) -> None:
     """Keep metrics.jsonl rows up to the checkpoint at `step`, so each step appears once after a resume: rows
     written after it, the final test row (written after the last checkpoint) and a line torn by a kill go."""

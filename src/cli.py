@@ -25,12 +25,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from .checkpoint import CheckpointError, load_checkpoint, read_summary
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, register_configs
 from .data import DataError
 from .identity import RecordError
 from .lifecycle import DivergedError, Interrupted
-from .rundir import RunDir, RunDirRefused
+from .rundir import RunDir, RunDirRefused, read_summary
 from .train import train
 from .validate import did_you_mean
 

@@ -33,8 +33,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .naming import short_names, swept_keys  # noqa: E402
-from .rundir import RunDir  # noqa: E402
-from .checkpoint import CheckpointError, read_summary  # noqa: E402
+from .rundir import RunDir, read_summary  # noqa: E402
 from .identity import RecordError, changes_results, flatten, recorded_config, result_overrides  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -110,7 +109,7 @@ def _overrides(run: Path) -> Dict[str, object]:
 def _trained_with(run: Path) -> Dict[str, object]:
     try:
         return flatten(recorded_config(run) or {})
-    except (RecordError, CheckpointError) as e:  # one damaged member must not stop the comparison
+    except RecordError as e:  # one damaged member must not stop the comparison
         log.warning("%s", e)
         return {}
 

@@ -15,8 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import Config
+from .config import Config, ConfigError
 from .rundir import RunDir, RunDirRefused, write_text
 
 log = logging.getLogger(__name__)
@@ -97,7 +96,12 @@ def recorded_config(run_dir: Path | RunDir) -> Optional[Dict[str, Any]]:
                               "rerun with the settings the run was trained with, or use another hydra.run.dir")
         return record
     if rd.last.is_file():
-        return load_checkpoint(rd.last)["config"]
+        from .checkpoint import CheckpointError, load_checkpoint  # torch, for runs of earlier versions only
+
+        try:
+            return load_checkpoint(rd.last)["config"]
+        except CheckpointError as e:
+            raise RecordError(str(e)) from None
     return None
 
 
@@ -129,7 +133,7 @@ def check_checkpoint(saved: Dict[str, Any], current: Dict[str, Any], path: Path)
                                                                for k in BUDGET}}}
     verdict, diff = compare(saved, as_saved)
     if verdict == "different":
-        raise CheckpointError(f"{diff.key}={diff.current!r} is not allowed here: {path} was trained with "
+        raise ConfigError(f"{diff.key}={diff.current!r} is not allowed here: {path} was trained with "
                               f"{diff.recorded!r}; use a checkpoint of this experiment, or drop trainer.resume")
 
 

@@ -20,7 +20,6 @@ from typing import Any, Dict, Optional
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from .checkpoint import CheckpointError
 from .config import Config
 from .identity import RecordError, recorded_config
 from .loggers import RunLogger, record_failure
@@ -142,7 +141,7 @@ class RunLifecycle:
         if not self.writing:
             try:
                 fresh = recorded_config(self.dir) is None
-            except (RecordError, CheckpointError):  # a damaged record: leave the dir as it is
+            except RecordError:  # a damaged record: leave the dir as it is
                 fresh = False
             if not fresh:
                 return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional
 from omegaconf import OmegaConf
 
 from .config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class RunDir:
@@ -126,6 +129,27 @@ def write_hydra_files(run_dir: RunDir, task_cfg: Any) -> None:
     OmegaConf.save(task_cfg, run_dir.hydra / "config.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), run_dir.hydra / "hydra.yaml")
     OmegaConf.save(hydra_cfg.overrides.task, run_dir.hydra / "overrides.yaml")
+
+
+def read_summary(run_dir: RunDir) -> Optional[Dict[str, Any]]:
+    """The run dir's summary.json, or None if there is none or it is damaged (a damaged one is rewritten when the
+    run next ends, so it costs nothing but a warning)."""
+    if not run_dir.summary.is_file():
+        return None
+    try:
+        summary = json.loads(run_dir.summary.read_text())
+    except (ValueError, UnicodeDecodeError):
+        summary = None
+    if not isinstance(summary, dict):
+        log.warning("%s is damaged (not a JSON object); it is rewritten when this run ends", run_dir.summary)
+        return None
+    return summary
+
+
+def finished_summary(run_dir: RunDir) -> Optional[Dict[str, Any]]:
+    """The run dir's summary.json when it says the run finished, else None."""
+    summary = read_summary(run_dir)
+    return summary if summary is not None and summary.get("status") == "finished" else None
 
 
 # ------------------------------------------------------------------------------------------- the lock

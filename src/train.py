@@ -24,8 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from .checkpoint import find_resume_checkpoint, finished_summary, load_checkpoint, rng_state, save_checkpoint, \
-    set_rng_state, truncate_metrics
+from .checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, \
+    truncate_metrics
 from .config import Config, ConfigError, TrainerConfig, total_steps
 from .data import TrainBatches, load_data, mean_image, resolve_on_device
 from .device import autocast_for, resolve_compile, resolve_device, resolve_precision, setup_backends, synchronize
@@ -37,7 +37,7 @@ from .losses import Objective
 from .metrics import evaluate_split
 from .models import build_model
 from .optim import build_optimizer
-from .rundir import RunDir, write_hydra_files
+from .rundir import RunDir, finished_summary, write_hydra_files
 from .validate import parse
 from .visuals import FixedGrids, fixed_latents
 

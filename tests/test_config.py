@@ -32,8 +32,15 @@ def _leaves(node, prefix=""):
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_group_files_state_only_what_differs_from_the_defaults(group, option):
     """Every default has one home, the dataclasses: a group file or preset restating one is a second home."""
-    if group == "sweep":
-        return  # sweeps set hydra.sweeper.params only
+    if group == "sweep":  # a named study sets hydra.sweeper.params only, each a real key with several values
+        own = OmegaConf.to_container(OmegaConf.load(Path(CONF) / group / f"{option}.yaml"))
+        params = own.pop("hydra").pop("sweeper").pop("params")
+        assert not own and params, f"sweep/{option}.yaml sets more than hydra.sweeper.params"
+        base = compose_cfg([])
+        for key, values in params.items():
+            assert OmegaConf.select(base, key) is not None or key in ("model", "data", "loss"), key
+            assert len(str(values).split(",")) > 1, f"sweep/{option}.yaml sweeps {key} over one value"
+        return
     own = OmegaConf.to_container(OmegaConf.load(Path(CONF) / group / f"{option}.yaml")) or {}
     if group == "experiment":  # a preset overlays the groups it picks; compare with those
         picks = [next(iter(d.items())) for d in own.pop("defaults", [])]

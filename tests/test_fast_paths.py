@@ -39,14 +39,14 @@ def test_auto_picks_the_fast_path_on_cuda_and_fp32_eager_on_cpu(tmp_path, tiny, 
 
 def test_bf16_losses_are_close_to_fp32(tmp_path, tiny, eager):
     _, rows = _train_losses(tmp_path / "bf16", tiny, "trainer.precision=bf16", "trainer.compile=false")
-    for a, b in zip(eager[1], rows):
+    for a, b in zip(eager[1], rows, strict=True):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=0.02), a["step"]
 
 
 def test_compiled_run_is_close_to_eager_and_writes_the_contract(tmp_path, tiny, eager):
     summary, rows = _train_losses(tmp_path / "compiled", tiny, "trainer.precision=fp32", "trainer.compile=default")
     assert summary["status"] == "finished"
-    for a, b in zip(eager[1], rows):  # inductor draws its own eps, so not bit-equal
+    for a, b in zip(eager[1], rows, strict=True):  # inductor draws its own eps, so not bit-equal
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=0.01), a["step"]
     for name in ("summary.json", "metrics.jsonl", "checkpoints/last.pt", "samples.png", "reconstructions.png",
                  "traversals.png"):
