@@ -18,10 +18,8 @@ TRAINER = {"train", "lifecycle", "cli"}  # training and the process around it
 def _importing_nodes(tree: ast.Module):
     """Every node of a module but its `if __name__ == "__main__":` block, which runs only as a program (that is
     how `python -m src.train` reaches src/cli.py) and never when the module is imported."""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
-            node.body = []
-        yield node
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))]
+    yield from ast.walk(tree)
 
 
 def imports() -> dict:
