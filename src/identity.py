@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -89,7 +90,7 @@ def recorded_config(run_dir: Path | RunDir) -> Optional[Dict[str, Any]]:
     if rd.trained_with.is_file():
         try:
             record = OmegaConf.to_container(OmegaConf.load(rd.trained_with), resolve=False)
-        except (OmegaConfBaseException, ValueError, TypeError, UnicodeDecodeError) as e:
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError, UnicodeDecodeError) as e:
             record = e
         if not isinstance(record, dict):
             raise RecordError(f"{rd.trained_with} is damaged (not a YAML mapping of config keys); remove it and "

@@ -12,8 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
+from PIL import Image
 
 from src.checkpoint import load_checkpoint
 from src.rundir import RunDir, RunDirLock
@@ -209,3 +212,118 @@ def test_a_signal_checkpoints_says_how_to_resume_and_the_resume_is_exact(tmp_pat
     for key in COMPARED:
         assert b[key] == pytest.approx(a[key], rel=1e-4), key
     assert _steps(run) == _steps(whole)
+
+
+# --------------------------------------------------------------------------------------------- one definition
+
+
+def test_keys_that_cannot_change_results_do_not_block_a_resume(tmp_path, base):
+    """Another cache folder (a node-local $TMPDIR on a cluster) or data held off the device: the same experiment,
+    for the rerun check and the resume check alike."""
+    run = tmp_path / "run"
+    assert train(compose_cfg([*base, "trainer.max_steps=4"]), run_dir=run)["status"] == "finished"
+    moved = [*base, "trainer.max_steps=8", f"data.cache_dir={tmp_path / 'node-local'}", "data.on_device=false"]
+    summary = train(compose_cfg(moved), run_dir=run)
+    assert (summary["status"], summary["step"]) == ("finished", 8)
+
+
+def test_a_run_that_failed_before_training_does_not_bind_its_folder(tmp_path, base):
+    run, pictures = tmp_path / "run", tmp_path / "pictures"
+    args = [*base, "data=folder", f"data.root={pictures}", "data.val_fraction=0.2", "data.test_fraction=0.2", "data.batch_size=8",
+            f"hydra.run.dir={run}"]
+    wrong = run_cli([*args[:-2], f"data.root={tmp_path / 'typo'}", args[-2], args[-1]])
+    assert wrong.returncode == 2 and "typo" in wrong.stdout
+    pictures.mkdir()
+    for i in range(40):
+        Image.fromarray(np.full((16, 16), i * 6, np.uint8)).save(pictures / f"{i}.png")
+    right = run_cli(args)
+    assert right.returncode == 0, right.stdout[-2000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_record_of_an_earlier_version_lacking_newer_keys_is_the_same_experiment(tmp_path, base):
+    """A key added since a run was recorded means that key's default then: the run is skipped when finished and
+    resumes when not, instead of being refused for `eval.fid=False ... trained with eval.fid=None`."""
+    run = tmp_path / "run"
+    args = [*base, "trainer.max_steps=4", "trainer.eval_every=2"]
+    train(compose_cfg(args), run_dir=run)
+    record = OmegaConf.load(run / "trained_with.yaml")
+    del record.eval["fid"], record.eval["fid_images"], record.trainer["fused_adam"]
+    OmegaConf.save(record, run / "trained_with.yaml")
+    again = run_cli([*args, f"hydra.run.dir={run}"])
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stdout[-2000:]
+    longer = train(compose_cfg([*base, "trainer.max_steps=6", "trainer.eval_every=2"]), run_dir=run)
+    assert (longer["status"], longer["step"]) == ("finished", 6)
+
+
+def test_an_interrupted_budget_extension_is_never_reported_finished(tmp_path, base):
+    """Train to 4 steps, continue to 8 and kill -9 at step 6: the rerun resumes to 8 (it used to say 'already
+    finished' and keep the 4-step summary under the 8-step record)."""
+    run = tmp_path / "run"
+    args = [*base, "trainer.eval_every=2", "trainer.log_every=1"]
+    train(compose_cfg([*args, "trainer.max_steps=4"]), run_dir=run)
+    script = tmp_path / "kill_at_log.py"
+    script.write_text(KILL_AT_LOG)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KILL_AT_LOG_STEP": "6"}
+    killed = subprocess.run([sys.executable, str(script), *args, "trainer.max_steps=8", f"hydra.run.dir={run}"],
+                            cwd=ROOT, env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (run / "summary.json").exists()  # no summary of the 4-step run beside the 8-step record
+    rerun = run_cli([*args, "trainer.max_steps=8", f"hydra.run.dir={run}"])
+    assert rerun.returncode == 0 and "already finished" not in rerun.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["step"]) == ("finished", 8)
+    assert [s for s, kind in _steps(run) if kind == "train"] == list(range(1, 9))  # each step once
+
+
+def test_resume_never_with_a_bad_data_root_leaves_the_old_run_in_place(tmp_path, base):
+    run = tmp_path / "run"
+    train(compose_cfg(base), run_dir=run)
+    before = _snapshot(run)
+    proc = run_cli([*base, "trainer.resume=never", "data=folder", f"data.root={tmp_path / 'typo'}",
+                    f"hydra.run.dir={run}"])
+    assert proc.returncode == 2 and "typo" in proc.stdout
+    assert not (run / "replaced").exists() and _snapshot(run) == before
+
+
+# --------------------------------------------------------------------------------------------- damaged files
+
+
+@pytest.mark.parametrize("content", ["{not yaml: [", "- a\n- list\n"], ids=["not_yaml", "a_list"])
+def test_a_damaged_record_is_one_line_and_compare_still_reads_the_sweep(tmp_path, base, content):
+    sweep = tmp_path / "sweep"
+    assert run_cli(["-m", *base, "trainer.max_steps=2", "loss.beta=1,2", f"hydra.sweep.dir={sweep}"]).returncode == 0
+    (sweep / "0" / "trained_with.yaml").write_text(content)
+    proc = run_cli([*base, "trainer.max_steps=2", "loss.beta=1", f"hydra.run.dir={sweep / '0'}"])
+    [line] = _error_lines(proc)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert "trained_with.yaml is damaged" in line and "remove it" in line
+    table = run_cli([str(sweep)], module="src.compare")
+    assert table.returncode == 0 and "trained_with.yaml is damaged" in table.stderr
+
+
+def test_a_garbage_summary_is_rewritten_by_the_rerun(tmp_path, base):
+    run = tmp_path / "run"
+    train(compose_cfg(base), run_dir=run)
+    (run / "summary.json").write_text("\x00garbage")
+    assert train(compose_cfg(base), run_dir=run)["status"] == "finished"
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_lock_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path, base):
+    run, target = tmp_path / "run", tmp_path / "precious.txt"
+    run.mkdir()
+    target.write_text("keep me\n")
+    (run / ".lock").symlink_to(target)
+    proc = run_cli([*base, f"hydra.run.dir={run}"])
+    assert proc.returncode == 2 and "symlink" in " ".join(_error_lines(proc))
+    assert target.read_text() == "keep me\n"
+
+
+def test_a_symlinked_record_is_replaced_not_written_through(tmp_path, base):
+    run, target = tmp_path / "run", tmp_path / "precious.txt"
+    run.mkdir()
+    target.write_text("keep me\n")
+    (run / "summary.json").symlink_to(target)
+    assert train(compose_cfg(base), run_dir=run)["status"] == "finished"
+    assert target.read_text() == "keep me\n" and not (run / "summary.json").is_symlink()
