@@ -91,7 +91,7 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     iwae_k: int = 5  # importance samples for val/iwae_nll at every eval
-    iwae_k_test: int = 20  # for the final test/iwae_nll (README: Diagnostics, what it costs)
+    iwae_k_test: int = 20  # for the final test/iwae_nll (docs/diagnostics.md: what it costs)
     mi_images: int = 2000  # images whose aggregate posterior estimates mutual_info
     blur_samples: int = 256  # fixed prior samples and real images behind the blur measures
     traversal_dims: int = 8  # top dims by KL shown in traversals

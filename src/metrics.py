@@ -213,7 +213,7 @@ def evaluate(
         out["iwae_k"] = iwae_k
         out["active_units"] = active_units(mu_all)
         out["collapsed_units"] = mu_all.shape[1] - out["active_units"]
-        # another view of collapse: dims that cost KL, whether or not their mean moves with x (README: Diagnostics)
+        # another view of collapse: dims that cost KL, whether or not their mean moves with x (docs/diagnostics.md)
         out["kl_active_units"] = int(sum(kl > KL_ACTIVE_NATS for kl in out["kl_per_dim"]))
         out["mutual_info"] = mutual_info(mu_all[:mi_images], logvar_all[:mi_images])
         # the estimator cannot exceed log N (N images in the aggregate posterior): near it, MI is "at least"

@@ -92,7 +92,7 @@ def parse(cfg: DictConfig | Config) -> Config:
 
     _choice("data.name", d.name, SOURCES)
     _check(d.name == "shapes" or bool(d.root), "data.root", d.root,
-           f"data={d.name} reads files: set data.root to the folder holding them (README: Data sets)")
+           f"data={d.name} reads files: set data.root to the folder holding them (docs/data.md)")
     _check(d.image_size > 0, "data.image_size", d.image_size, "must be a positive integer")
     _check(d.channels in (1, 3), "data.channels", d.channels, "must be 1 (grey) or 3 (RGB)")
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")
