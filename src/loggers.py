@@ -29,6 +29,8 @@ LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
 def wandb_mode(mode: str) -> str:
     """WANDB_MODE from the environment wins; `auto` is online with credentials, offline without."""
+    if os.environ.get("WANDB_MODE") == "":  # as env files and CI templates leave it: unset, not a mode
+        del os.environ["WANDB_MODE"]  # (wandb itself refuses the empty string)
     env = os.environ.get("WANDB_MODE")
     if env:
         return {"dryrun": "offline", "run": "online"}.get(env, env)
@@ -139,27 +141,41 @@ class RunLogger:
     def __init__(self, run_dir: Path, cfg: Optional[LoggerConfig] = None, config: Optional[Dict[str, Any]] = None):
         self.path = RunDir(run_dir).metrics
         self.file = open(self.path, "a", buffering=1)
-        self.wandb = start_wandb(cfg, Path(run_dir), config or {}) if cfg is not None and cfg.name == "wandb" else None
+        self.wandb = None
+        if cfg is not None and cfg.name == "wandb":
+            self._guarded("start", lambda: setattr(self, "wandb", start_wandb(cfg, Path(run_dir), config or {})))
         self.run_id = self.wandb.id if self.wandb is not None else None
+
+    def _guarded(self, what: str, call) -> None:
+        """Nothing W&B does after the start check may fail the trainer: an error turns W&B off for this run,
+        with one warning; metrics.jsonl and summary.json go on as always."""
+        try:
+            call()
+        except Exception as e:
+            log.warning("W&B failed to %s (%s: %s); going on without W&B, metrics.jsonl keeps every step", what,
+                        type(e).__name__, str(e).splitlines()[0][:160] if str(e) else "")
+            self.wandb = None
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         self.file.write(json.dumps({"step": step, **{k: plain(v) for k, v in metrics.items()}}) + "\n")
         if self.wandb is not None:
-            self.wandb.log({"step": step, **_wandb_values(metrics)})
+            self._guarded("log", lambda: self.wandb.log({"step": step, **_wandb_values(metrics)}))
 
     def log_images(self, images: Dict[str, Path], step: int, prefix: str = "val") -> None:
         """Grids are PNG files in the run dir already; W&B gets them as images."""
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({"step": step, **{f"{prefix}/{k}": wandb.Image(str(p)) for k, p in images.items()}})
+            self._guarded("log images", lambda: self.wandb.log(
+                {"step": step, **{f"{prefix}/{k}": wandb.Image(str(p)) for k, p in images.items()}}))
 
     def finish(self, summary: Dict[str, Any]) -> None:
         """Close metrics.jsonl; on W&B, summary.json becomes the run summary, and the exit code says failed."""
         self.file.close()
         if self.wandb is not None:
-            self.wandb.summary.update({k: plain(v) for k, v in summary.items()})
-            self.wandb.finish(exit_code=0 if summary.get("status") == "finished" else 1)
+            run = self.wandb
+            self._guarded("finish", lambda: (run.summary.update({k: plain(v) for k, v in summary.items()}),
+                                             run.finish(exit_code=0 if summary.get("status") == "finished" else 1)))
             self.wandb = None
 
 

@@ -78,3 +78,13 @@ def test_a_broken_wandb_server_sends_the_run_offline_and_a_rerun_works(tmp_path,
     for path in run.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_an_empty_wandb_mode_is_unset_not_a_crash(tmp_path, tiny):
+    """WANDB_MODE="" (as env files and CI templates leave it) means unset: the run trains, offline without a key."""
+    run = tmp_path / "run"
+    proc = run_cli([*tiny, "logger=wandb", "trainer.max_steps=2", f"hydra.run.dir={run}"],
+                   env={"WANDB_MODE": "", "WANDB_API_KEY": None}, real_process=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    assert list((run / "wandb").glob("offline-run-*"))
