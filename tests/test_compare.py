@@ -62,7 +62,7 @@ def test_compare_writes_table_plots_montages_and_report(sweep):
     report = (out / "report.html").read_text()
     assert "Swept: loss.beta = 0.5, 4, -1." in report and "data: shapes, 16x16x1" in report
     assert "model: conv [8, 16], latent_dim 4" in report and "likelihood: bernoulli" in report
-    assert "max_epochs 5, max_steps 60, batch 32, trained 40 steps" in report  # 5 epochs of 8 steps end first
+    assert "max_epochs 3, max_steps 60, batch 32, trained 24 steps" in report  # 3 epochs of 8 steps end first
     for name, how in HOW_TO_READ.items():
         assert (out / name).stat().st_size > 1000 and f'src="{name}"' in report, name
         assert html.escape(how) in report, name
