@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from .config import LoggerConfig
 from .naming import run_identity
-from .rundir import RunDir, plain
+from .rundir import RunDir, plain, write_text
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
     id_file = RunDir(run_dir).wandb_run_id
     # under a W&B agent the sweep chooses the id; otherwise reuse ours, or make one and keep it
     run_id = id_file.read_text().strip() if id_file.is_file() else os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
-    id_file.write_text(run_id + "\n")
+    write_text(id_file, run_id + "\n")
     if name is None:
         name, group = run_identity(run_dir, cfg.group)
     kwargs = dict(project=cfg.project, entity=cfg.entity, dir=str(run_dir), id=run_id, resume="allow", name=name,

@@ -82,7 +82,7 @@ def test_no_module_imports_one_above_it():
 
 def test_reading_records_and_comparing_does_not_import_torch():
     """`python -m src.compare` reads YAML and JSON: it loads no torch (seconds of import) to do it."""
-    code = "import sys, src.compare, src.config, src.identity, src.naming, src.rundir; " \
+    code = "import sys, src.compare, src.comparison, src.report, src.config, src.identity, src.naming, src.rundir; " \
            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src.compare import HOW_TO_READ, MONTAGE_COLS, MONTAGE_ROWS, MONTAGE_WIDTH
+from src.report import HOW_TO_READ, MONTAGE_COLS, MONTAGE_ROWS, MONTAGE_WIDTH
 
 from .conftest import leet, run_cli, tiny_overrides
 

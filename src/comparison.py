@@ -1,0 +1,149 @@
+"""Collecting a comparison: find the runs under some folders, read what each was trained with (identity.py's
+record) and its summary, and build a `Comparison`: one row per run with the settings that differ and the final
+metrics, plus the runs, the swept keys and every setting all runs share. Drawing it is report.py's job."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from .identity import RecordError, changes_results, flatten, recorded_config, result_overrides
+from .naming import short_names, swept_keys
+from .rundir import RunDir, read_summary
+
+log = logging.getLogger(__name__)
+
+SPLIT = "test"  # the final numbers, on the official test split
+METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_units", "kl_active_units",
+           "collapsed_units", "mutual_info", "mutual_info_max", "mutual_info_capped", "mig", "sample_blur",
+           "recon_blur", "data_blur", "sharpness_ratio", "mse"]
+
+
+@dataclass
+class Comparison:
+    """Runs side by side. `table`: one row per run (run, status, the swept settings, `test/<metric>` for every
+    metric, error); `runs`: each run's path, settings, overrides and summary, in the table's order; `swept`: the
+    keys whose values differ (the sweep's own order); `fixed`: every setting all runs share."""
+    table: pd.DataFrame
+    runs: List[Dict[str, object]]
+    swept: List[str]
+    fixed: Dict[str, object]
+
+    def labels(self, keys: Optional[List[str]] = None) -> List[str]:
+        """Each run as `beta=4 latent_dim=16` over the swept keys (or `keys`); the run's folder when none."""
+        keys = self.swept if keys is None else keys
+        short = short_names(self.swept)
+        return [" ".join(f"{short[k]}={fmt(row[k])}" for k in keys) or row["run"] for _, row in self.table.iterrows()]
+
+    def finished(self) -> int:
+        return int(self.table["status"].eq("finished").sum())
+
+
+def fmt(v) -> str:
+    """A setting as text: floats in their shortest form."""
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+class CompareError(RuntimeError):
+    """Nothing to compare; the message names the folder."""
+
+
+def newest_sweep(root: Path) -> Path:
+    """The most recently started multirun under `root` (Hydra writes multirun.yaml into each sweep folder)."""
+    sweeps = list(root.glob("**/multirun.yaml")) if root.is_dir() else []
+    if not sweeps:
+        raise CompareError(f"no sweep under {root}/ (run from the folder you trained in, or name a sweep or run "
+                           "folder: python -m src.compare outputs/sweeps/<date>/<time>)")
+    return max(sweeps, key=lambda p: p.stat().st_mtime).parent
+
+
+def find_runs(dirs: List[Path]) -> List[Path]:
+    """Folders holding a Hydra run (.hydra/config.yaml) or a summary.json, in natural order."""
+    found = set()
+    for d in dirs:
+        if not d.is_dir():
+            raise CompareError(f"{d} is not a folder; give a sweep or run folder (e.g. outputs/sweeps/<date>/<time>)")
+        for marker in [*d.glob("**/.hydra"), *d.rglob(RunDir(d).summary.name)]:
+            run = marker.parent
+            if "compare" not in run.relative_to(d).parts and "wandb" not in run.parts:
+                found.add(run)
+    return sorted(found, key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
+
+
+def _overrides(run: Path) -> Dict[str, object]:
+    """The overrides the run was launched with that can change results, typed as the config holds them."""
+    path = RunDir(run).hydra / "overrides.yaml"
+    items = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else []
+    return {k: o.value() for k, o in result_overrides(items).items()}
+
+
+def _trained_with(run: Path) -> Dict[str, object]:
+    try:
+        return flatten(recorded_config(run) or {})
+    except RecordError as e:  # one damaged member must not stop the comparison
+        log.warning("%s", e)
+        return {}
+
+
+def _settings(run: Path, recorded: Dict[str, object]) -> Dict[str, object]:
+    """The run's settings that can change results, as flat keys: what it was trained with (its record, never a
+    .hydra/ that a later launch may have rewritten); for a run that failed before training, its overrides."""
+    if recorded:
+        return {k: v for k, v in recorded.items() if not k.startswith("hydra.") and changes_results(k)}
+    return _overrides(run)
+
+
+def read_run(run: Path) -> Dict[str, object]:
+    """One run's record (flat keys), settings, overrides and summary; a run without summary.json is
+    'incomplete'."""
+    summary = read_summary(RunDir(run)) or {"status": "incomplete"}
+    recorded = _trained_with(run)
+    return {"path": run, "recorded": recorded, "settings": _settings(run, recorded), "overrides": _overrides(run),
+            "summary": summary}
+
+
+def collect(dirs: List[Path]) -> Comparison:
+    """The runs under `dirs` (sweep or run folders, searched recursively), compared; the first folder is the
+    root their names are relative to and whose multirun.yaml orders the swept keys."""
+    paths = find_runs(dirs)
+    if not paths:
+        raise CompareError(f"no runs under {', '.join(map(str, dirs))}: a run folder holds .hydra/config.yaml "
+                           "or summary.json (point at outputs/sweeps/<date>/<time> or a run folder)")
+    runs, root = [read_run(p) for p in paths], dirs[0]
+    keys = list(dict.fromkeys(k for r in runs for k in r["settings"]))
+    if len(runs) > 1:
+        # a run that failed before training has only its overrides: the keys it lacks are not swept by it
+        swept = [k for k in keys if len({repr(r["settings"][k]) for r in runs if k in r["settings"]}) > 1]
+        order = swept_keys(root)  # the sweep's own order (its first key goes on the plots' x axis)
+        swept.sort(key=lambda k: order.index(k) if k in order else len(order))
+    else:
+        swept = sorted(runs[0]["overrides"])
+    rows = []
+    for r in runs:
+        s = r["summary"]
+        row = {"run": _relative(r["path"], root), "status": s.get("status", "incomplete")}
+        row.update({k: _cell(r["settings"].get(k, r["overrides"].get(k))) for k in swept})
+        row.update({f"{SPLIT}/{m}": s.get(f"{SPLIT}/{m}", np.nan) for m in METRICS})
+        if "error" in s:
+            row["error"] = s["error"]
+        rows.append(row)
+    fixed = {k: next(r["settings"][k] for r in runs if k in r["settings"]) for k in keys if k not in swept}
+    return Comparison(pd.DataFrame(rows), runs, swept, fixed)
+
+
+def _cell(v):
+    """A setting as a table cell: numbers as numbers, lists as their text."""
+    return str(v) if isinstance(v, (list, tuple)) else v
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root)) or "."
+    except ValueError:
+        return str(path)
