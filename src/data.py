@@ -72,9 +72,13 @@ def _save_cache(folder: Path, data: ImageData) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _damage(folder: Path, meta: Dict[str, Any]) -> Optional[str]:
-    """What is wrong with a cache folder's arrays (missing, truncated, changed), or None."""
-    for name, expected in meta.get("files", {}).items():
+def _damage(folder: Path, meta: Any) -> Optional[str]:
+    """What is wrong with a cache folder's meta.json or arrays (missing, truncated, changed), or None."""
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict) or any(f"{s}.npy" not in files for s in SPLITS) or \
+            not {"factor_names", "factor_sizes"} <= meta.keys():
+        return "meta.json does not describe the cached arrays"
+    for name, expected in files.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"

@@ -6,12 +6,15 @@ Bad input raises DataError with one line naming the file or folder and the fix.
 """
 from __future__ import annotations
 
+import ctypes
 import gzip
 import hashlib
 import logging
 import multiprocessing
 import os
 import pickle
+import signal
+import sys
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -106,6 +109,14 @@ def _decode_one(args: Tuple[str, int, int, Optional[int]]) -> Tuple[Optional[np.
         return None, f"{type(e).__name__}: {e}"
 
 
+def _die_with_parent(run_pid: int) -> None:
+    """A decode worker ends when the run that started it does (Linux), so a killed run leaves no workers."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != run_pid:  # the run died while this worker was starting, before the line above
+        os._exit(1)
+
+
 def decode_files(paths: Sequence[Path], cfg: DataConfig, desc: str) -> Tuple[np.ndarray, List[bool]]:
     """Decode image files on every core, with a progress bar. Returns (N_ok, C, H, W) and an ok-mask per path.
 
@@ -116,10 +127,11 @@ def decode_files(paths: Sequence[Path], cfg: DataConfig, desc: str) -> Tuple[np.
     workers = min(os.cpu_count() or 1, 16)
     out = np.empty((len(paths), cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
     ok, bad = [], []
-    # forkserver, not fork: a forked worker would inherit the run dir's lock and the run's signal handlers, and
-    # outlive a killed run holding the lock; a forkserver worker starts from a clean process and ends with ours
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) \
-        if workers > 1 and len(jobs) > 256 else None
+    # spawn, not fork: a forked worker would inherit the run dir's lock and the run's signal handlers, and outlive
+    # a killed run holding the lock; a spawned worker starts clean and ends with the run (a forkserver's would
+    # not: its workers keep the server alive, and the server them)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),)) if workers > 1 and len(jobs) > 256 else None
     results = pool.map(_decode_one, jobs, chunksize=64) if pool else map(_decode_one, jobs)
     try:
         for i, (arr, err) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img", mininterval=1.0)):

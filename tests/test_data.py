@@ -304,7 +304,7 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, caplog):
         load_data(_cfg(tmp_path, name="celeba", root=str(tmp_path / "root"), image_size=32, channels=3))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "{}", "null", "[]"])
 def test_a_damaged_cache_file_is_detected_and_rebuilt(tmp_path, caplog, damage):
     cfg = _cfg(tmp_path, num_train=300, val_size=20, test_size=20, image_size=32)
     expected = np.array(load_data(cfg).images["train"])  # a copy: the memory map must not see the damage
@@ -313,12 +313,15 @@ def test_a_damaged_cache_file_is_detected_and_rebuilt(tmp_path, caplog, damage):
     raw = bytearray(train_npy.read_bytes())
     if damage == "truncate":
         train_npy.write_bytes(raw[: len(raw) // 2])  # a copy or a disk that gave out half-way
+    elif damage in ("{}", "null", "[]"):  # a meta.json that is JSON but describes nothing
+        (folder / "meta.json").write_text(damage)
     else:
         raw[len(raw) // 2 : len(raw) // 2 + 4096] = b"\xff" * 4096  # same size, other bytes
         train_npy.write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING):
         second = load_data(cfg)
-    assert "is damaged" in caplog.text and "train.npy" in caplog.text
+    warnings = [r for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warnings) == 1 and ("train.npy" if len(damage) > 4 else "meta.json") in warnings[0].getMessage()
     np.testing.assert_array_equal(expected, second.images["train"])
 
 

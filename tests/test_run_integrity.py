@@ -327,3 +327,66 @@ def test_a_symlinked_record_is_replaced_not_written_through(tmp_path, base):
     (run / "summary.json").symlink_to(target)
     assert train(compose_cfg(base), run_dir=run)["status"] == "finished"
     assert target.read_text() == "keep me\n" and not (run / "summary.json").is_symlink()
+
+
+# --------------------------------------------------------------------------------------------- signals and decode
+
+
+def _big_pictures(folder: Path, n: int) -> None:
+    """n grey 384-px PNGs: slow enough to decode (and shrink to 16 px) for a signal or a kill to land mid-decode."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (384, 384), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+
+
+def _start_then(run: Path, args: list, when: str) -> subprocess.Popen:
+    """Start a real `python -m src.train` into `run` and return once its train.log says `when`."""
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args, f"hydra.run.dir={run}"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "train.log").is_file() and when in (run / "train.log").read_text():
+            return proc
+        time.sleep(0.01)
+    raise AssertionError(f"the run never logged {when!r}: {proc.communicate()}")
+
+
+def _folder_args(tmp_path: Path, base: list, pictures: Path) -> list:
+    return [*base, "data=folder", f"data.root={pictures}", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.val_fraction=0.1", "data.test_fraction=0.1", "data.batch_size=16", "trainer.max_steps=2"]
+
+
+def test_sigterm_during_a_decode_stops_the_run_and_records_no_image_as_skipped(tmp_path, base):
+    """In-process decode (256 files or fewer): the stop request used to be caught as an unreadable image, the run
+    went on to exit 0, and the cache recorded a good image as skipped for every later run."""
+    pictures, run = tmp_path / "pictures", tmp_path / "run"
+    _big_pictures(pictures, 200)
+    args = _folder_args(tmp_path, base, pictures)
+    proc = _start_then(run, args, "decoding folder")
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in out + err, out[-2000:] + err[-2000:]
+    again = run_cli([*args, f"hydra.run.dir={run}"])
+    assert again.returncode == 0, again.stdout[-2000:]
+    [meta] = (tmp_path / "cache").glob("folder-*/meta.json")
+    assert json.loads(meta.read_text())["skipped"] == []
+    summary = json.loads((run / "summary.json").read_text())
+    assert sum(summary[f"data/{s}_size"] for s in ("train", "val", "test")) == 200  # every image, none skipped
+
+
+def test_kill_9_during_a_pooled_decode_leaves_no_lock_behind(tmp_path, base):
+    """Over 256 files decode in a process pool; its workers must not hold the run dir's lock after the run is
+    killed (forked workers did, for as long as they lived: every rerun was 'in use by pid <dead pid>')."""
+    pictures, run = tmp_path / "pictures", tmp_path / "run"
+    _big_pictures(pictures, 400)
+    args = _folder_args(tmp_path, base, pictures)
+    proc = _start_then(run, args, "decoding folder")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)  # returns once every process holding its stdout, the workers too, has ended
+    again = run_cli([*args, f"hydra.run.dir={run}"])
+    assert again.returncode == 0 and "in use" not in again.stdout, again.stdout[-2000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
