@@ -9,7 +9,6 @@ a multirun exits 1 when any member did not finish.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shlex
@@ -30,7 +29,7 @@ from .config import Config, ConfigError, register_configs
 from .data import DataError
 from .identity import RecordError
 from .lifecycle import DivergedError, Interrupted
-from .rundir import RunDir, RunDirRefused, read_summary
+from .rundir import RunDir, RunDirRefused, SweepDir, read_summary
 from .train import train
 from .validate import did_you_mean
 
@@ -95,13 +94,14 @@ class SweepReport(Callback):
     """At the end of a multirun: one line per failed or refused member, and exit status 1 if any."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        (Path(config.hydra.sweep.dir) / "refused_members.jsonl").unlink(missing_ok=True)  # from an earlier launch
+        sweep = SweepDir(config.hydra.sweep.dir)
+        for notes in (sweep.refused, sweep.lost):  # from an earlier launch
+            notes.unlink(missing_ok=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = Path(config.hydra.sweep.dir)
-        failed = []
-        members = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-        for member in members:
+        sweep = SweepDir(config.hydra.sweep.dir)
+        failed, named = [], set()
+        for member in sweep.members():
             rd = RunDir(member)
             summary = read_summary(rd)
             if summary is not None and summary.get("status") != "finished":
@@ -109,17 +109,21 @@ class SweepReport(Callback):
             elif summary is None and rd.lock.is_file():  # started, never ended
                 failed.append(f"member {member.name} ended without a summary: killed by the system (out of memory?) "
                               "or by kill -9; rerun the sweep to resume it")
-        refused = sweep / "refused_members.jsonl"
-        if refused.is_file():
-            for line in refused.read_text().splitlines():
-                note = json.loads(line)
-                failed.append(f"member {note['member']} refused: {note['error']}")
+            else:
+                continue
+            named.add(member.name)
+        for note in sweep.notes(sweep.refused):
+            failed.append(f"member {note['member']} refused: {note['error']}")
+        for note in sweep.notes(sweep.lost):  # its job ended before the member could leave a summary, or a folder
+            if str(note["member"]) not in named and read_summary(RunDir(sweep.root / str(note["member"]))) is None:
+                failed.append(f"member {note['member']} ended without a result (job {note['job']}): killed by the "
+                              "system (out of memory?) or by kill -9 before it started; rerun the sweep to run it")
         if failed:
             for line in failed:
                 log.error(line)
-            log.error("%d member(s) of the sweep in %s did not finish", len(failed), sweep)
+            log.error("%d member(s) of the sweep in %s did not finish", len(failed), sweep.root)
             sys.exit(1)
-        log.info("Sweep finished: every member in %s", sweep)
+        log.info("Sweep finished: every member in %s", sweep.root)
 
 
 def hydra_error_line(e: BaseException) -> str:
@@ -193,5 +197,5 @@ def run() -> None:
 def note_refused_member(run_dir: Path, message: str) -> None:
     """In a multirun, a refused member leaves its own dir untouched; the sweep dir keeps one line for it, which
     the sweep report reads at the end."""
-    with open(run_dir.parent / "refused_members.jsonl", "a") as f:
-        f.write(json.dumps({"member": run_dir.name, "error": message}) + "\n")
+    sweep = SweepDir(run_dir.parent)
+    sweep.note(sweep.refused, member=run_dir.name, error=message)

@@ -68,6 +68,25 @@ class RunDir:
         return dest
 
 
+class SweepDir:
+    """A multirun's folder: its members (0/, 1/, ...) and the launch's notes on members that left no run dir."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.refused = self.root / "refused_members.jsonl"  # members whose rerun was refused (their dir untouched)
+        self.lost = self.root / "lost_members.jsonl"  # members whose job ended without a result (the launcher's note)
+
+    def members(self) -> List[Path]:
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+    def note(self, path: Path, **fields: Any) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+    def notes(self, path: Path) -> List[Dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 # ------------------------------------------------------------------------------------------- writing
 
 

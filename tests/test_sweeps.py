@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -123,3 +125,37 @@ def test_a_member_killed_by_the_system_is_named_and_the_others_finish(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
     assert "member 0 ended without a summary" in out and "1 member(s)" in out
     assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "finished"
+
+
+def _submitit_jobs(folder: Path) -> list:
+    """pids of the submitit job processes whose command line names `folder`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if proc.name.isdigit() and "submitit" in cmdline and str(folder) in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_member_killed_before_it_makes_its_folder_is_named(tmp_path):
+    """The job is killed while it starts (before Hydra makes the member's folder): the sweep still ends with
+    exit 1 naming that member, not 'every member finished' one member short."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=parallel", *tiny_overrides(tmp_path / "cache"), "logger=none",
+            "trainer.max_steps=2", "loss.beta=1,2", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 120
+    while time.time() < deadline and not (jobs := _submitit_jobs(sweep / ".submitit")):
+        time.sleep(0.005)
+    os.kill(jobs[0], signal.SIGKILL)  # seconds before the job has imported what it runs
+    out, _ = proc.communicate(timeout=300)
+    lost = [line for line in out.splitlines() if "ended without a result (job" in line]
+    assert proc.returncode == 1 and "Traceback" not in out and "every member" not in out, out[-3000:]
+    assert lost and "1 member(s)" in out, out[-3000:]
+    member = re.search(r"member (\d) ended without a result \(job", out).group(1)
+    assert not (sweep / member / "summary.json").exists()
+    assert json.loads((sweep / str(1 - int(member)) / "summary.json").read_text())["status"] == "finished"

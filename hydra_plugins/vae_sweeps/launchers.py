@@ -15,6 +15,8 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 from omegaconf import OmegaConf
 
+from src.rundir import SweepDir
+
 log = logging.getLogger(__name__)
 
 
@@ -42,10 +44,10 @@ class KeepGoing:
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
         jobs = executor.map_array(self, *zip(*params))
-        return [self._result(job, idx) for idx, job in enumerate(jobs, start=initial_job_idx)]
+        return [self._result(job, idx, SweepDir(sweep_dir)) for idx, job in enumerate(jobs, start=initial_job_idx)]
 
     @staticmethod
-    def _result(job, idx: int) -> JobReturn:
+    def _result(job, idx: int, sweep: SweepDir) -> JobReturn:
         import submitit
 
         try:
@@ -53,6 +55,7 @@ class KeepGoing:
         except submitit.core.utils.UncompletedJobError:
             log.error("member %d (job %s) ended without a result: killed by the system (out of memory?); "
                       "the other members go on", idx, job.job_id)
+            sweep.note(sweep.lost, member=idx, job=str(job.job_id))  # the sweep report names it at the end
             lost = JobReturn()
             lost.status, lost.return_value = JobStatus.COMPLETED, float("nan")
             return lost
