@@ -9,6 +9,7 @@ KID (Binkowski et al. 2018) is unbiased.
 from __future__ import annotations
 
 import logging
+import pickle
 import socket
 import warnings
 from pathlib import Path
@@ -88,9 +89,31 @@ def inception(device: torch.device) -> Features:
                 "FID and KID are skipped; the run is not affected") from None
         finally:
             socket.setdefaulttimeout(previous)
-    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                             feature_extractor_weights_path=str(path))
+    _check_weights(path)
+    try:
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                 feature_extractor_weights_path=str(path))
+    except (RuntimeError, KeyError, ValueError) as e:  # a state dict of another network
+        raise FidUnavailable(f"eval.fid: {path} does not hold the Inception weights ({type(e).__name__}); "
+                             f"replace it with torch-fidelity's {INCEPTION_WEIGHTS}. FID and KID are skipped; the "
+                             "run is not affected") from None
     return Features(net, uint8=True).to(device).eval()
+
+
+def _check_weights(path: Path) -> None:
+    """torch-fidelity unpickles the weights file without restriction, and offline users put that file in place by
+    hand: it is first loaded here weights-only (tensors and plain types), so a file that would run code when
+    unpickled is refused unloaded, and a damaged one is one line instead of a failed run."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise FidUnavailable(f"eval.fid: {path} holds more than tensors (unpickling it could run code) and was "
+                             f"refused unloaded; replace it with torch-fidelity's {INCEPTION_WEIGHTS}. FID and KID "
+                             "are skipped; the run is not affected") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise FidUnavailable(f"eval.fid: {path} is damaged ({type(e).__name__}); delete it (it is fetched again "
+                             f"with internet) or replace it with {INCEPTION_WEIGHTS}. FID and KID are skipped; the "
+                             "run is not affected") from None
 
 
 def features_of(images: torch.Tensor, extractor: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from src.fid import Features, fid_kid, sample_and_recon_scores
+from src.fid import INCEPTION_WEIGHTS, Features, fid_kid, sample_and_recon_scores
 from src.likelihoods import Bernoulli
 from src.models import MLPVAE
 
@@ -71,3 +71,31 @@ def test_without_the_inception_weights_and_offline_the_run_finishes_and_says_how
     assert len(lines) == 1 and "weights-inception-2015-12-05-6726825d.pth" in lines[0] and "TORCH_HOME" in lines[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and "test/fid_samples" not in summary and "test/iwae_nll" in summary
+
+
+class _RunsCode:
+    """Unpickling this creates a file: the proof that a weights file ran code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind", ["runs_code", "damaged"])
+def test_inception_weights_that_would_run_code_or_are_damaged_are_refused_and_the_run_finishes(tmp_path, kind):
+    run, marker = tmp_path / "run", tmp_path / "code-ran"
+    weights = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS
+    weights.parent.mkdir(parents=True)
+    if kind == "runs_code":
+        torch.save({"conv.weight": torch.zeros(1), "payload": _RunsCode(str(marker))}, weights)
+    else:
+        weights.write_bytes(b"PK\x03\x04 not a whole zip")
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": None}
+    proc = run_cli([*tiny_overrides(tmp_path / "cache"), "eval.fid=true", f"hydra.run.dir={run}"], env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    [line] = [line for line in proc.stdout.splitlines() if "eval.fid:" in line]
+    assert ("refused unloaded" if kind == "runs_code" else "is damaged") in line and str(weights) in line
+    assert not marker.exists()  # nothing ran
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
