@@ -7,6 +7,7 @@ import logging
 import netrc
 import os
 import secrets
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,8 +52,20 @@ def _has_credentials() -> bool:
 
 def wandb_unreachable(timeout: float) -> Optional[str]:
     """Why the W&B server cannot be used now (refused, timed out, an HTTP error, a page that is not the API), or
-    None when it answers. One small GraphQL request, bounded by `timeout` seconds; wandb.init's own checks can
-    take longer than logger.init_timeout on a node without internet."""
+    None when it answers. One small GraphQL request, bounded by `timeout` seconds in all (a socket timeout bounds
+    each read only: a server that trickles its answer would hold it for ever), in a thread that is left behind
+    when it overruns; wandb.init's own checks can take longer than logger.init_timeout on a node without internet."""
+    answer: Dict[str, Optional[str]] = {}
+    probe = threading.Thread(target=lambda: answer.setdefault("reason", _probe(timeout)), daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if "reason" not in answer:
+        base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+        return f"{base} gave no whole answer within {timeout:g} s"
+    return answer["reason"]
+
+
+def _probe(timeout: float) -> Optional[str]:
     base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
     request = urllib.request.Request(f"{base}/graphql", data=b'{"query": "{ viewer { id } }"}',
                                      headers={"Content-Type": "application/json"})

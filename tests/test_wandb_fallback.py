@@ -23,6 +23,16 @@ def _handler(kind: str, stop: threading.Event):
             if kind == "silent":
                 stop.wait(60)  # holds the connection open and says nothing, until the test ends
                 return
+            if kind == "trickle":  # a 200 JSON answer, one byte a second: every read is quick, the whole is not
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                for byte in b'{"data": {"viewer": {"id": "' + b"x" * 100:
+                    if stop.wait(1):
+                        return
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                return
             status, body, ctype = ((500, b"Internal Server Error", "text/plain") if kind == "500" else
                                    (200, b"<html><body>Sign in to the proxy</body></html>", "text/html"))
             self.send_response(status)
@@ -42,7 +52,7 @@ def _handler(kind: str, stop: threading.Event):
 def servers():
     stop = threading.Event()
     running = {}
-    for kind in ("500", "html", "silent"):
+    for kind in ("500", "html", "silent", "trickle"):
         server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(kind, stop))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -59,7 +69,7 @@ def servers():
         server.server_close()
 
 
-@pytest.mark.parametrize("kind", ["closed", "500", "html", "silent"])
+@pytest.mark.parametrize("kind", ["closed", "500", "html", "silent", "trickle"])
 def test_a_broken_wandb_server_sends_the_run_offline_and_a_rerun_works(tmp_path, tiny, servers, kind):
     run = tmp_path / "run"
     env = {"WANDB_MODE": None, "WANDB_API_KEY": SECRET, "WANDB_BASE_URL": servers[kind]}
