@@ -89,7 +89,8 @@ def run_cli(main: Callable[[], int]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+                           errno.ENOTDIR, errno.ENOENT, errno.EEXIST):
             raise
         print(f"error: cannot write {e.filename} ({e.strerror}); choose another out=", file=sys.stderr)
         sys.exit(2)

@@ -175,6 +175,13 @@ def test_sample_out_is_a_folder_or_a_png_as_the_readme_says(run_dir, tmp_path, o
     assert Image.open(written).size[0] > 0 and f"wrote {written}" in proc.stdout
 
 
+def test_sample_out_under_a_file_is_one_line(run_dir, tmp_path):
+    """out= whose folder cannot exist (a file stands where the folder would be)."""
+    (tmp_path / "a_file").write_text("")
+    _one_error_line(run_cli([str(run_dir), "n=4", f"out={tmp_path / 'a_file' / 'x.png'}"], module="src.sample"),
+                    "cannot write", "out=")
+
+
 def test_evaluate_finds_relative_data_roots_from_another_directory(tmp_path):
     """A run trained with data.root=<relative path> is evaluated from elsewhere: the root was stored resolved."""
     from .test_data import make_folder
