@@ -82,7 +82,7 @@ def _probe(timeout: float) -> Optional[str]:
 
 
 def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: Optional[str] = None,
-                group: Optional[str] = None, job_type: str = "train"):
+                group: Optional[str] = None, job_type: str = "train", quiet: bool = False):
     """wandb.init with the files in the run dir; the run id is kept there so a resume continues the run.
 
     If the server cannot be used online (unreachable, refusing, erroring, silent), the run goes on offline
@@ -101,7 +101,7 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
         name, group = run_identity(run_dir, cfg.group)
     kwargs = dict(project=cfg.project, entity=cfg.entity, dir=str(run_dir), id=run_id, resume="allow", name=name,
                   group=group, job_type=job_type, config=config,
-                  settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off"))
+                  settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off", silent=quiet))
     started = time.monotonic()
     reason = wandb_unreachable(cfg.init_timeout) if mode == "online" else None
     run = None
@@ -137,7 +137,7 @@ def record_failure(raw_cfg: Any, run_dir: Path, summary: Dict[str, Any]) -> None
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoggerConfig), raw_cfg.get("logger") or {}))
         if cfg.name != "wandb":
             return
-        run = start_wandb(cfg, Path(run_dir), OmegaConf.to_container(raw_cfg))
+        run = start_wandb(cfg, Path(run_dir), OmegaConf.to_container(raw_cfg), quiet=True)  # the error is the news
         if run is not None:
             run.summary.update({k: plain(v) for k, v in summary.items()})
             run.finish(exit_code=1)

@@ -163,3 +163,12 @@ def test_a_full_disk_is_one_line_naming_the_run_dir(tmp_path, tiny):
     errors = [line for line in proc.stdout.splitlines() if "ERROR" in line]
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert len(errors) == 1 and "No space left on device" in errors[0] and str(run) in errors[0]
+
+
+def test_a_bad_value_with_wandb_on_is_still_one_line(tmp_path):
+    """The failure is recorded as a W&B run too, without W&B's banner around the one line."""
+    run = tmp_path / "run"
+    proc = run_cli(["model.latent_dim=0", "logger=wandb", f"hydra.run.dir={run}"], real_process=True)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "model.latent_dim" in lines[0], lines
+    assert list((run / "wandb").glob("offline-run-*"))  # recorded all the same

@@ -390,3 +390,13 @@ def test_kill_9_during_a_pooled_decode_leaves_no_lock_behind(tmp_path, base):
     again = run_cli([*args, f"hydra.run.dir={run}"])
     assert again.returncode == 0 and "in use" not in again.stdout, again.stdout[-2000:]
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+def test_temp_files_of_a_write_killed_mid_way_are_cleared_by_the_rerun(tmp_path, base):
+    run = tmp_path / "run"
+    args = [*base, "trainer.max_steps=4"]
+    train(compose_cfg(args), run_dir=run)
+    for stale in (run / "checkpoints" / ".last.pt.tmp99999", run / ".summary.json.tmp99999"):
+        stale.write_bytes(b"half a file")
+    train(compose_cfg([*base, "trainer.max_steps=6"]), run_dir=run)  # continues: the dir is claimed again
+    assert not list(run.glob(".*.tmp*")) and not list((run / "checkpoints").glob(".*.tmp*"))
