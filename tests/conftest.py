@@ -118,6 +118,36 @@ def run_in_process(args: List[str], cwd: Path = ROOT, module: str = "src.train",
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
+# ------------------------------------------------------------------------------------------- the resume harness
+
+RESULTS = ("val/neg_elbo", "val/recon_nll", "val/kl", "val/iwae_nll", "val/mse", "test/neg_elbo", "test/kl",
+           "test/iwae_nll", "test/mutual_info", "best/val_neg_elbo", "step", "epoch")
+
+
+def metric_rows(run: Path) -> List[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def metric_steps(run: Path) -> List[tuple]:
+    """(step, kind) for every metrics.jsonl row: kind is train, val or test."""
+    return [(r["step"], next(k.split("/")[0] for k in r if "/" in k)) for r in metric_rows(run)]
+
+
+def assert_same_as_uninterrupted(whole: Path, resumed: Path) -> None:
+    """The one check behind every resume test (kill -9, a signal, an epoch boundary, a larger budget): the resumed
+    run's summary equals the uninterrupted run's on every result, and its metrics.jsonl holds the same rows, each
+    step once, with the same numbers."""
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, resumed))
+    assert b["status"] == a["status"] == "finished"
+    for key in RESULTS:
+        assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    assert metric_steps(resumed) == metric_steps(whole)  # each step once
+    for ra, rb in zip(metric_rows(whole), metric_rows(resumed), strict=True):
+        for key, value in ra.items():
+            if isinstance(value, (int, float)):
+                assert rb[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (ra["step"], key)
+
+
 def leet(path: Path, summary: bool = False):
     """W&B's own reader of an offline run: records (one JSON per line), or the summary object."""
     args = ["wandb", "leet", "inspect", "--json", *(["--summary"] if summary else []), str(path)]

@@ -1,0 +1,134 @@
+"""Signals stop a run cleanly and it resumes exactly: SIGTERM and Ctrl-C in the training loop checkpoint and say how
+to resume; during a data decode they stop the run without poisoning the cache; kill -9 mid decode leaves no lock
+and no worker behind. Real processes and real signals."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.checkpoint import load_checkpoint
+from src.train import train
+
+from .conftest import ROOT, assert_same_as_uninterrupted, compose_cfg, run_cli, tiny_overrides
+
+
+@pytest.fixture
+def base(cache_dir):
+    return tiny_overrides(cache_dir)
+
+
+# --------------------------------------------------------------------------------------------- signals
+
+
+def _signal_args(cache_dir):
+    """Slow enough (tens of ms a step) for a signal to land mid-run; scheduled checkpoints only at 40."""
+    return [*tiny_overrides(cache_dir), "data.image_size=32", "data.num_train=512", "model.hidden_channels=[32,64]",
+            "trainer.max_steps=48", "trainer.eval_every=16", "trainer.checkpoint_every=40", "trainer.log_every=1",
+            "data.hflip=true", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    whole = tmp_path_factory.mktemp("signals") / "whole"
+    train(compose_cfg(_signal_args(cache_dir)), run_dir=whole)
+    return whole
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_says_how_to_resume_and_the_resume_is_exact(tmp_path, cache_dir, uninterrupted, signum,
+                                                                         code):
+    args, whole, run = _signal_args(cache_dir), uninterrupted, tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args, f"hydra.run.dir={run}"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code and "Traceback" not in out + err, out[-2000:] + err[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    step = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert 5 <= step < 48 and summary["step"] == step  # the checkpoint is at the step where it stopped
+    [line] = [line for line in out.splitlines() if "Interrupted" in line]
+    assert f"(step {step})" in line and "resume with: python -m src.train" in line
+    command = shlex.split(line.split("resume with: ")[1])  # as a user would paste it
+    resumed = run_cli(command[3:])
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout
+    assert_same_as_uninterrupted(whole, run)
+
+
+# --------------------------------------------------------------------------------------------- signals and decode
+
+
+def _big_pictures(folder: Path, n: int) -> None:
+    """n grey 384-px PNGs: slow enough to decode (and shrink to 16 px) for a signal or a kill to land mid-decode."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (384, 384), dtype=np.uint8)).save(folder / f"{i:04d}.png")
+
+
+def _start_then(run: Path, args: list, when: str) -> subprocess.Popen:
+    """Start a real `python -m src.train` into `run` and return once its train.log says `when`."""
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args, f"hydra.run.dir={run}"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "train.log").is_file() and when in (run / "train.log").read_text():
+            return proc
+        time.sleep(0.01)
+    raise AssertionError(f"the run never logged {when!r}: {proc.communicate()}")
+
+
+def _folder_args(tmp_path: Path, base: list, pictures: Path) -> list:
+    return [*base, "data=folder", f"data.root={pictures}", f"data.cache_dir={tmp_path / 'cache'}",
+            "data.val_fraction=0.1", "data.test_fraction=0.1", "data.batch_size=16", "trainer.max_steps=2"]
+
+
+def test_sigterm_during_a_decode_stops_the_run_and_records_no_image_as_skipped(tmp_path, base):
+    """In-process decode (256 files or fewer): the stop request used to be caught as an unreadable image, the run
+    went on to exit 0, and the cache recorded a good image as skipped for every later run."""
+    pictures, run = tmp_path / "pictures", tmp_path / "run"
+    _big_pictures(pictures, 200)
+    args = _folder_args(tmp_path, base, pictures)
+    proc = _start_then(run, args, "decoding folder")
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in out + err, out[-2000:] + err[-2000:]
+    again = run_cli([*args, f"hydra.run.dir={run}"])
+    assert again.returncode == 0, again.stdout[-2000:]
+    [meta] = (tmp_path / "cache").glob("folder-*/meta.json")
+    assert json.loads(meta.read_text())["skipped"] == []
+    summary = json.loads((run / "summary.json").read_text())
+    assert sum(summary[f"data/{s}_size"] for s in ("train", "val", "test")) == 200  # every image, none skipped
+
+
+def test_kill_9_during_a_pooled_decode_leaves_no_lock_behind(tmp_path, base):
+    """Over 256 files decode in a process pool; its workers must not hold the run dir's lock after the run is
+    killed (forked workers did, for as long as they lived: every rerun was 'in use by pid <dead pid>')."""
+    pictures, run = tmp_path / "pictures", tmp_path / "run"
+    _big_pictures(pictures, 400)
+    args = _folder_args(tmp_path, base, pictures)
+    proc = _start_then(run, args, "decoding folder")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)  # returns once every process holding its stdout, the workers too, has ended
+    again = run_cli([*args, f"hydra.run.dir={run}"])
+    assert again.returncode == 0 and "in use" not in again.stdout, again.stdout[-2000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
