@@ -41,9 +41,15 @@ def test_a_failing_member_does_not_stop_the_others(sweep):
     assert "member 2 failed" in tail[0] and "loss.beta" in tail[0] and "1 member(s)" in tail[1]
 
 
-def test_compare_writes_table_plots_montages_and_report(sweep):
+@pytest.fixture(scope="module")
+def compared(sweep):
+    """`python -m src.compare <sweep>` once for the module (a real process: the smoke test of the command)."""
     folder, _ = sweep
-    proc = run_cli([str(folder)], module="src.compare", real_process=True)  # the smoke test of the command
+    return folder, run_cli([str(folder)], module="src.compare", real_process=True)
+
+
+def test_compare_writes_table_plots_montages_and_report(compared):
+    folder, proc = compared
     assert proc.returncode == 0, proc.stderr
     out = folder / "compare"
     table = pd.read_csv(out / "table.csv")
@@ -68,9 +74,8 @@ def test_compare_writes_table_plots_montages_and_report(sweep):
         assert html.escape(how) in report, name
 
 
-def test_montage_tiles_are_the_runs_pixels_enlarged_whole(sweep):
-    folder, _ = sweep
-    run_cli([str(folder)], module="src.compare")
+def test_montage_tiles_are_the_runs_pixels_enlarged_whole(compared):
+    folder, _ = compared
     sheet = np.asarray(Image.open(folder / "compare" / "samples_montage.png").convert("RGB"))
     grid = np.asarray(Image.open(folder / "0" / "samples.png").convert("RGB"))  # 16 px images, 8 a row
     rows, cols = min(grid.shape[0], 2 + MONTAGE_ROWS * 18), 2 + MONTAGE_COLS * 18  # the part a montage shows
@@ -152,9 +157,9 @@ PROBE = """<script>window.addEventListener("load", () => {
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
-def test_report_fits_a_1280_px_window_in_a_real_browser(sweep):
-    folder, _ = sweep
-    assert run_cli([str(folder)], module="src.compare").returncode == 0
+def test_report_fits_a_1280_px_window_in_a_real_browser(compared):
+    folder, proc = compared
+    assert proc.returncode == 0
     out = folder / "compare"
     probe = out / "probe.html"  # beside report.html, so its relative image links resolve the same way
     probe.write_text((out / "report.html").read_text().replace("</body>", PROBE + "</body>"))
