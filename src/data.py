@@ -24,7 +24,7 @@ from .sources import SOURCES, SPLITS, DataError, ImageData  # noqa: F401  (DataE
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when a decoder's output changes, so stale caches are not reused
+CACHE_VERSION = 3  # 3: EXIF orientation, float TIFFs in 0..255. Bump when a decoder's output changes, so stale caches are not reused
 
 
 # --------------------------------------------------------------------------------------------------------

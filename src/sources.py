@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -72,11 +72,12 @@ def fit_arrays(images: np.ndarray, cfg: DataConfig) -> np.ndarray:
 def to_8bit(img: Image.Image) -> Image.Image:
     """High-bit-depth greyscale as it is displayed, scaled to 8 bits: PIL's own convert clips it, which turns a
     16-bit PNG all white. I;16* and I hold 16-bit values (0..65535, as 16-bit PNG and TIFF files do), F holds
-    floats in [0, 1]. Other modes are returned as they are."""
+    floats, in [0, 1] or, as many float TIFFs are written, in 0..255. Other modes are returned as they are."""
     if img.mode.startswith("I;16") or img.mode == "I":
         scaled = np.asarray(img, dtype=np.float64) / 257.0  # 65535 -> 255
     elif img.mode == "F":
-        scaled = np.asarray(img, dtype=np.float64) * 255.0
+        scaled = np.asarray(img, dtype=np.float64)
+        scaled = scaled * 255.0 if np.nanmax(scaled, initial=0.0) <= 1.0 else scaled
     else:
         return img
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
@@ -84,8 +85,8 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 def fit_image(img: Image.Image, channels: int, size: int, crop: Optional[int]) -> np.ndarray:
     """A PIL image of any mode -> (C, size, size) uint8: high bit depths scaled to 8 bits, alpha composited over
-    black, CMYK to RGB, centre crop, resize."""
-    img = to_8bit(img)
+    black, CMYK to RGB, centre crop, resize; turned upright as its EXIF orientation says, as viewers show it."""
+    img = to_8bit(ImageOps.exif_transpose(img))
     if img.mode in ("P", "PA") or img.mode.endswith("A") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)

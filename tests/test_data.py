@@ -216,6 +216,9 @@ def _modes(tmp_path):
     unit = rng.random((16, 16)).astype(np.float32)
     Image.fromarray(unit, "F").save(tmp_path / "float.tif")
     files["F"] = (tmp_path / "float.tif", np.rint(unit * 255.0).astype(np.uint8))
+    bytes_as_floats = rng.integers(0, 256, (16, 16)).astype(np.float32)  # a float TIFF written in 0..255
+    Image.fromarray(bytes_as_floats, "F").save(tmp_path / "float255.tif")
+    files["F 0..255"] = (tmp_path / "float255.tif", bytes_as_floats.astype(np.uint8))
     grey, alpha = rng.integers(0, 256, (16, 16), dtype=np.uint8), rng.integers(0, 256, (16, 16), dtype=np.uint8)
     Image.merge("LA", [Image.fromarray(grey), Image.fromarray(alpha)]).save(tmp_path / "la.png")
     files["LA"] = (tmp_path / "la.png", np.rint(grey * (alpha / 255.0)).astype(np.uint8))  # over black
@@ -227,14 +230,27 @@ def _modes(tmp_path):
     return files
 
 
-@pytest.mark.parametrize("mode", ["I;16", "I", "F", "LA", "P"])
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "F 0..255", "LA", "P"])
 def test_every_pil_mode_is_scaled_to_8_bits_as_a_viewer_shows_it(tmp_path, mode):
     path, reference = _modes(tmp_path)[mode]
     with Image.open(path) as img:
         img.load()
-        assert img.mode == mode or (mode == "I" and img.mode.startswith("I"))
+        assert img.mode == mode.split()[0] or (mode == "I" and img.mode.startswith("I"))
         got = fit_image(img, channels=1, size=16, crop=None)[0]
     np.testing.assert_allclose(got.astype(int), reference.astype(int), atol=1)  # rounding in PIL's luma
+
+
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 ('rotate 90 clockwise to view') reads as viewers show it."""
+    stored = np.zeros((16, 32), np.uint8)
+    stored[:, :8] = 255  # a white band on the stored image's left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    with Image.open(tmp_path / "phone.jpg") as img:
+        img.load()
+        got = fit_image(img, channels=1, size=16, crop=None)[0]  # upright: 16 wide, 32 tall, band on top
+    assert got[:4].mean() > 200 and got[-4:].mean() < 50
 
 
 def test_a_cmyk_jpeg_reads_as_its_rgb(tmp_path):
