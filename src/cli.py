@@ -29,6 +29,7 @@ from .config import Config, ConfigError, register_configs
 from .data import DataError
 from .identity import RecordError
 from .lifecycle import DivergedError, Interrupted
+from .naming import sweep_size
 from .rundir import RunDir, RunDirRefused, SweepDir, read_summary
 from .train import train
 from .validate import did_you_mean
@@ -91,7 +92,9 @@ def main(cfg: DictConfig) -> float:
 
 
 class SweepReport(Callback):
-    """At the end of a multirun: one line per failed or refused member, and exit status 1 if any."""
+    """At the end of a multirun: one line per failed or refused member of this launch, and exit status 1 if any.
+    This launch's members are folders 0 .. N-1 of the N its sweep makes; folders that an earlier launch of a
+    larger sweep left in the same sweep dir are not this launch's."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = SweepDir(config.hydra.sweep.dir)
@@ -100,8 +103,11 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = SweepDir(config.hydra.sweep.dir)
+        size = sweep_size(config.hydra)
         failed, named = [], set()
         for member in sweep.members():
+            if int(member.name) >= size:
+                continue  # left by an earlier launch of a larger sweep
             rd = RunDir(member)
             summary = read_summary(rd)
             if summary is not None and summary.get("status") != "finished":

@@ -2,10 +2,11 @@
 their values ("beta=4 latent_dim=16"), a sweep by its folder ("2026-11-26/10-42-07-123456", "my_study")."""
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .identity import result_overrides
 
@@ -16,20 +17,28 @@ def short_names(keys: List[str]) -> Dict[str, str]:
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 
-def swept_keys(sweep_dir: Path) -> List[str]:
-    """The keys a Hydra multirun sweeps over: its sweeper params and its command line's sweep overrides
-    (`loss.beta=1,4`), read from the multirun.yaml Hydra writes into the sweep folder."""
+def sweep_overrides(hydra_cfg: Any) -> Dict[str, Any]:
+    """A multirun's sweep overrides by key (Hydra's Override objects): its sweeper params (a named study), then its
+    command line's (`loss.beta=1,4`), which win for the same key, as in Hydra's basic sweeper."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
+    given = [f"{k}={v}" for k, v in (OmegaConf.select(hydra_cfg, "sweeper.params") or {}).items()]
+    given += list(OmegaConf.select(hydra_cfg, "overrides.task") or [])
+    return {o.key_or_group: o for o in OverridesParser.create().parse_overrides(given) if o.is_sweep_override()}
+
+
+def sweep_size(hydra_cfg: Any) -> int:
+    """How many members the basic sweeper makes of these overrides: the product of each swept key's values."""
+    return math.prod(len(list(o.sweep_string_iterator())) for o in sweep_overrides(hydra_cfg).values())
+
+
+def swept_keys(sweep_dir: Path) -> List[str]:
+    """The keys a Hydra multirun sweeps over, read from the multirun.yaml Hydra writes into the sweep folder."""
+    from omegaconf import OmegaConf
+
     path = Path(sweep_dir) / "multirun.yaml"
-    if not path.is_file():
-        return []
-    hydra = OmegaConf.load(path).hydra
-    given = [f"{k}={v}" for k, v in (OmegaConf.select(hydra, "sweeper.params") or {}).items()]
-    given += list(OmegaConf.select(hydra, "overrides.task") or [])
-    overrides = OverridesParser.create().parse_overrides(given)
-    return list(dict.fromkeys(o.key_or_group for o in overrides if o.is_sweep_override()))
+    return list(sweep_overrides(OmegaConf.load(path).hydra)) if path.is_file() else []
 
 
 def group_name(folder: Path) -> str:

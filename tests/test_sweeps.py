@@ -86,3 +86,13 @@ def test_slurm_preset_targets_the_installed_submitit_launcher():
         cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert "SlurmLauncher" in [c.__name__ for c in get_class(cfg.hydra.launcher._target_).__mro__]
     assert cfg.hydra.launcher.max_num_timeout > 0  # a timed-out or preempted member is requeued and resumes
+
+
+def test_the_sweep_report_counts_only_this_launchs_members(tmp_path, tiny):
+    """A sweep dir that held a larger sweep with a failed member, relaunched with fewer members that all finish:
+    the failed member of the earlier launch is not this launch's failure."""
+    sweep = tmp_path / "sweep"
+    first = run_cli(["-m", *tiny, "trainer.max_steps=2", "loss.beta=1,-1", f"hydra.sweep.dir={sweep}"])
+    assert first.returncode == 1 and "member 1 failed" in first.stdout
+    again = run_cli(["-m", *tiny, "trainer.max_steps=2", "loss.beta=1", f"hydra.sweep.dir={sweep}"])
+    assert again.returncode == 0 and "Sweep finished: every member" in again.stdout, again.stdout[-2000:]
