@@ -1,20 +1,12 @@
 """Hydra's launchers run a sweep's members for real: joblib, submitit's local launcher and our keep-going
-`parallel` launcher; a member killed by the system (while it trains, or before it has a folder) is named at the
-end with exit 1 while the others finish."""
+`parallel` launcher (its killed members: test_killed_members.py)."""
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, run_cli, tiny_overrides
+from .conftest import run_cli, tiny_overrides
 
 
 @pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
@@ -27,57 +19,3 @@ def test_launchers_finish_both_members(tmp_path, launcher):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for member in ("0", "1"):
         assert json.loads((tmp_path / "sweep" / member / "summary.json").read_text())["status"] == "finished"
-
-
-def test_a_member_killed_by_the_system_is_named_and_the_others_finish(tmp_path):
-    """hydra/launcher=parallel (the README's choice for members at once): kill -9 one member, as the
-    out-of-memory killer does; the other finishes and the sweep ends by naming the killed one."""
-    sweep = tmp_path / "sweep"
-    args = ["-m", "hydra/launcher=parallel", *tiny_overrides(tmp_path / "cache"), "logger=none",
-            "trainer.max_steps=300", "trainer.max_epochs=null", "trainer.eval_every=300", "loss.beta=1,2",
-            f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    lock = sweep / "0" / ".lock"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (lock.is_file() and lock.read_text().startswith("pid")):
-        time.sleep(0.01)  # the lock is the member's first act: it is killed long before its 300 steps end
-    os.kill(int(lock.read_text().split()[1]), signal.SIGKILL)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
-    assert "member 0 ended without a summary" in out and "1 member(s)" in out
-    assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "finished"
-
-
-def _submitit_jobs(folder: Path) -> list:
-    """pids of the submitit job processes whose command line names `folder`."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError):
-            continue
-        if proc.name.isdigit() and "submitit" in cmdline and str(folder) in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
-def test_a_member_killed_before_it_makes_its_folder_is_named(tmp_path):
-    """The job is killed while it starts (before Hydra makes the member's folder): the sweep still ends with
-    exit 1 naming that member, not 'every member finished' one member short."""
-    sweep = tmp_path / "sweep"
-    args = ["-m", "hydra/launcher=parallel", *tiny_overrides(tmp_path / "cache"), "logger=none",
-            "trainer.max_steps=2", "loss.beta=1,2", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.time() + 120
-    while time.time() < deadline and not (jobs := _submitit_jobs(sweep / ".submitit")):
-        time.sleep(0.005)
-    os.kill(jobs[0], signal.SIGKILL)  # seconds before the job has imported what it runs
-    out, _ = proc.communicate(timeout=300)
-    lost = [line for line in out.splitlines() if "ended without a result (job" in line]
-    assert proc.returncode == 1 and "Traceback" not in out and "every member" not in out, out[-3000:]
-    assert lost and "1 member(s)" in out, out[-3000:]
-    member = re.search(r"member (\d) ended without a result \(job", out).group(1)
-    assert not (sweep / member / "summary.json").exists()
-    assert json.loads((sweep / str(1 - int(member)) / "summary.json").read_text())["status"] == "finished"
