@@ -132,3 +132,21 @@ def test_kill_9_during_a_pooled_decode_leaves_no_lock_behind(tmp_path, base):
     again = run_cli([*args, f"hydra.run.dir={run}"])
     assert again.returncode == 0 and "in use" not in again.stdout, again.stdout[-2000:]
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+
+
+def test_sigterm_while_a_run_with_a_damaged_checkpoint_starts_is_one_line(tmp_path, base):
+    """The stop message names the checkpoint to resume from; a damaged one is named as damaged (it was a
+    CheckpointError traceback and exit 1 instead of 143)."""
+    pictures, run = tmp_path / "pictures", tmp_path / "run"
+    _big_pictures(pictures, 200)
+    args = _folder_args(tmp_path, base, pictures)
+    train(compose_cfg(args), run_dir=run)
+    (run / "summary.json").unlink()  # unfinished, as if killed after its last checkpoint
+    (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 damaged")
+    other_cache = [*args, f"data.cache_dir={tmp_path / 'node-local'}"]  # decoded again: time for the signal
+    proc = _start_then(run, other_cache, "decoding folder")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in out + err, out[-2000:] + err[-2000:]
+    [line] = [line for line in out.splitlines() if "Interrupted" in line]
+    assert "is damaged" in line and "resume with" in line
