@@ -172,11 +172,14 @@ def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
                     raise
                 print(f"Config error: {hydra_error_line(e)}", file=sys.stderr)
                 sys.exit(2)
-            except OSError as e:  # Hydra could not create the run dir or its log there
-                if e.errno not in (*OUTPUT_ERRNOS, errno.ENOENT) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            except (OSError, ValueError) as e:  # Hydra could not create the run dir, or its log there (logging
+                # reports an unwritable train.log as "Unable to configure handler 'file'", the OSError as its cause)
+                cause = e if isinstance(e, OSError) else e.__cause__
+                if not isinstance(cause, OSError) or cause.errno not in (*OUTPUT_ERRNOS, errno.ENOENT) or \
+                        os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                print(f"Output error: cannot write {e.filename} ({e.strerror}); choose a writable hydra.run.dir",
-                      file=sys.stderr)
+                print(f"Output error: cannot write {cause.filename} ({cause.strerror}); choose a writable "
+                      "hydra.run.dir", file=sys.stderr)
                 sys.exit(2)
 
         return run_and_report(guarded)

@@ -1,6 +1,7 @@
 """Every config and preset composes against the typed schema; bad values fail with one line naming the key."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,23 @@ def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path):
     proc = run_cli(["logger=none", "hydra.run.dir=/sys/vae-run"])  # sysfs: no one may create folders there
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "/sys/vae-run" in lines[0], lines
+
+
+def test_an_existing_run_dir_on_a_read_only_mount_is_one_line(tmp_path, tiny):
+    """Hydra's own log file cannot be opened there: one line naming it, exit 2 (was logging's traceback)."""
+    source, mounted = tmp_path / "source", tmp_path / "mounted"
+    assert run_cli([*tiny, "trainer.max_steps=2", f"hydra.run.dir={source / 'run'}"]).returncode == 0
+    mounted.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(mounted)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root); CI runs it")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mounted)], check=True, capture_output=True)
+        proc = run_cli([*tiny, "trainer.max_steps=2", f"hydra.run.dir={mounted / 'run'}"])
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, lines
+    assert "train.log" in lines[0] and "Read-only file system" in lines[0]
 
 
 def test_a_full_disk_is_one_line_naming_the_run_dir(tmp_path, tiny):
