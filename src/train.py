@@ -106,6 +106,12 @@ class MetricSums:
         self.kl_per_dim += terms["kl_per_dim"].detach().float()
         self.count += 1
 
+    def share_divergence(self) -> None:
+        """Under DDP: every rank learns the first step any rank went non-finite (a collective, so every rank calls
+        it at the same steps), so all ranks stop together instead of one waiting in the next all-reduce."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.bad_step, op=dist.ReduceOp.MAX)
+
     def divergence(self) -> Optional[str]:
         """'non-finite loss, recon_nll at step 12' if a step went non-finite, else None (syncs the host)."""
         step = int(self.bad_step)
@@ -382,13 +388,18 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
         bar.update()
         # 2. what is due at this step: log, eval, checkpoint
         last = state.step == steps
+        evaluating = state.step % eval_every == 0 or last
+        checking = evaluating or state.step % t.log_every == 0 or state.step % checkpoint_every == 0
+        if checking and place.world_size > 1:
+            state.sums.share_divergence()
         if state.step % t.log_every == 0 or last:
             _log_train(state, objective, lr, logger, bar, rd)
         if place.rank != 0:
+            if checking:
+                state.raise_if_diverged(rd)
             if stop.received:
                 stop.stop(state.step)
             continue
-        evaluating = state.step % eval_every == 0 or last
         if evaluating:
             state.raise_if_diverged(rd)
             meter.pause()

@@ -207,6 +207,21 @@ def test_ddp_two_processes_with_gloo(tmp_path):
     assert proc.stdout.count("Finished: val/neg_elbo") == 1  # only rank 0 reports
 
 
+def test_under_ddp_every_rank_stops_together_when_one_diverges(tmp_path):
+    """Rank 0 finds the divergence at an eval (no log step in between): rank 1 stops with it, naming it, instead of
+    waiting in the next all-reduce and dying on gloo's closed connection."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "src.train", *tiny_overrides(tmp_path / "cache"), "optimizer.lr=1e30",
+                           "trainer.log_every=50", "trainer.strategy=ddp", f"hydra.run.dir={run}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "gloo" not in out.lower() and "DistBackendError" not in out, out[-3000:]
+    assert out.count("Diverged: non-finite") == 2, out[-3000:]  # each rank names it
+    assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
+
+
 def test_divergence_before_any_checkpoint_does_not_claim_one_is_kept(tmp_path, tiny):
     run = tmp_path / "run"
     proc = run_cli([*tiny, "logger=none", "optimizer.lr=1e30", "trainer.log_every=1", "trainer.checkpoint_every=100",
