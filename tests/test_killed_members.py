@@ -20,14 +20,14 @@ def test_a_member_killed_by_the_system_is_named_and_the_others_finish(tmp_path):
     out-of-memory killer does; the other finishes and the sweep ends by naming the killed one."""
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=parallel", *tiny_overrides(tmp_path / "cache"), "logger=none",
-            "trainer.max_steps=300", "trainer.max_epochs=null", "trainer.eval_every=300", "loss.beta=1,2",
+            "trainer.max_steps=60", "trainer.max_epochs=null", "trainer.eval_every=60", "loss.beta=1,2",
             f"hydra.sweep.dir={sweep}"]
     proc = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     lock = sweep / "0" / ".lock"
     deadline = time.time() + 120
     while time.time() < deadline and not (lock.is_file() and lock.read_text().startswith("pid")):
-        time.sleep(0.01)  # the lock is the member's first act: it is killed long before its 300 steps end
+        time.sleep(0.01)  # the lock is the member's first act: it is killed long before its 60 steps end
     os.kill(int(lock.read_text().split()[1]), signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
