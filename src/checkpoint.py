@@ -31,6 +31,22 @@ def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
         torch.save(state, tmp)
 
 
+class UnsafePickle(CheckpointError):
+    """A file that holds more than tensors and plain types: unpickling it could run code."""
+
+
+def load_weights_only(path: Path, map_location: Any = "cpu") -> Any:
+    """`torch.load(weights_only=True)`, the one way this project unpickles a file it did not just write: anything
+    but tensors and plain types raises UnsafePickle, never executed; a damaged file raises CheckpointError."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafePickle(f"{path} holds more than tensors and plain types (unpickling it could run code) and "
+                           "was refused unloaded") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged or truncated ({type(e).__name__})") from None
+
+
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
     """Load with `weights_only=True`: anything but tensors and plain types is refused, never executed; a file
     that is not a checkpoint of this tool (a bare state_dict, an image, text) is named as such."""
@@ -43,13 +59,12 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
         raise CheckpointError(f"{path} is not a torch checkpoint; give a checkpoints/last.pt or best.pt written by "
                               "python -m src.train, or the run dir holding it")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"checkpoint {path} holds more than tensors and plain types and was refused "
-                              "unloaded; use a checkpoint written by python -m src.train") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({type(e).__name__}); use another "
-                              "checkpoint, e.g. checkpoints/best.pt, or retrain") from None
+        state = load_weights_only(path, map_location)
+    except UnsafePickle as e:
+        raise CheckpointError(f"checkpoint {e}; use a checkpoint written by python -m src.train") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {e}; use another checkpoint, e.g. checkpoints/best.pt, or retrain") \
+            from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
         held = f"a dict of {len(state)} keys such as {next(iter(state), '')!r}" if isinstance(state, dict) else \
             f"a {type(state).__name__}"

@@ -106,7 +106,7 @@ class SweepReport(Callback):
         size = sweep_size(config.hydra)
         failed, named = [], set()
         for member in sweep.members():
-            if int(member.name) >= size:
+            if size is not None and int(member.name) >= size:
                 continue  # left by an earlier launch of a larger sweep
             rd = RunDir(member)
             summary = read_summary(rd)

@@ -9,7 +9,6 @@ KID (Binkowski et al. 2018) is unbiased.
 from __future__ import annotations
 
 import logging
-import pickle
 import socket
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .checkpoint import CheckpointError, UnsafePickle, load_weights_only
 from .visuals import fixed_latents
 
 log = logging.getLogger(__name__)
@@ -105,15 +105,13 @@ def _check_weights(path: Path) -> None:
     hand: it is first loaded here weights-only (tensors and plain types), so a file that would run code when
     unpickled is refused unloaded, and a damaged one is one line instead of a failed run."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise FidUnavailable(f"eval.fid: {path} holds more than tensors (unpickling it could run code) and was "
-                             f"refused unloaded; replace it with torch-fidelity's {INCEPTION_WEIGHTS}. FID and KID "
+        load_weights_only(path)
+    except UnsafePickle as e:
+        raise FidUnavailable(f"eval.fid: {e}; replace it with torch-fidelity's {INCEPTION_WEIGHTS}. FID and KID "
                              "are skipped; the run is not affected") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise FidUnavailable(f"eval.fid: {path} is damaged ({type(e).__name__}); delete it (it is fetched again "
-                             f"with internet) or replace it with {INCEPTION_WEIGHTS}. FID and KID are skipped; the "
-                             "run is not affected") from None
+    except CheckpointError as e:
+        raise FidUnavailable(f"eval.fid: {e}; delete it (it is fetched again with internet) or replace it with "
+                             f"{INCEPTION_WEIGHTS}. FID and KID are skipped; the run is not affected") from None
 
 
 def features_of(images: torch.Tensor, extractor: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:

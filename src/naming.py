@@ -28,8 +28,13 @@ def sweep_overrides(hydra_cfg: Any) -> Dict[str, Any]:
     return {o.key_or_group: o for o in OverridesParser.create().parse_overrides(given) if o.is_sweep_override()}
 
 
-def sweep_size(hydra_cfg: Any) -> int:
-    """How many members the basic sweeper makes of these overrides: the product of each swept key's values."""
+def sweep_size(hydra_cfg: Any) -> Optional[int]:
+    """How many members Hydra's basic sweeper makes of these overrides (the product of each swept key's values);
+    None for another sweeper, whose members this cannot count."""
+    from omegaconf import OmegaConf
+
+    if not str(OmegaConf.select(hydra_cfg, "sweeper._target_") or "").endswith("BasicSweeper"):
+        return None
     return math.prod(len(list(o.sweep_string_iterator())) for o in sweep_overrides(hydra_cfg).values())
 
 
