@@ -111,6 +111,7 @@ def test_sigterm_during_a_decode_stops_the_run_and_records_no_image_as_skipped(t
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Traceback" not in out + err, out[-2000:] + err[-2000:]
+    assert not list((tmp_path / "cache").glob("folder-*/meta.json"))  # it landed mid-decode: nothing was cached
     again = run_cli([*args, f"hydra.run.dir={run}"])
     assert again.returncode == 0, again.stdout[-2000:]
     [meta] = (tmp_path / "cache").glob("folder-*/meta.json")
