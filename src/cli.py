@@ -4,7 +4,7 @@ it as a process (lock, signals, summary on every exit) is `src.lifecycle`.
 
 Exit codes: 0 finished (or already finished); 2 bad input (a config value, a refused rerun, unreadable data or
 checkpoint, an unwritable output dir); 3 diverged; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM);
-a multirun exits 1 when any member did not finish.
+255 requeued by SLURM (it runs again and resumes); a multirun exits 1 when any member did not finish.
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import errno
 import logging
 import os
 import shlex
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,9 +30,10 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, register_configs
 from .data import DataError
 from .identity import RecordError
-from .lifecycle import DivergedError, Interrupted
+from .lifecycle import DivergedError, Interrupted, Requeued
 from .naming import sweep_size
 from .rundir import RunDir, RunDirRefused, SweepDir, read_summary
+from .slurm import SubmitRefused
 from .train import train
 from .validate import did_you_mean
 
@@ -40,6 +43,8 @@ register_configs()
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: found however the module is run
 USER_ERRORS = {RunDirRefused: "Refused", ConfigError: "Config error", DataError: "Data error",
                CheckpointError: "Checkpoint error", RecordError: "Damaged run dir", DivergedError: "Diverged"}
+REQUEUED_EXIT = 255  # as submitit's own requeue handler exits (sys.exit(-1))
+PREEMPTION_WAIT_S = 600  # at most this long for SLURM to end a preempted job (GraceTime, then KillWait)
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # a full or read-only disk
 
 
@@ -60,6 +65,11 @@ def main(cfg: DictConfig) -> float:
         if study and not multirun:  # a named study is a multirun; without -m it would train one default run
             raise ConfigError(f"sweep={study} is not allowed without -m; run python -m src.train -m sweep={study}")
         return train(cfg).get("val/neg_elbo", float("nan"))
+    except Requeued as e:
+        log.warning("Requeued: %s", e)
+        if e.wait:  # a preempted job that exits on its own ends FAILED and is not requeued: SLURM ends it
+            wait_for_slurm()
+        sys.exit(REQUEUED_EXIT)
     except Interrupted as e:
         last = RunDir(run_dir).last
         try:
@@ -105,31 +115,46 @@ class SweepReport(Callback):
         sweep = SweepDir(config.hydra.sweep.dir)
         size = sweep_size(config.hydra)
         failed, named = [], set()
+        lost = {str(note["member"]): note for note in sweep.notes(sweep.lost)}  # jobs that ended without a result
+
+        def job(member: str) -> str:
+            note = lost.get(member)
+            return f" (job {note['job']}, state {note.get('state', 'unknown')})" if note else ""
+
         for member in sweep.members():
             if size is not None and int(member.name) >= size:
                 continue  # left by an earlier launch of a larger sweep
             rd = RunDir(member)
             summary = read_summary(rd)
             if summary is not None and summary.get("status") != "finished":
-                failed.append(f"member {member.name} {summary.get('status')}: {summary.get('error')}")
+                failed.append(f"member {member.name} {summary.get('status')}{job(member.name)}: {summary.get('error')}")
             elif summary is None and rd.lock.is_file():  # started, never ended
-                failed.append(f"member {member.name} ended without a summary: killed by the system (out of memory?) "
-                              "or by kill -9; rerun the sweep to resume it")
+                failed.append(f"member {member.name} ended without a summary{job(member.name)}: killed by the system "
+                              "(out of memory?), by kill -9 or by its scheduler; rerun the sweep to resume it")
             else:
                 continue
             named.add(member.name)
         for note in sweep.notes(sweep.refused):
             failed.append(f"member {note['member']} refused: {note['error']}")
-        for note in sweep.notes(sweep.lost):  # its job ended before the member could leave a summary, or a folder
-            if str(note["member"]) not in named and read_summary(RunDir(sweep.root / str(note["member"]))) is None:
-                failed.append(f"member {note['member']} ended without a result (job {note['job']}): killed by the "
-                              "system (out of memory?) or by kill -9 before it started; rerun the sweep to run it")
+        for member, note in lost.items():  # its job ended before the member could leave a summary, or a folder
+            if member not in named and read_summary(RunDir(sweep.root / member)) is None:
+                failed.append(f"member {member} ended without a result{job(member)}: killed by the system (out of "
+                              "memory?), by kill -9 or by its scheduler before it started; rerun the sweep to run it")
         if failed:
             for line in failed:
                 log.error(line)
             log.error("%d member(s) of the sweep in %s did not finish", len(failed), sweep.root)
             sys.exit(1)
         log.info("Sweep finished: every member in %s", sweep.root)
+
+
+def wait_for_slurm() -> None:
+    """Stay alive, ignoring SLURM's repeated SIGTERM, until SLURM kills the preempted job (and requeues it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    deadline = time.monotonic() + PREEMPTION_WAIT_S
+    while time.monotonic() < deadline:
+        time.sleep(1)
+    log.error("SLURM did not end the preempted job within %d s; exiting", PREEMPTION_WAIT_S)
 
 
 def hydra_error_line(e: BaseException) -> str:
@@ -167,6 +192,9 @@ def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
         def guarded() -> Any:
             try:
                 return func()
+            except SubmitRefused as e:  # sbatch said no: SLURM's reason and the key to change
+                print(f"Launch error: {e}", file=sys.stderr)
+                sys.exit(2)
             except (HydraException, OmegaConfBaseException) as e:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise

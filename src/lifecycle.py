@@ -8,6 +8,14 @@ logger started, finishes the logger, and tears down DDP.
 On Ctrl-C or SIGTERM: inside the training loop the step in flight finishes, a checkpoint is written and the run
 stops with `Interrupted` (exit 128 + signal number); outside the loop it stops at once. `Interrupted` derives from
 BaseException, as KeyboardInterrupt does, so no `except Exception` on the way can swallow a stop request.
+
+Inside a SLURM job two signals mean "you will be requeued" (`Requeued`, summary status "requeued" with the step):
+- SIGUSR2 from submitit before the time limit: checkpoint (at the step boundary in the loop), then submitit's own
+  handler requeues the job and the process exits; in set-up or the final eval it is handed to submitit at once.
+- SIGTERM of a preemption (SLURM requeues the job itself, GraceTime seconds later, with SIGKILL): checkpoint, then
+  wait for SLURM, because a job that exits on its own during the grace time ends FAILED and is never requeued.
+  A SIGTERM of `scancel` (or of a time limit) is an ordinary interruption. Which one it is, SLURM says
+  (`src.slurm.preempted`).
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from .config import Config
 from .identity import RecordError, recorded_config
 from .loggers import RunLogger, record_failure
 from .rundir import RunDir, RunDirLock, RunDirRefused, remove_stale_temps, write_hydra_files, write_json
+from . import slurm
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +50,25 @@ class Interrupted(BaseException):
         super().__init__(f"interrupted by {signal.Signals(signum).name}" + (f" at step {step}" if step else ""))
 
 
+class Requeued(BaseException):
+    """SLURM requeues this run's job; it stopped at training step `step` with a checkpoint and resumes from it.
+    `wait`: the process must stay alive until SLURM ends it (a preemption), else it exits at once (submitit has
+    requeued the job already)."""
+
+    def __init__(self, step: Optional[int], how: str, wait: bool):
+        self.step, self.wait = step, wait
+        super().__init__(f"{how}" + (f" at step {step}" if step is not None else "") +
+                         "; SLURM requeues the job and it resumes from its last checkpoint")
+
+
 class StopSignals:
-    """SIGTERM (SLURM preemption, a container stop) and SIGINT (Ctrl-C) end a run cleanly. In the training loop
-    (`defer`), the loop finishes its step, writes a checkpoint and then stops; elsewhere the run stops at once.
-    SIGUSR2, which submitit sends before a SLURM time limit, is handled the same way when submitit listens for it,
-    and submitit's own handler then requeues the job (it resumes from the checkpoint)."""
+    """SIGTERM (a container stop, `scancel`, a SLURM preemption) and SIGINT (Ctrl-C) end a run cleanly. In the
+    training loop (`defer`), the loop finishes its step, writes a checkpoint and then stops; elsewhere the run stops
+    at once. SIGUSR2, which submitit sends before a SLURM time limit, is listened for when submitit listens for it,
+    and submitit's own handler then requeues the job. `step` is the training step reached (the loop keeps it)."""
 
     def __init__(self):
-        self.defer, self.received = False, None
+        self.defer, self.received, self.step = False, None, None
         self.previous: Dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -65,15 +85,27 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame) -> None:
+        if self.received is not None and slurm.in_job():
+            return  # SLURM repeats SIGTERM at the end of a preemption's grace time: the first one is in hand
         if not self.defer:
-            raise Interrupted(signum)
+            self.stop(self.step, signum)
         self.received = signum
 
-    def stop(self, step: int) -> None:
-        """After the checkpoint: hand SIGUSR2 to submitit (it requeues and exits), else raise Interrupted."""
-        if self.received == signal.SIGUSR2:
-            self.previous[self.received](self.received, None)
-        raise Interrupted(self.received, step)
+    def stop(self, step: Optional[int], signum: Optional[int] = None) -> None:
+        """After the checkpoint (or at once outside the loop): raise what the signal means."""
+        signum = signum or self.received
+        self.received = signum
+        if signum == signal.SIGUSR2:
+            try:
+                self.previous[signum](signum, None)  # submitit: requeue this job, then sys.exit(-1)
+            except SystemExit:
+                raise Requeued(step, "submitit requeued the job (SIGUSR2: time limit or preemption)", wait=False) \
+                    from None
+            except Exception as e:  # submitit's UncompletedJobError: timed out too often, or not checkpointable
+                log.warning("submitit did not requeue the job: %s", e)
+        elif signum == signal.SIGTERM and slurm.in_job() and slurm.preempted(slurm.this_job()):
+            raise Requeued(step, "preempted by SLURM (SIGTERM)", wait=True)
+        raise Interrupted(signum, step)
 
 
 class RunLifecycle:
@@ -115,6 +147,8 @@ class RunLifecycle:
                 self.summary.update(status="diverged", error=str(e))
             elif isinstance(e, Interrupted):
                 self.summary.update(status="interrupted", error=str(e), step=e.step)
+            elif isinstance(e, Requeued):  # not a failure: the job runs again and resumes
+                self.summary.update(status="requeued", error=str(e), step=e.step)
             else:
                 self.summary["error"] = f"{kind.__name__}: {e}"
                 self._record_early_failure(e)

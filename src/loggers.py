@@ -183,10 +183,13 @@ class RunLogger:
                 {"step": step, **{f"{prefix}/{k}": wandb.Image(str(p)) for k, p in images.items()}}))
 
     def finish(self, summary: Dict[str, Any]) -> None:
-        """Close metrics.jsonl; on W&B, summary.json becomes the run summary, and the exit code says failed."""
+        """Close metrics.jsonl; on W&B, summary.json becomes the run summary, and the exit code says failed (a
+        requeued run is marked preempting first)."""
         self.file.close()
         if self.wandb is not None:
             run = self.wandb
+            if summary.get("status") == "requeued":  # W&B shows the run as preempted, not failed; the requeued job
+                self._guarded("mark_preempting", run.mark_preempting)  # continues it under the same id
             self._guarded("finish", lambda: (run.summary.update({k: plain(v) for k, v in summary.items()}),
                                              run.finish(exit_code=0 if summary.get("status") == "finished" else 1)))
             self.wandb = None

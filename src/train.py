@@ -357,7 +357,8 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
         run: RunLifecycle) -> Dict[str, Any]:
     """The training loop from where `state` stands, then the final test eval; returns the final metrics."""
     t, rd, logger, stop, device = cfg.trainer, run.dir, run.logger, run.stop, place.device
-    stop.defer = True  # from here a signal ends the run at the next step boundary, after a checkpoint
+    stop.defer, stop.step = True, state.step  # from here a signal ends the run at the next step boundary, after a
+    # checkpoint; outside the loop (the final eval) it stops at once, at the step reached
     steps = objective.total_steps
     eval_every = t.eval_every or len(state.batches)
     checkpoint_every = t.checkpoint_every or eval_every
@@ -385,6 +386,7 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
         lr = state.optimizer.param_groups[0]["lr"]  # the rate this step used; an epoch's end moves the schedule
         meter.after_step(len(x) * place.world_size)
         state.advance(terms)
+        stop.step = state.step
         bar.update()
         # 2. what is due at this step: log, eval, checkpoint
         last = state.step == steps
@@ -420,6 +422,7 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
         return {}
 
     # 3. the final test eval (after the last checkpoint: a kill here redoes only this block)
+    stop.defer = False
     test = evaluate("test", step=state.step, iwae_k=cfg.eval.iwae_k_test)
     if cfg.eval.fid:
         test.update(evaluate_fid(state.model, data.images["test"], cfg, device, "test"))
@@ -430,7 +433,6 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
              "train/beta": beta, **({"train/capacity": capacity} if capacity is not None else {})}
     if meter.images_per_s() is not None:
         final["perf/train_images_per_s"] = meter.images_per_s()
-    stop.defer = False
     return final
 
 
