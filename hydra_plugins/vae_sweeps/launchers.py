@@ -9,6 +9,8 @@ the job leaving the queue (`squeue`); submitit alone would wait forever there. A
 preemption) is still the same job: it is waited for until it ends."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import time
@@ -51,7 +53,8 @@ class KeepGoing:
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
             params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
         try:
-            jobs = executor.map_array(self, *zip(*params))
+            with contextlib.redirect_stderr(io.StringIO()):  # sbatch's own error lines: the refusal says it once
+                jobs = executor.map_array(self, *zip(*params))
         except submitit.core.utils.FailedJobError as e:  # sbatch refused the array
             raise slurm.SubmitRefused(self._refusal(str(e))) from None
         return self._collect(jobs, initial_job_idx, SweepDir(sweep_dir))
