@@ -216,6 +216,8 @@ PreemptMode=REQUEUE
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
 SchedulerType=sched/backfill
+# a small test cluster: look at pending jobs (a requeued one after its hold) every 2 s, not every 60
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
