@@ -60,6 +60,7 @@ class KeepGoing:
         return self._collect(jobs, initial_job_idx, SweepDir(sweep_dir))
 
     POLL_S = 2.0
+    RESULT_GRACE_S = 0.0  # how long a job that ended may take to show its result file
 
     def _collect(self, jobs: List[Any], first: int, sweep: SweepDir) -> List[JobReturn]:
         """Wait for every member; a member whose job ended without a result is recorded as lost."""
@@ -82,11 +83,15 @@ class KeepGoing:
     def _refusal(self, error: str) -> str:
         return error.strip().splitlines()[-1]
 
-    @staticmethod
-    def _result(job, idx: int, sweep: SweepDir, state: Optional[str]) -> JobReturn:
+    def _result(self, job, idx: int, sweep: SweepDir, state: Optional[str]) -> JobReturn:
         import submitit
 
+        deadline = time.time() + self.RESULT_GRACE_S  # a shared file system may show the result a moment late
+        while not job.paths.result_pickle.exists() and time.time() < deadline:
+            time.sleep(0.5)
         try:
+            if not job.paths.result_pickle.exists():  # (job.results() would wait on submitit's own sacct watcher)
+                raise submitit.core.utils.UncompletedJobError(f"job {job.job_id} ended without a result")
             return job.results()[0]
         except submitit.core.utils.UncompletedJobError:
             summary = read_summary(RunDir(sweep.root / str(idx)))
@@ -107,6 +112,7 @@ class KeepGoingSlurmLauncher(KeepGoing, SlurmLauncher):
     """Members as the jobs of a SLURM array: `hydra/launcher=slurm`."""
 
     POLL_S = 5.0  # one sacct (or squeue) call per poll for the whole array
+    RESULT_GRACE_S = 5.0  # the result file is on a shared file system
 
     def _ended(self, jobs: List[Any]) -> Dict[str, str]:
         ids = [job.job_id for job in jobs]
