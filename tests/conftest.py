@@ -164,3 +164,9 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny(cache_dir) -> List[str]:
     return tiny_overrides(cache_dir)
+
+
+def pytest_collection_modifyitems(items):
+    """The SLURM tests (one file, one worker, about three minutes of jobs) are handed out first, so the other
+    files spread over the remaining workers beside them instead of after them."""
+    items.sort(key=lambda item: "test_slurm.py" not in item.nodeid)

@@ -59,7 +59,8 @@ def no_leftovers():
         if proc.poll() is None:
             proc.kill()
     STARTED.clear()
-    subprocess.run(["scancel", "--me"], capture_output=True)
+    if shutil.which("scancel"):
+        subprocess.run(["scancel", "--me"], capture_output=True)
 
 
 STARTED: list = []
