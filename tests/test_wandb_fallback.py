@@ -98,3 +98,28 @@ def test_an_empty_wandb_mode_is_unset_not_a_crash(tmp_path, tiny):
     assert proc.returncode == 0 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-2000:]
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
     assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_failing_after_its_start_turns_wandb_off_and_never_the_run(tmp_path, caplog, monkeypatch):
+    """After a good start W&B can still fail (its service gone, the run ended under us): here the real error W&B
+    raises when its run has ended. Every later call (a metrics row, images, the final summary) goes on without
+    W&B after one warning, and metrics.jsonl keeps every step."""
+    from src.config import LoggerConfig
+    from src.loggers import RunLogger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    logger = RunLogger(tmp_path, LoggerConfig(mode="offline"), {"loss": {"beta": 1.0}})
+    assert logger.wandb is not None
+    logger.wandb.finish()  # W&B's run is over while the trainer goes on
+    image = tmp_path / "grid.png"
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(image)
+    with caplog.at_level("WARNING", logger="src.loggers"):
+        logger.log({"train/loss": 1.5}, step=1)
+        logger.log_images({"samples": image}, step=1)
+        logger.log({"train/loss": 1.25}, step=2)
+        logger.finish({"status": "finished"})
+    warnings = [r.getMessage() for r in caplog.records if "W&B failed" in r.getMessage()]
+    assert len(warnings) == 1 and "UsageError" in warnings[0], warnings
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
