@@ -93,10 +93,7 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
     mode = wandb_mode(cfg.mode)
     if mode == "disabled":
         return None
-    id_file = RunDir(run_dir).wandb_run_id
-    # under a W&B agent the sweep chooses the id; otherwise reuse ours, or make one and keep it
-    run_id = id_file.read_text().strip() if id_file.is_file() else os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
-    write_text(id_file, run_id + "\n")
+    run_id = wandb_run_id(Path(run_dir))
     if name is None:
         name, group = run_identity(run_dir, cfg.group)
     kwargs = dict(project=cfg.project, entity=cfg.entity, dir=str(run_dir), id=run_id, resume="allow", name=name,
@@ -143,6 +140,20 @@ def record_failure(raw_cfg: Any, run_dir: Path, summary: Dict[str, Any]) -> None
             run.finish(exit_code=1)
     except Exception as e:  # the original error is the one to report
         log.debug("could not record the failure in W&B: %s", e)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run dir: under a W&B agent the sweep chooses it; otherwise a rerun into the dir
+    continues its run, and a copy of the dir (the file names the folder it was made in) starts a run of its own
+    rather than writing over the original's."""
+    id_file, here = RunDir(run_dir).wandb_run_id, str(Path(run_dir).resolve())
+    kept, _, made_in = (id_file.read_text().strip() if id_file.is_file() else "").partition(" ")
+    if made_in and made_in != here:  # (a file of an older release holds only the id: kept)
+        log.info("This run dir is a copy of %s: it gets a W&B run of its own", made_in)
+        kept = ""
+    run_id = kept or os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
+    write_text(id_file, f"{run_id} {here}\n")
+    return run_id
 
 
 # ------------------------------------------------------------------------------------------- the logger

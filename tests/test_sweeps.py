@@ -37,7 +37,7 @@ def test_wandb_runs_carry_terms_grids_config_and_one_group(beta_sweep):
         assert run["job_type"] == "train"
         assert run["config"]["update"]["loss"]["beta"] == beta and run["config"]["update"]["model"]["latent_dim"] == 4
         # the run id kept in the run dir is the W&B run's id: a rerun continues it
-        assert run["run_id"] == (beta_sweep / member / "wandb_run_id").read_text().strip()
+        assert run["run_id"] == (beta_sweep / member / "wandb_run_id").read_text().split()[0]
         history = {}
         for r in records:
             if r["type"] == "history":

@@ -123,3 +123,19 @@ def test_wandb_failing_after_its_start_turns_wandb_off_and_never_the_run(tmp_pat
     assert len(warnings) == 1 and "UsageError" in warnings[0], warnings
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_a_copied_run_dir_gets_a_wandb_run_of_its_own(tmp_path, tiny):
+    """A rerun into the same dir continues its W&B run; a copy of the dir, continued, starts another run instead of
+    writing over the original's."""
+    import shutil
+
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    args = [*tiny, "logger=wandb", "logger.mode=offline", "trainer.max_steps=2"]
+    assert run_cli([*args, f"hydra.run.dir={first}"]).returncode == 0
+    original = (first / "wandb_run_id").read_text().split()[0]
+    shutil.copytree(first, copy)
+    assert run_cli([*args, "trainer.max_steps=4", f"hydra.run.dir={first}"]).returncode == 0  # continued in place
+    assert (first / "wandb_run_id").read_text().split()[0] == original
+    assert run_cli([*args, "trainer.max_steps=4", f"hydra.run.dir={copy}"]).returncode == 0
+    assert (copy / "wandb_run_id").read_text().split()[0] != original
