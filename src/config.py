@@ -98,6 +98,7 @@ class EvalConfig:
     traversal_steps: int = 7  # values from -3 to 3
     fid: bool = False  # FID and KID at the final test eval (optional extra: pip install -e ".[fid]")
     fid_images: int = 2000  # real images, prior samples and reconstructions each
+    collapse_nats: float = 0.1  # a dim with mean KL above this (nats per image) is in use; at or below, collapsed
 
 
 @dataclass

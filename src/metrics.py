@@ -22,7 +22,7 @@ from .visuals import fixed_latents
 
 EVAL_SEED = 0  # eval's own RNG: its numbers do not depend on how far training's RNG has moved
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015
-KL_ACTIVE_NATS = 0.1  # a dim carrying more KL than this (nats per image, on average) counts in kl_active_units
+KL_ACTIVE_NATS = 0.1  # eval.collapse_nats' default: a dim carrying more KL than this (nats per image) is in use
 MI_CAP_MARGIN = 0.05  # nats: an MI estimate this close to its ceiling log N is reported as capped
 LOG_2PI = math.log(2 * math.pi)
 
@@ -177,6 +177,7 @@ def evaluate(
     mi_images: int = 2000,
     autocast: Optional[ContextManager] = None,
     progress: Optional[str] = None,
+    collapse_nats: float = KL_ACTIVE_NATS,
 ) -> Dict[str, object]:
     """Every metric of the design's list over all images of a split, in nats per image where it is one.
 
@@ -214,7 +215,8 @@ def evaluate(
         out["active_units"] = active_units(mu_all)
         out["collapsed_units"] = mu_all.shape[1] - out["active_units"]
         # another view of collapse: dims that cost KL, whether or not their mean moves with x (docs/diagnostics.md)
-        out["kl_active_units"] = int(sum(kl > KL_ACTIVE_NATS for kl in out["kl_per_dim"]))
+        out["kl_active_units"] = int(sum(kl > collapse_nats for kl in out["kl_per_dim"]))
+        out["collapse_nats"] = collapse_nats
         out["mutual_info"] = mutual_info(mu_all[:mi_images], logvar_all[:mi_images])
         # the estimator cannot exceed log N (N images in the aggregate posterior): near it, MI is "at least"
         out["mutual_info_max"] = math.log(min(n, mi_images))
@@ -249,5 +251,6 @@ def evaluate_split(model: VAE, objective: Objective, cfg, data, split: str, *, d
                        mean_img=mean_img if mean_img is not None else mean_image(data.images["train"]),
                        iwae_k=iwae_k, z_samples=fixed_latents(cfg.eval.blur_samples, cfg.model.latent_dim).to(device),
                        factors=data.factors.get(split), mi_images=cfg.eval.mi_images, autocast=autocast,
+                       collapse_nats=cfg.eval.collapse_nats,
                        progress=f"eval {split} (IWAE k={iwae_k})" if cfg.trainer.progress else None)
     return {f"{split}/{k}": v for k, v in metrics.items()}

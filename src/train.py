@@ -452,10 +452,11 @@ def _log_train(state: TrainState, objective: Objective, lr: float, logger: Optio
 
 def _log_eval(state: TrainState, cfg: Config) -> None:
     v = state.val
-    log.info("eval step %d | val/neg_elbo %.2f nats/image | val/iwae_nll %.2f (k=%d) | val/kl %.2f | active units "
-             "%d/%d | val/mse %.5f (mean image %.5f) | sample blur %.3f (data %.3f)", state.step, v["val/neg_elbo"],
-             v["val/iwae_nll"], cfg.eval.iwae_k, v["val/kl"], v["val/active_units"], cfg.model.latent_dim,
-             v["val/mse"], v["val/mse_mean_image"], v["val/sample_blur"], v["val/data_blur"])
+    log.info("eval step %d | val/neg_elbo %.2f nats/image | val/iwae_nll %.2f (k=%d) | val/kl %.2f | dims with KL > "
+             "%g nats %d/%d (active units %d) | val/mse %.5f (mean image %.5f) | sample blur %.3f (data %.3f)",
+             state.step, v["val/neg_elbo"], v["val/iwae_nll"], cfg.eval.iwae_k, v["val/kl"], cfg.eval.collapse_nats,
+             v["val/kl_active_units"], cfg.model.latent_dim, v["val/active_units"], v["val/mse"],
+             v["val/mse_mean_image"], v["val/sample_blur"], v["val/data_blur"])
 
 
 if __name__ == "__main__":

@@ -150,6 +150,8 @@ def parse(cfg: DictConfig | Config) -> Config:
     for key in ("iwae_k", "iwae_k_test", "mi_images", "blur_samples", "traversal_steps", "fid_images"):
         _check(getattr(cfg.eval, key) > 0, f"eval.{key}", getattr(cfg.eval, key), "must be a positive integer")
     _check(cfg.eval.traversal_dims >= 0, "eval.traversal_dims", cfg.eval.traversal_dims, "must be >= 0")
+    _check(cfg.eval.collapse_nats > 0, "eval.collapse_nats", cfg.eval.collapse_nats,
+           "must be > 0 (nats per image; Lucas et al. 2019 use 0.01 to 0.1)")
 
     _choice("logger.name", lg.name, LOGGERS)
     _choice("logger.mode", lg.mode, LOGGER_MODES)
