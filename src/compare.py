@@ -3,9 +3,14 @@
 Without a folder it compares the newest sweep under outputs/sweeps/ (as `python -m src.train -m` left it).
 
 Finds every run under the given folders and writes into `<first dir>/compare/`:
-- table.csv (every setting that differs, every final metric, full names) and table.md (short names, units);
+- table.csv (one row per run: every setting that differs, its seed, every final metric, full names) and
+  table.md (one row per setting, short names, units; seeds pooled as mean ± sd with n);
+- settings.csv and settings.tex: one row per setting, each metric's mean and sample sd over seeds (units in the
+  CSV's headers; a booktabs LaTeX table);
 - collapse.png, blur.png, rate_distortion.png, kl_per_dim.png: the two questions (where does the posterior
-  collapse, how blurry do the samples get) against the swept keys;
+  collapse, how blurry do the samples get) against the swept keys, means over seeds with error bars;
+- learning_curves.png, kl_over_training.png: every run's validation curves, and each setting's per-dim KL over
+  training (when does each dim die?);
 - samples_montage.png, reconstructions_montage.png, traversals_montage.png: every run's grids side by side
   (same z, same inputs), enlarged pixel for pixel and captioned with the swept values;
 - report.html: what was compared (fixed settings, swept keys), the table and every figure, each with a line on
@@ -40,8 +45,8 @@ def compare(dirs: List[Path], out: Optional[Path] = None, wandb: bool = False) -
 
 
 def log_to_wandb(c: Comparison, figures: List[str], out: Path, sweep: Path) -> None:
-    """One W&B run (job type "compare") in the sweep's group: the table, every figure with its how-to-read
-    caption, and the header as its notes. Online or offline like the training runs (same project and group)."""
+    """One W&B run (job type "compare") in the sweep's group: the per-run and per-setting tables (typed: numbers
+    as numbers), every figure with its how-to-read caption, and the header as its notes. Online or offline like the training runs (same project and group)."""
     import wandb as wb
 
     from .config import LoggerConfig
@@ -57,11 +62,20 @@ def log_to_wandb(c: Comparison, figures: List[str], out: Path, sweep: Path) -> N
     if run is None:
         return
     run.notes = "\n".join(header_lines(c))
-    run.log({"compare/table": wb.Table(dataframe=display_table(c).astype(str)),
+    run.log({"compare/runs": wb.Table(dataframe=_typed(c.table)), "compare/settings": wb.Table(dataframe=_typed(c.stats())),
              **{f"compare/{f.removesuffix('.png')}": wb.Image(str(out / f), caption=HOW_TO_READ[f]) for f in figures}})
     run.summary.update({"runs": len(c.table), "finished": c.finished()})
     run.finish()
     log.info("Logged the comparison to W&B group %r (%s)", group, out / "wandb")
+
+
+def _typed(frame):
+    """A table for W&B with its numbers as numbers: only text-like columns (lists, mixed) become strings."""
+    frame = frame.copy()
+    for column in frame.columns:
+        if frame[column].dtype == object:
+            frame[column] = frame[column].map(lambda v: v if isinstance(v, (int, float, bool)) else str(v))
+    return frame
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,6 +1,9 @@
 """Collecting a comparison: find the runs under some folders, read what each was trained with (identity.py's
 record) and its summary, and build a `Comparison`: one row per run with the settings that differ and the final
-metrics, plus the runs, the swept keys and every setting all runs share. Drawing it is report.py's job."""
+metrics, plus the runs, the swept keys and every setting all runs share. Drawing it is report.py's job.
+
+Seeds are replicates, not settings: runs that differ only in `seed` are one setting, summarised by its mean,
+standard deviation and n (`Comparison.stats()`); the per-run table keeps one row per seed."""
 from __future__ import annotations
 
 import logging
@@ -20,6 +23,8 @@ from .rundir import RunDir, read_summary
 log = logging.getLogger(__name__)
 
 SPLIT = "test"  # the final numbers, on the official test split
+SEED = "seed"  # the key whose values are replicates of one setting
+COLLAPSE_NATS = 0.1  # eval.collapse_nats of a run recorded before the key existed
 METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_units", "kl_active_units",
            "collapsed_units", "mutual_info", "mutual_info_max", "mutual_info_capped", "mig", "sample_blur",
            "recon_blur", "data_blur", "sharpness_ratio", "mse"]
@@ -27,19 +32,51 @@ METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_un
 
 @dataclass
 class Comparison:
-    """Runs side by side. `table`: one row per run (run, status, the swept settings, `test/<metric>` for every
-    metric, error); `runs`: each run's path, settings, overrides and summary, in the table's order; `swept`: the
-    keys whose values differ (the sweep's own order); `fixed`: every setting all runs share."""
+    """Runs side by side. `table`: one row per run (run, status, the swept settings, `seed` when seeds differ,
+    `test/<metric>` for every metric, error); `runs`: each run's path, settings, overrides and summary, in the
+    table's order; `swept`: the keys whose values differ, seed aside (the sweep's own order); `fixed`: every
+    setting all runs share; `seeds`: whether runs differ in seed; `collapse_nats`: the KL threshold of a collapsed
+    dim, the one behind `test/kl_active_units` of every row and the KL heatmap's counts."""
     table: pd.DataFrame
     runs: List[Dict[str, object]]
     swept: List[str]
     fixed: Dict[str, object]
+    seeds: bool = False
+    collapse_nats: float = COLLAPSE_NATS
 
-    def labels(self, keys: Optional[List[str]] = None) -> List[str]:
-        """Each run as `beta=4 latent_dim=16` over the swept keys (or `keys`); the run's folder when none."""
+    def labels(self, keys: Optional[List[str]] = None, seed: bool = False) -> List[str]:
+        """Each run as `beta=4 latent_dim=16` over the swept keys (or `keys`), `seed=1` added when asked and seeds
+        differ; the run's folder when there is nothing to say."""
         keys = self.swept if keys is None else keys
         short = short_names(self.swept)
-        return [" ".join(f"{short[k]}={fmt(row[k])}" for k in keys) or row["run"] for _, row in self.table.iterrows()]
+        out = []
+        for _, row in self.table.iterrows():
+            parts = [f"{short[k]}={fmt(row[k])}" for k in keys] + ([f"seed={row[SEED]}"] if seed and self.seeds else [])
+            out.append(" ".join(parts) or row["run"])
+        return out
+
+    def settings(self) -> List[List[int]]:
+        """The runs of each setting (row indices; its seeds), in the table's order."""
+        if not self.swept:
+            return [list(self.table.index)]
+        keys = self.table[self.swept].map(repr).apply(tuple, axis=1)  # one hashable key per run
+        return [list(idx) for idx in keys.groupby(keys, sort=False).groups.values()]
+
+    def stats(self) -> pd.DataFrame:
+        """One row per setting over its finished runs: the swept settings, n (finished seeds), and for every metric
+        its mean (`test/<metric>`) and sample standard deviation (`test/<metric> sd`, empty when n = 1)."""
+        rows = []
+        for idx in self.settings():
+            group = self.table.loc[idx]
+            done = group[group["status"].eq("finished")]
+            row = {k: group[k].iloc[0] for k in self.swept}
+            row["n"] = len(done)
+            for m in METRICS:
+                values = pd.to_numeric(done[f"{SPLIT}/{m}"], errors="coerce").dropna()
+                row[f"{SPLIT}/{m}"] = values.mean() if len(values) else np.nan
+                row[f"{SPLIT}/{m} sd"] = values.std(ddof=1) if len(values) > 1 else np.nan
+            rows.append(row)
+        return pd.DataFrame(rows)
 
     def finished(self) -> int:
         return int(self.table["status"].eq("finished").sum())
@@ -124,17 +161,32 @@ def collect(dirs: List[Path]) -> Comparison:
         swept.sort(key=lambda k: order.index(k) if k in order else len(order))
     else:
         swept = sorted(runs[0]["overrides"])
+    seeds = SEED in swept
+    swept = [k for k in swept if k != SEED]
+    nats = collapse_threshold(runs)
     rows = []
     for r in runs:
         s = r["summary"]
         row = {"run": _relative(r["path"], root), "status": s.get("status", "incomplete")}
-        row.update({k: _cell(r["settings"].get(k, r["overrides"].get(k))) for k in swept})
+        row.update({k: _cell(r["settings"].get(k, r["overrides"].get(k))) for k in swept + [SEED] * seeds})
         row.update({f"{SPLIT}/{m}": s.get(f"{SPLIT}/{m}", np.nan) for m in METRICS})
+        if s.get(f"{SPLIT}/kl_per_dim"):  # one threshold for every run: the count the heatmap shows
+            row[f"{SPLIT}/kl_active_units"] = int(sum(kl > nats for kl in s[f"{SPLIT}/kl_per_dim"]))
         if "error" in s:
             row["error"] = s["error"]
         rows.append(row)
-    fixed = {k: next(r["settings"][k] for r in runs if k in r["settings"]) for k in keys if k not in swept}
-    return Comparison(pd.DataFrame(rows), runs, swept, fixed)
+    fixed = {k: next(r["settings"][k] for r in runs if k in r["settings"]) for k in keys
+             if k not in swept and k != SEED}
+    return Comparison(pd.DataFrame(rows), runs, swept, fixed, seeds, nats)
+
+
+def collapse_threshold(runs: List[Dict[str, object]]) -> float:
+    """The runs' eval.collapse_nats (a run recorded before the key: 0.1); where runs differ, the first one's, said."""
+    values = list(dict.fromkeys(float(r["recorded"].get("eval.collapse_nats", COLLAPSE_NATS)) for r in runs
+                                if r["recorded"]))
+    if len(values) > 1:
+        log.warning("runs differ in eval.collapse_nats (%s); every count here uses %g nats", values, values[0])
+    return values[0] if values else COLLAPSE_NATS
 
 
 def _cell(v):

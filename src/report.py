@@ -4,6 +4,7 @@ on how to read it."""
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import Dict, List
 
@@ -13,6 +14,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
@@ -27,19 +29,31 @@ COLUMNS = {"neg_elbo": ("-ELBO (nats)", "{:.1f}"), "recon_nll": ("recon (nats)",
            "sample_blur": ("sample blur (0-1)", "{:.3f}"), "recon_blur": ("recon blur (0-1)", "{:.3f}"),
            "mig": ("MIG (0-1)", "{:.3f}")}
 HOW_TO_READ = {
-    "collapse.png": "Left: latent dims still in use, out of latent_dim. 'active' counts dims whose posterior mean moves "
-                    "with the image; 'KL > 0.1' counts dims that cost more than 0.1 nats. Where the lines fall, the "
-                    "posterior collapses; they differ when a dim costs KL with a mean that never moves. Right: mutual "
-                    "information I(x; z); a hollow point sits at the estimator's ceiling log N and means 'at least'.",
+    "collapse.png": "Left: latent dims still in use, out of latent_dim. The solid line counts dims whose mean KL "
+                    "exceeds eval.collapse_nats (posterior collapse as Lucas et al. 2019 define it; the same count as "
+                    "the KL heatmap's); the dotted one counts active units (Burda et al.: the dim's posterior mean "
+                    "moves with the image, Cov > 0.01), which can stay high while a dim carries almost no KL. Right: "
+                    "mutual information I(x; z); a hollow point sits at the estimator's ceiling log N and means 'at "
+                    "least'. With seeds: the mean over seeds, error bars of one sample sd, each seed a small dot.",
     "blur.png": "Blur of prior samples and of reconstructions, 0 = sharp, 1 = flat, on the same fixed z and inputs "
                 "for every run. The dashed line is the real test images' own blur: the closer to it, the sharper. "
-                "It measures blur, not whether the content is right: judge that from the montages.",
-    "rate_distortion.png": "One point per run: further right spends more nats on the code (rate), lower "
-                           "reconstructs better (distortion). Runs at KL near 0 have collapsed entirely.",
-    "kl_per_dim.png": "One row per run, its latent dims sorted by KL (nats per image); dark cells carry no KL "
-                      "(collapsed dims). The number right of each row counts dims above 0.1 nats.",
-    "samples_montage.png": "Prior samples of every run from the same z, pixel for pixel: compare sharpness and "
-                           "variety across the swept values.",
+                "It measures blur, not whether the content is right: judge that from the montages. With seeds: "
+                "mean, one sd, each seed a dot.",
+    "rate_distortion.png": "One point per setting (with seeds: their mean, one sd either way, each seed a dot): "
+                           "further right spends more nats on the code (rate), lower reconstructs better "
+                           "(distortion). Along a dotted line -ELBO = KL + recon is constant: a point on a lower "
+                           "line is a better bound. Runs at KL near 0 have collapsed entirely.",
+    "kl_per_dim.png": "One row per run, its latent dims sorted by KL (nats per image) on a log colour scale, so 0.02 "
+                      "and 0.2 nats look different; the white mark on the scale is eval.collapse_nats. The number "
+                      "right of each row counts dims above it (the collapse plot's solid line).",
+    "learning_curves.png": "Validation -ELBO, KL and IWAE NLL at every eval of every run, one colour per setting "
+                           "(its seeds share it): did the runs converge, and did KL rise or fall on the way?",
+    "kl_over_training.png": "Per-dim KL over training steps (log scale) for one run of each setting (the first "
+                            "seed), warm colours the dims that end with the most KL; the dotted line is "
+                            "eval.collapse_nats. A dim that falls below it and stays there has collapsed: read "
+                            "when it happened.",
+    "samples_montage.png": "Prior samples of every run: runs with the same latent size share the same z, pixel for "
+                           "pixel; compare sharpness and variety across the swept values.",
     "reconstructions_montage.png": "Each run's reconstructions of the same test images (input rows above "
                                    "reconstruction rows): where detail is lost, the code carries less.",
     "traversals_montage.png": "Each run walks its highest-KL dims one at a time (rows) from -3 to +3 (columns): "
@@ -51,15 +65,18 @@ MONTAGE_WIDTH = 300  # px: each run's part is enlarged by the smallest whole fac
 
 
 def display_table(c: Comparison) -> pd.DataFrame:
-    """The table a person reads: short column names with units, numbers rounded to what they can tell apart,
-    an MI at its ceiling shown as '>= x', and only the columns some run has."""
+    """The table a person reads: one row per setting (its seeds pooled: mean ± sd and n when seeds differ), short
+    column names with units, numbers rounded to what they can tell apart, an MI at its ceiling shown as '>= x',
+    and only the columns some run has."""
+    if c.seeds:
+        return _stats_table(c)
     table, swept = c.table, c.swept
     out = pd.DataFrame({"run": table["run"]})
     for k, short in short_names(swept).items():
         out[short] = table[k].map(fmt)
     if (table["status"] != "finished").any():
         out["status"] = table["status"]
-    for metric, (name, pattern) in COLUMNS.items():
+    for metric, (name, pattern) in columns(c).items():
         values = table[f"{SPLIT}/{metric}"]
         if values.isna().all():
             continue
@@ -71,18 +88,69 @@ def display_table(c: Comparison) -> pd.DataFrame:
     return out
 
 
+def columns(c: Comparison) -> Dict[str, tuple]:
+    """COLUMNS, with the collapse count named by the comparison's own threshold."""
+    out = dict(COLUMNS)
+    out["kl_active_units"] = (f"KL > {c.collapse_nats:g} dims", "{:.0f}")
+    return out
+
+
+def _stats_table(c: Comparison) -> pd.DataFrame:
+    """One row per setting: mean ± sd over its finished seeds, and n."""
+    stats = c.stats()
+    out = pd.DataFrame({short: stats[k].map(fmt) for k, short in short_names(c.swept).items()}) if c.swept else \
+        pd.DataFrame({"setting": ["all runs"]})
+    out["n"] = stats["n"]
+    for metric, (name, pattern) in columns(c).items():
+        mean, sd = stats[f"{SPLIT}/{metric}"], stats[f"{SPLIT}/{metric} sd"]
+        if mean.isna().all():
+            continue
+        out[name] = ["-" if pd.isna(m) else pattern.format(m) + ("" if pd.isna(d) else f" ± {pattern.format(d)}")
+                     for m, d in zip(mean, sd)]
+    return out
+
+
+UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nats", "bits_per_dim": "bits/dim",
+         "active_units": "dims", "kl_active_units": "dims", "collapsed_units": "dims", "mutual_info": "nats",
+         "mutual_info_max": "nats", "mig": "0-1", "sample_blur": "0-1", "recon_blur": "0-1", "data_blur": "0-1",
+         "sharpness_ratio": "ratio", "mse": "per pixel"}
+
+
+def export_tables(c: Comparison, out: Path) -> None:
+    """Paper-ready: settings.csv (one row per setting: n, and each metric's mean and sd with its unit in the
+    header) and settings.tex (a booktabs table of the display columns, mean ± sd)."""
+    stats = c.stats()
+    csv = pd.DataFrame({k: stats[k] for k in c.swept})
+    csv["n"] = stats["n"]
+    for metric, unit in UNITS.items():
+        if stats[f"{SPLIT}/{metric}"].notna().any():
+            csv[f"{SPLIT}/{metric} mean ({unit})"] = stats[f"{SPLIT}/{metric}"]
+            csv[f"{SPLIT}/{metric} sd ({unit})"] = stats[f"{SPLIT}/{metric} sd"]
+    csv.to_csv(out / "settings.csv", index=False)
+    shown = _stats_table(c).rename(columns=lambda name: name.replace("_", r"\_").replace(">", "$>$"))
+    body = shown.to_latex(index=False, escape=False, column_format="l" * len(c.swept) + "r" * (len(shown.columns)
+                                                                                                - len(c.swept)))
+    body = body.replace("±", r"$\pm$").replace(r"\toprule", r"\toprule").replace(r"\midrule", r"\midrule")
+    caption = (f"Final {SPLIT} metrics, mean $\\pm$ sample sd over n seeds; NLLs and KL in nats per image; "
+               f"collapsed: KL $\\le$ {c.collapse_nats:g} nats.")
+    (out / "settings.tex").write_text("% needs \\usepackage{booktabs}\n\\begin{table}[t]\n\\centering\n"
+                                      f"\\caption{{{caption}}}\n{body}\\end{{table}}\n")
+
+
 # ------------------------------------------------------------------------------------------- plots
 
 
 def _x_axis(c: Comparison):
-    """(x values, x label, series): the first swept key on x, one series per value of the other swept keys."""
+    """(x values, x label, series): the first swept key on x (a setting that is not a number: its position), one
+    series per value of the other swept keys; a series holds every run of its settings, seeds included."""
     table, swept = c.table, c.swept
     if not swept:
-        return np.arange(len(table)), "run", [("", table.index)]
+        return np.zeros(len(table)), "run", [("", list(table.index))]
     key, others = swept[0], swept[1:]
-    x = table[key].to_numpy() if pd.api.types.is_numeric_dtype(table[key]) else np.arange(len(table))
+    x = table[key].to_numpy(dtype=float) if pd.api.types.is_numeric_dtype(table[key]) else \
+        pd.factorize(table[key].map(repr))[0].astype(float)
     if not others:
-        return x, short_names(swept)[key], [("", table.index)]
+        return x, short_names(swept)[key], [("", list(table.index))]
     names = pd.Series(c.labels(others))
     series = [(name, list(idx)) for name, idx in names.groupby(names, sort=False).groups.items()]
     return x, short_names(swept)[key], series
@@ -91,9 +159,11 @@ def _x_axis(c: Comparison):
 def _style_x(ax, c: Comparison, x) -> None:
     table = c.table
     key = c.swept[0] if c.swept else None
-    if key is None or not pd.api.types.is_numeric_dtype(table[key]):
-        labels = table[key].map(fmt) if key else table["run"]
-        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    if key is None:
+        ax.set_xticks([0], ["all runs"])
+    elif not pd.api.types.is_numeric_dtype(table[key]):
+        names = list(dict.fromkeys(table[key].map(fmt)))
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     elif (x > 0).all() and x.max() / x.min() >= 10:  # beta ladders and latent sizes read best on a log axis
         ax.set_xscale("log")
         ax.set_xticks(sorted(set(x)), [fmt(v) for v in sorted(set(x))])
@@ -101,29 +171,51 @@ def _style_x(ax, c: Comparison, x) -> None:
     ax.grid(alpha=0.3)
 
 
+def _draw(ax, x, y, colour: str, style: str, label: str, hollow=None, alpha: float = 1.0) -> None:
+    """One series: the mean over seeds at each x (a line; error bars of one sample sd where n > 1) and, when
+    there are seeds, each run as a small point. `hollow`: runs drawn as open markers (an MI at its ceiling)."""
+    df = pd.DataFrame({"x": np.asarray(x, dtype=float), "y": pd.to_numeric(pd.Series(list(y)), errors="coerce")})
+    df["hollow"] = np.asarray(hollow, dtype=bool) if hollow is not None else False
+    df = df.dropna(subset=["y"])
+    if df.empty:
+        return
+    g = df.groupby("x", sort=True)["y"]
+    mean, sd, n = g.mean(), g.std(ddof=1), g.count()
+    replicated = bool((n > 1).any())
+    ax.errorbar(mean.index, mean.values, yerr=sd.fillna(0).values if replicated else None, fmt=style, color=colour,
+                alpha=alpha, capsize=3, ms=5, label=label or None)
+    if replicated or hollow is not None:
+        solid, opened = df[~df["hollow"]], df[df["hollow"]]
+        if replicated:
+            ax.scatter(solid["x"], solid["y"], s=12, color=colour, alpha=0.45, zorder=3, linewidths=0)
+        ax.scatter(opened["x"], opened["y"], s=30, facecolors="white", edgecolors=colour, zorder=4)
+
+
+def _finished(c: Comparison, idx) -> List[int]:
+    done = c.table["status"].eq("finished").to_numpy()
+    return [j for j in idx if done[j]]
+
+
 def plot_collapse(c: Comparison, path: Path) -> None:
-    """Dims in use (two counts, integer axis from 0) and mutual information (its ceiling marked), per swept value."""
+    """Dims in use, led by KL (dims whose mean KL exceeds collapse_nats, as the heatmap counts them) with active
+    units beside it, and mutual information (its ceiling marked), per swept value: means over seeds with one sd."""
     table = c.table
-    done = table["status"].eq("finished").to_numpy()
     x, xlabel, series = _x_axis(c)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (name, idx) in enumerate(series):
-        rows = [j for j in idx if done[j]]
-        colour = f"C{i}"
-        a.plot(x[rows], table.loc[rows, f"{SPLIT}/active_units"], "o-", color=colour,
-               label=f"active {name}".strip())
-        a.plot(x[rows], table.loc[rows, f"{SPLIT}/kl_active_units"], "s--", color=colour, alpha=0.7,
-               label=f"KL > 0.1 {name}".strip())
-        mi = table.loc[rows, f"{SPLIT}/mutual_info"]
+        rows, colour = _finished(c, idx), f"C{i}"
+        _draw(a, x[rows], table.loc[rows, f"{SPLIT}/kl_active_units"], colour, "o-",
+              f"KL > {c.collapse_nats:g} nats {name}".strip())
+        _draw(a, x[rows], table.loc[rows, f"{SPLIT}/active_units"], colour, "s:", f"active units {name}".strip(),
+              alpha=0.55)
         capped = table.loc[rows, f"{SPLIT}/mutual_info_capped"].fillna(False).astype(bool).to_numpy()
-        b.plot(x[rows], mi, "-", color=colour, label=name or None)
-        b.scatter(x[rows][~capped], mi[~capped], color=colour)
-        b.scatter(x[rows][capped], mi[capped], facecolors="white", edgecolors=colour, zorder=3)
+        _draw(b, x[rows], table.loc[rows, f"{SPLIT}/mutual_info"], colour, "o-", name, hollow=capped)
     latent = table.get("model.latent_dim", pd.Series([c.fixed.get("model.latent_dim")]))
     top = max(float(pd.to_numeric(latent, errors="coerce").max() or 0), float(table[f"{SPLIT}/active_units"].max()))
     a.set_ylim(-0.3, top + 0.5)
     a.yaxis.set_major_locator(MaxNLocator(integer=True))
-    a.set(xlabel=xlabel, ylabel="latent dims in use", title="Posterior collapse")
+    a.set(xlabel=xlabel, ylabel="latent dims in use", title=f"Posterior collapse (KL > {c.collapse_nats:g} nats"
+                                                            f"{', mean ± sd over seeds' if c.seeds else ''})")
     ceiling = table[f"{SPLIT}/mutual_info_max"].max()
     if pd.notna(ceiling):
         b.axhline(ceiling, color="grey", ls=":", lw=1)
@@ -143,16 +235,16 @@ def plot_collapse(c: Comparison, path: Path) -> None:
 
 
 def plot_blur(c: Comparison, path: Path) -> None:
-    """Sample and reconstruction blur per swept value, over the real images' own blur."""
+    """Sample and reconstruction blur per swept value (means over seeds with one sd), over the real images' own."""
     table = c.table
     done = table["status"].eq("finished").to_numpy()
     x, xlabel, series = _x_axis(c)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, idx) in enumerate(series):
-        rows = [j for j in idx if done[j]]
-        ax.plot(x[rows], table.loc[rows, f"{SPLIT}/sample_blur"], "o-", color=f"C{i}", label=f"samples {name}".strip())
-        ax.plot(x[rows], table.loc[rows, f"{SPLIT}/recon_blur"], "s--", color=f"C{i}", alpha=0.7,
-                label=f"reconstructions {name}".strip())
+        rows = _finished(c, idx)
+        _draw(ax, x[rows], table.loc[rows, f"{SPLIT}/sample_blur"], f"C{i}", "o-", f"samples {name}".strip())
+        _draw(ax, x[rows], table.loc[rows, f"{SPLIT}/recon_blur"], f"C{i}", "s--", f"reconstructions {name}".strip(),
+              alpha=0.7)
     data_blur = table[f"{SPLIT}/data_blur"].median()
     ax.axhline(data_blur, color="grey", ls=":", lw=1)
     ax.annotate(f"real images {data_blur:.3f}", (0.01, data_blur), xycoords=("axes fraction", "data"),
@@ -161,7 +253,7 @@ def plot_blur(c: Comparison, path: Path) -> None:
     low, high = min(shown.min(), data_blur), max(shown.max(), data_blur)
     pad = max(0.02, 0.1 * (high - low))  # zoomed to the runs and the real images, so small steps show
     ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
-    ax.set(xlabel=xlabel, ylabel="blur (0 sharp, 1 flat)", title="Blur")
+    ax.set(xlabel=xlabel, ylabel="blur (0 sharp, 1 flat)", title="Blur" + (" (mean ± sd over seeds)" if c.seeds else ""))
     _style_x(ax, c, x)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -170,16 +262,35 @@ def plot_blur(c: Comparison, path: Path) -> None:
 
 
 def plot_rate_distortion(c: Comparison, path: Path) -> None:
-    """Rate (KL) against distortion (recon NLL), one labelled point per run (Alemi et al. 2018)."""
+    """Rate (KL) against distortion (recon NLL), one labelled point per setting (mean ± sd over seeds, each seed a
+    small dot; Alemi et al. 2018), over dotted iso-ELBO lines (KL + recon = -ELBO, constant along each)."""
     table = c.table
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ok = table[f"{SPLIT}/kl"].notna()
-    ax.scatter(table.loc[ok, f"{SPLIT}/kl"], table.loc[ok, f"{SPLIT}/recon_nll"])
-    for label, (_, row) in zip(np.array(c.labels())[ok.values], table[ok].iterrows()):
-        ax.annotate(label, (row[f"{SPLIT}/kl"], row[f"{SPLIT}/recon_nll"]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
+    labels = c.labels()
+    kl, recon = table[f"{SPLIT}/kl"], table[f"{SPLIT}/recon_nll"]
+    for i, idx in enumerate(c.settings()):
+        rows = [j for j in _finished(c, idx) if pd.notna(kl[j])]
+        if not rows:
+            continue
+        mx, my = kl[rows].mean(), recon[rows].mean()
+        sx, sy = (kl[rows].std(ddof=1), recon[rows].std(ddof=1)) if len(rows) > 1 else (None, None)
+        ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", color=f"C{i % 10}", capsize=3, ms=5)
+        if len(rows) > 1:
+            ax.scatter(kl[rows], recon[rows], s=12, color=f"C{i % 10}", alpha=0.45, linewidths=0)
+        ax.annotate(labels[rows[0]], (mx, my), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ok = kl.notna() & recon.notna()
+    if ok.any():
+        x0, x1 = ax.get_xlim()
+        y0, y1 = ax.get_ylim()
+        total = (kl[ok] + recon[ok]).to_numpy()
+        for level in MaxNLocator(nbins=5).tick_values(total.min(), total.max()):
+            ax.plot([x0, x1], [level - x0, level - x1], ":", color="grey", lw=0.8, zorder=0)
+            if y0 <= level - x1 <= y1:
+                ax.annotate(f"-ELBO {level:g}", (x1, level - x1), fontsize=6, color="grey", ha="right", va="bottom")
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
     ax.set(xlabel="rate: KL (nats per image)", ylabel="distortion: recon NLL (nats per image)",
-           title=f"Rate-distortion ({SPLIT} split)")
+           title=f"Rate-distortion ({SPLIT} split; dotted: equal -ELBO)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -187,26 +298,118 @@ def plot_rate_distortion(c: Comparison, path: Path) -> None:
 
 
 def plot_kl_heatmap(c: Comparison, path: Path) -> None:
-    """Per-dim KL (nats) of each run, dims sorted by KL within the run; blank where a run has fewer dims."""
-    runs, labels = c.runs, c.labels()
+    """Per-dim KL (nats) of each run on a log colour scale, dims sorted by KL within the run; blank where a run has
+    fewer dims; right of each row, its dims above collapse_nats (the count the collapse plot leads with)."""
+    runs, labels = c.runs, c.labels(seed=True)
     kls = [sorted(r["summary"].get(f"{SPLIT}/kl_per_dim") or [], reverse=True) for r in runs]
     width = max([len(k) for k in kls] + [1])
     grid = np.full((len(kls), width), np.nan)
     for i, k in enumerate(kls):
         grid[i, : len(k)] = k
+    floor = min(c.collapse_nats / 100, np.nanmin(grid[grid > 0]) if (grid > 0).any() else c.collapse_nats / 100)
+    top = max(np.nanmax(grid) if np.isfinite(grid).any() else 1.0, c.collapse_nats * 10)
     fig, ax = plt.subplots(figsize=(min(12, 3.5 + 0.25 * width), 1.2 + 0.35 * len(kls)))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    im = ax.imshow(np.clip(grid, floor, None), aspect="auto", cmap="viridis", interpolation="nearest",
+                   norm=LogNorm(vmin=floor, vmax=top))
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.annotate("> 0.1", (1.01, 1.01), xycoords="axes fraction", va="bottom", fontsize=7)  # the counts' header
+    ax.annotate(f"> {c.collapse_nats:g}", (1.01, 0), xycoords="axes fraction", va="top", fontsize=7,
+                xytext=(0, -3), textcoords="offset points")  # the counts' header, under their column
     for i, k in enumerate(kls):
-        ax.annotate(str(sum(v > 0.1 for v in k)), (1.01, i), xycoords=("axes fraction", "data"), va="center",
-                    fontsize=8)
+        ax.annotate(str(sum(v > c.collapse_nats for v in k)), (1.01, i), xycoords=("axes fraction", "data"),
+                    va="center", fontsize=8)
     ax.set(xlabel="latent dim, sorted by KL (0 = most)", title=f"KL per latent dim ({SPLIT}, nats per image)")
-    fig.colorbar(im, ax=ax, label="nats", pad=0.06)
+    bar = fig.colorbar(im, ax=ax, label="nats (log scale)", pad=0.08)
+    bar.ax.axhline(c.collapse_nats, color="white", lw=1.5)  # the collapse threshold on the scale
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _metric_rows(run: Path, prefix: str) -> pd.DataFrame:
+    """The run's metrics.jsonl rows that have `prefix/...` keys, as a frame (empty when there are none)."""
+    path = run / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if any(k.startswith(prefix + "/") for k in row):
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_learning_curves(c: Comparison, path: Path) -> bool:
+    """Validation -ELBO, KL and IWAE NLL over training steps, every run overlaid; one colour per setting (its
+    seeds share it). False when no run logged a validation row."""
+    frames = [_metric_rows(r["path"], "val") for r in c.runs]
+    if all(f.empty or "val/neg_elbo" not in f for f in frames):
+        return False
+    colour = {}
+    for i, idx in enumerate(c.settings()):
+        colour.update({j: f"C{i % 10}" for j in idx})
+    labels = c.labels()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    named = set()
+    for j, f in enumerate(frames):
+        if f.empty or "val/neg_elbo" not in f:
+            continue
+        label = labels[j] if labels[j] not in named else None
+        named.add(labels[j])
+        for ax, key in zip(axes, ("val/neg_elbo", "val/kl", "val/iwae_nll")):
+            if key in f:
+                ax.plot(f["step"], f[key], "-", color=colour[j], lw=1.2, alpha=0.85, label=label)
+    for ax, title in zip(axes, ("-ELBO (nats per image)", "KL (nats per image)", "IWAE NLL (nats per image)")):
+        ax.set(xlabel="training step", title=f"validation {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+KL_PANELS = 16  # at most this many settings in kl_over_training.png (one run each: the first seed)
+
+
+def plot_kl_over_training(c: Comparison, path: Path) -> bool:
+    """Per-dim KL over training steps (train/kl_per_dim, log scale) for one run of each setting: when does each
+    dim die? The dotted line is collapse_nats. False when no run logged it."""
+    chosen = [idx[0] for idx in c.settings()][:KL_PANELS]
+    frames = {j: _metric_rows(c.runs[j]["path"], "train") for j in chosen}
+    frames = {j: f for j, f in frames.items() if not f.empty and "train/kl_per_dim" in f}
+    if not frames:
+        return False
+    cols = min(4, len(frames))
+    rows = -(-len(frames) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    labels = c.labels()
+    for ax, (j, f) in zip(axes.flat, frames.items()):
+        f = f.dropna(subset=["train/kl_per_dim"])
+        kl = np.array(f["train/kl_per_dim"].tolist(), dtype=float)  # (log steps, latent dims)
+        order = np.argsort(-kl[-1])  # dims by their final KL: the legend-free colours run hot to cold
+        for rank, d in enumerate(order):
+            ax.plot(f["step"], np.clip(kl[:, d], 1e-4, None), lw=0.9,
+                    color=plt.cm.viridis(1 - rank / max(1, len(order) - 1)))
+        ax.axhline(c.collapse_nats, color="black", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        used = c.table.loc[j, f"{SPLIT}/kl_active_units"]  # on the test split, as the heatmap counts
+        used = f"{used:.0f}/{kl.shape[1]} in use on {SPLIT}" if pd.notna(used) else f"{kl.shape[1]} dims"
+        ax.set_title(f"{labels[j]} ({used})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(frames):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("KL per dim (nats)", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def montage(c: Comparison, name: str, path: Path, per_row: int = 3) -> bool:
@@ -296,11 +499,17 @@ def header_lines(c: Comparison) -> List[str]:
     table, swept, finished = c.table, c.swept, c.finished()
     lines = [f"{len(table)} runs ({finished} finished). Swept: " + ("; ".join(
         f"{k} = {', '.join(dict.fromkeys(table[k].map(fmt)))}" for k in swept) or "nothing (one run)") + "."]
+    if c.seeds:
+        seeds = sorted(set(table["seed"].dropna()), key=lambda v: (str(type(v)), v))
+        n = c.stats()["n"]
+        lines.append(f"seeds: {', '.join(map(fmt, seeds))}; each setting is the mean ± sample sd over its finished "
+                     f"seeds (n = {n.min()}" + (f" to {n.max()}" if n.max() != n.min() else "") + " per setting).")
     lines += _fixed_lines(c.fixed, c.runs)
     blur, mi_max = table[f"{SPLIT}/data_blur"].median(), table[f"{SPLIT}/mutual_info_max"].max()
     if pd.notna(blur):
         lines.append(f"metrics: final, on the {SPLIT} split; NLLs and KL in nats per image; blur 0 (sharp) to 1 "
-                     f"(flat), the real {SPLIT} images' own is {blur:.3f}; MI cannot exceed log N = {mi_max:.2f}.")
+                     f"(flat), the real {SPLIT} images' own is {blur:.3f}; MI cannot exceed log N = {mi_max:.2f}; "
+                     f"a dim with mean KL at or below {c.collapse_nats:g} nats counts as collapsed.")
     return lines
 
 
@@ -343,17 +552,22 @@ def write_report(c: Comparison, figures: List[str], out: Path, sources: List[Pat
 
 
 def render(c: Comparison, out: Path, sources: List[Path]) -> List[str]:
-    """Write table.csv, table.md, the plots (when some run finished), the montages and report.html into `out`;
-    returns the figures' file names."""
+    """Write table.csv (one row per run), table.md, settings.csv and settings.tex (one row per setting, mean and
+    sd over seeds), the plots (when some run finished), the montages and report.html into `out`; returns the
+    figures' file names."""
     out.mkdir(parents=True, exist_ok=True)
     c.table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text("\n\n".join(header_lines(c)) + "\n\n" + display_table(c).to_markdown(index=False)
                                   + "\n")
+    export_tables(c, out)
     figures = []
     if c.finished():
         for name, plot in (("collapse.png", plot_collapse), ("blur.png", plot_blur),
                            ("rate_distortion.png", plot_rate_distortion), ("kl_per_dim.png", plot_kl_heatmap)):
             plot(c, out / name)
+            figures.append(name)
+    for name, plot in (("learning_curves.png", plot_learning_curves), ("kl_over_training.png", plot_kl_over_training)):
+        if plot(c, out / name):
             figures.append(name)
     for grid in ("samples", "reconstructions", "traversals"):
         if montage(c, f"{grid}.png", out / f"{grid}_montage.png"):

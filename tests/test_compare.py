@@ -119,8 +119,12 @@ def test_compare_wandb_logs_one_summary_run_into_the_sweeps_group(sweep):
     run = next(r["run"] for r in records if r["type"] == "run")
     assert (run["display_name"], run["run_group"], run["job_type"]) == ("compare sweep", "sweep", "compare")
     logged = {k for r in records if r["type"] == "history" for k in r["history"]["item"]}
-    for name in ("table", "collapse", "blur", "samples_montage", "traversals_montage"):
+    for name in ("runs", "settings", "collapse", "blur", "learning_curves", "samples_montage", "traversals_montage"):
         assert any(k.startswith(f"compare/{name}") for k in logged), name
+    table = json.loads(next((folder / "compare" / "wandb").glob("offline-run-*/files/media/table/compare/settings*"
+                                                                 ".table.json")).read_text())
+    column = table["columns"].index("test/neg_elbo")
+    assert all(isinstance(row[column], float) for row in table["data"]), table["data"]  # numbers, not text
 
 
 def test_compare_without_a_folder_takes_the_newest_sweep(sweep, tmp_path):

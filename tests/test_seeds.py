@@ -1,0 +1,110 @@
+"""Seeds are replicates: `src.compare` pools runs that differ only in `seed` into one setting (mean, sample sd,
+n), exports them for a paper, and leads its collapse count with KL (eval.collapse_nats), the count the KL heatmap
+shows. The run dirs are written as training writes them (trained_with.yaml from the composed config, summary.json),
+with chosen numbers, so every figure here is known in advance."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+from src.comparison import collect
+from src.identity import record_config
+from src.report import display_table, render
+from src.rundir import RunDir, write_json
+from src.validate import parse
+
+from .conftest import compose_cfg, run_cli, tiny_overrides
+
+NEG_ELBO = {(1.0, 0): 100.0, (1.0, 1): 104.0, (1.0, 2): 99.0, (4.0, 0): 120.0, (4.0, 1): 118.0, (4.0, 2): 125.0}
+
+
+def write_run(folder, overrides, kl_per_dim, neg_elbo, active_units):
+    """A finished run dir as training leaves it: the record of the composed config and a summary."""
+    config = OmegaConf.to_container(OmegaConf.structured(parse(compose_cfg([*tiny_overrides(folder), *overrides]))))
+    rd = RunDir(folder)
+    rd.root.mkdir(parents=True)
+    record_config(rd, config)
+    kl = float(sum(kl_per_dim))
+    write_json(rd.summary, {
+        "status": "finished", "step": 8, "test/neg_elbo": neg_elbo, "test/kl": kl, "test/recon_nll": neg_elbo - kl,
+        "test/iwae_nll": neg_elbo - 1, "test/bits_per_dim": neg_elbo / 256 / np.log(2), "test/kl_per_dim": kl_per_dim,
+        "test/active_units": active_units, "test/kl_active_units": -1, "test/mutual_info": 1.0,
+        "test/mutual_info_max": 4.0, "test/mutual_info_capped": False, "test/sample_blur": 0.2,
+        "test/recon_blur": 0.15, "test/data_blur": 0.01})
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    """beta 1 and 4, three seeds each; every run's posterior mean moves in all 4 dims (active units 4), but at
+    beta 4 only one dim carries more than 0.1 nats."""
+    for i, ((beta, seed), neg_elbo) in enumerate(NEG_ELBO.items()):
+        kl = [2.0, 1.0, 0.5, 0.2] if beta == 1 else [0.6, 0.08, 0.05, 0.02]
+        write_run(tmp_path / "sweep" / str(i), [f"loss.beta={beta}", f"seed={seed}"], kl, neg_elbo, 4)
+    return tmp_path / "sweep"
+
+
+def test_runs_that_differ_only_in_seed_are_one_setting_with_mean_sd_and_n(seeded):
+    c = collect([seeded])
+    assert c.swept == ["loss.beta"] and c.seeds
+    assert list(c.table["seed"]) == [0, 1, 2, 0, 1, 2]  # the per-run table keeps every seed
+    table = display_table(c)
+    assert list(table["beta"]) == ["1", "4"] and list(table["n"]) == [3, 3]
+    for beta, row in zip((1.0, 4.0), table["-ELBO (nats)"]):
+        values = [v for (b, _), v in NEG_ELBO.items() if b == beta]
+        assert row == f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def test_the_paper_export_has_units_in_its_headers_and_mean_pm_sd_in_latex(seeded):
+    c = collect([seeded])
+    render(c, seeded / "compare", [seeded])
+    settings = pd.read_csv(seeded / "compare" / "settings.csv")
+    one = [v for (b, _), v in NEG_ELBO.items() if b == 1.0]
+    assert settings.loc[0, "test/neg_elbo mean (nats)"] == pytest.approx(np.mean(one))
+    assert settings.loc[0, "test/neg_elbo sd (nats)"] == pytest.approx(np.std(one, ddof=1))
+    assert "test/bits_per_dim mean (bits/dim)" in settings and list(settings["n"]) == [3, 3]
+    tex = (seeded / "compare" / "settings.tex").read_text()
+    assert r"\toprule" in tex and rf"{np.mean(one):.1f} $\pm$ {np.std(one, ddof=1):.1f}" in tex
+    assert len(pd.read_csv(seeded / "compare" / "table.csv")) == 6  # one row per seed
+    assert "n = 3 per setting" in (seeded / "compare" / "report.html").read_text()
+
+
+def test_the_collapse_count_is_the_kl_count_whatever_active_units_say(seeded):
+    """Active units read 4/4 in every run; the headline count is the dims above eval.collapse_nats: 4 at beta 1,
+    1 at beta 4, the numbers the heatmap prints beside its rows."""
+    c = collect([seeded])
+    assert c.collapse_nats == 0.1
+    assert list(c.table["test/kl_active_units"]) == [4, 4, 4, 1, 1, 1]
+    assert list(c.table["test/active_units"]) == [4] * 6
+    assert "KL > 0.1 dims" in display_table(c)
+
+
+def test_eval_collapse_nats_moves_the_threshold_everywhere(tmp_path):
+    for i, seed in enumerate((0, 1)):
+        write_run(tmp_path / "sweep" / str(i), [f"seed={seed}", "eval.collapse_nats=0.03"], [0.6, 0.08, 0.05, 0.02],
+                  110.0, 4)
+    c = collect([tmp_path / "sweep"])
+    assert c.collapse_nats == 0.03 and list(c.table["test/kl_active_units"]) == [3, 3]
+    assert "KL > 0.03 dims" in display_table(c)
+
+
+def test_a_bad_collapse_threshold_is_one_line_naming_the_key(tmp_path):
+    result = run_cli([*tiny_overrides(tmp_path), "eval.collapse_nats=0", f"hydra.run.dir={tmp_path / 'run'}"])
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "eval.collapse_nats=0.0 is not allowed" in out and "Traceback" not in out
+
+
+def test_a_real_seed_sweep_pools_its_members(tmp_path):
+    """`seed=range(2)` on the command line adds seeds to any study; compare pools them (real runs, in process)."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(["-m", *tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "loss.beta=1,4",
+                      "seed=range(2)", f"hydra.sweep.dir={sweep}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(4)]
+    c = collect([sweep])
+    assert c.swept == ["loss.beta"] and c.seeds and list(c.stats()["n"]) == [2, 2]
+    beta1 = [s["test/neg_elbo"] for s, beta in zip(summaries, c.table["loss.beta"]) if beta == 1.0]
+    assert c.stats().loc[0, "test/neg_elbo"] == pytest.approx(np.mean(beta1))
