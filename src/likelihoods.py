@@ -6,6 +6,7 @@ Every `nll` keeps its normalising constants, so values are comparable across lik
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,11 @@ class Likelihood(nn.Module):
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params.float())
+
+    def scale(self) -> Optional[float]:
+        """The sigma (Laplace: the scale b) in force, in data units; None where the likelihood has none or sets it
+        per batch."""
+        return None
 
 
 def _sum_pixels(t: torch.Tensor) -> torch.Tensor:
@@ -44,6 +50,9 @@ class Gaussian(Likelihood):
 
     def nll(self, params, x):
         return _sum_pixels(gaussian_nll(self.mean(params), self.log_sigma, x))
+
+    def scale(self) -> Optional[float]:
+        return float(self.log_sigma.detach().exp())
 
 
 class GaussianLearned(Gaussian):
@@ -109,6 +118,9 @@ class Laplace(Likelihood):
     def nll(self, params, x):
         nll = (x - self.mean(params)).abs() * torch.exp(-self.log_scale) + self.log_scale + math.log(2)
         return _sum_pixels(nll)
+
+    def scale(self) -> Optional[float]:
+        return float(self.log_scale.exp())
 
 
 # loss.likelihood -> constructor from loss.sigma (the std, or the Laplace scale, where the likelihood has one)

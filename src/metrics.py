@@ -208,6 +208,13 @@ def evaluate(
         mu_all, logvar_all = torch.cat(mus), torch.cat(logvars)
         out: Dict[str, object] = {k: (v / n).item() for k, v in sums.items() if v.ndim == 0}
         out["kl_per_dim"] = (sums["kl_per_dim"] / n).tolist()
+        # the likelihood's sigma: learned or fixed; for gaussian_optimal (set per batch in training) its maximum-
+        # likelihood value on this split at the posterior mean, the RMSE
+        sigma = model.likelihood.scale()
+        if sigma is None and type(model.likelihood).__name__ == "GaussianOptimal":
+            sigma = math.sqrt(out["mse"])
+        if sigma is not None:
+            out["sigma"] = sigma
         dims = int(np.prod(images.shape[1:]))
         out["bits_per_dim"] = bits_per_dim(out["neg_elbo"], dims)
         out["iwae_bits_per_dim"] = bits_per_dim(out["iwae_nll"], dims)

@@ -27,7 +27,7 @@ COLUMNS = {"neg_elbo": ("-ELBO (nats)", "{:.1f}"), "recon_nll": ("recon (nats)",
            "bits_per_dim": ("bits/dim", "{:.3f}"), "active_units": ("active dims", "{:.0f}"),
            "kl_active_units": ("KL > 0.1 dims", "{:.0f}"), "mutual_info": ("MI (nats)", "{:.2f}"),
            "sample_blur": ("sample blur (0-1)", "{:.3f}"), "recon_blur": ("recon blur (0-1)", "{:.3f}"),
-           "mig": ("MIG (0-1)", "{:.3f}")}
+           "mig": ("MIG (0-1)", "{:.3f}"), "sigma": ("sigma (0-1 px)", "{:.3f}")}
 HOW_TO_READ = {
     "collapse.png": "Left: latent dims still in use, out of latent_dim. The solid line counts dims whose mean KL "
                     "exceeds eval.collapse_nats (posterior collapse as Lucas et al. 2019 define it; the same count as "
@@ -113,7 +113,7 @@ def _stats_table(c: Comparison) -> pd.DataFrame:
 UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nats", "bits_per_dim": "bits/dim",
          "active_units": "dims", "kl_active_units": "dims", "collapsed_units": "dims", "mutual_info": "nats",
          "mutual_info_max": "nats", "mig": "0-1", "sample_blur": "0-1", "recon_blur": "0-1", "data_blur": "0-1",
-         "sharpness_ratio": "ratio", "mse": "per pixel"}
+         "sharpness_ratio": "ratio", "mse": "per pixel", "sigma": "pixel units 0-1"}
 
 
 def export_tables(c: Comparison, out: Path) -> None:

@@ -443,6 +443,8 @@ def _log_train(state: TrainState, objective: Objective, lr: float, logger: Optio
     row = {**state.sums.pop_means(), "train/beta": beta, "train/lr": lr, "epoch": state.epoch}
     if capacity is not None:
         row["train/capacity"] = capacity
+    if any(p.requires_grad for p in objective.likelihood.parameters()):  # a learned sigma (sigma-VAE)
+        row["train/sigma"] = objective.likelihood.scale()
     if logger:
         logger.log(row, state.step)
     bar.set_postfix(loss=f"{row['train/loss']:.1f}", kl=f"{row['train/kl']:.1f}")

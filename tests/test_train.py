@@ -95,6 +95,17 @@ def test_every_likelihood_trains_and_is_the_one_asked_for(tmp_path, tiny):
         recon[likelihood] = summary["val/recon_nll"]
     # the same images and model scored under six densities: six different numbers, none silently the default
     assert len({round(v, 3) for v in recon.values()}) == len(LIKELIHOODS), recon
+    # the sigma each one used is recorded: a learned one in every train row and the summary, as the checkpoint
+    # holds it; the optimal one as its value on the split (the RMSE at the posterior mean); none for Bernoulli
+    learned = load_checkpoint(tmp_path / "gaussian_learned" / "checkpoints" / "last.pt")["model"]
+    sigma = math.exp(next(v for k, v in learned.items() if k.endswith("log_sigma")).item())
+    rows = [json.loads(line) for line in (tmp_path / "gaussian_learned" / "metrics.jsonl").read_text().splitlines()]
+    summaries = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in LIKELIHOODS}
+    assert summaries["gaussian_learned"]["test/sigma"] == pytest.approx(sigma) and sigma != pytest.approx(0.1)
+    assert rows[-1]["step"] == 4 and [r["train/sigma"] for r in rows if "train/loss" in r][-1] == pytest.approx(sigma)
+    optimal = summaries["gaussian_optimal"]
+    assert optimal["test/sigma"] == pytest.approx(math.sqrt(optimal["test/mse"]))
+    assert summaries["gaussian"]["val/sigma"] == pytest.approx(0.1) and "test/sigma" not in summaries["bernoulli"]
 
 
 @pytest.mark.parametrize("extra", [["model=mlp", "model.hidden_channels=[32]"],
