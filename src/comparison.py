@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 SPLIT = "test"  # the final numbers, on the official test split
 SEED = "seed"  # the key whose values are replicates of one setting
 COLLAPSE_NATS = 0.1  # eval.collapse_nats of a run recorded before the key existed
+# what a likelihood's NLL is: a probability of the 8-bit image (>= 0 nats) or a density (any sign); NLLs of the
+# two kinds do not compare
+DISCRETE = {"bernoulli"}
 METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_units", "kl_active_units",
            "collapsed_units", "mutual_info", "mutual_info_max", "mutual_info_capped", "mig", "sample_blur",
            "recon_blur", "data_blur", "sharpness_ratio", "mse", "sigma"]
@@ -78,8 +81,18 @@ class Comparison:
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def kinds(self) -> List[str]:
+        """Each run's kind of likelihood: "discrete" (bernoulli) or "density" (the others)."""
+        fixed = self.fixed.get("loss.likelihood", "bernoulli")
+        names = self.table["loss.likelihood"] if "loss.likelihood" in self.table else [fixed] * len(self.table)
+        return [likelihood_kind(str(n)) for n in names]
+
     def finished(self) -> int:
         return int(self.table["status"].eq("finished").sum())
+
+
+def likelihood_kind(name: str) -> str:
+    return "discrete" if name in DISCRETE else "density"
 
 
 def fmt(v) -> str:

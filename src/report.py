@@ -69,13 +69,15 @@ def display_table(c: Comparison) -> pd.DataFrame:
     column names with units, numbers rounded to what they can tell apart, an MI at its ceiling shown as '>= x',
     and only the columns some run has."""
     if c.seeds:
-        return _stats_table(c)
+        return _by_kind(c, _stats_table(c), [c.kinds()[idx[0]] for idx in c.settings()])
     table, swept = c.table, c.swept
     out = pd.DataFrame({"run": table["run"]})
     for k, short in short_names(swept).items():
         out[short] = table[k].map(fmt)
+    out = _by_kind(c, out, c.kinds())
     if (table["status"] != "finished").any():
         out["status"] = table["status"]
+    table = table.loc[out.index]
     for metric, (name, pattern) in columns(c).items():
         values = table[f"{SPLIT}/{metric}"]
         if values.isna().all():
@@ -86,6 +88,15 @@ def display_table(c: Comparison) -> pd.DataFrame:
             cells = [f">= {cell}" if cap else cell for cell, cap in zip(cells, capped)]
         out[name] = cells
     return out
+
+
+def _by_kind(c: Comparison, out: pd.DataFrame, kinds: List[str]) -> pd.DataFrame:
+    """Where discrete and density likelihoods meet, a `kind` column and the discrete rows first: their NLLs are
+    on different scales (a probability, >= 0 nats; a density, any sign) and compare only within a kind."""
+    if len(set(c.kinds())) < 2:
+        return out
+    out.insert(1, "kind", kinds)
+    return out.iloc[np.argsort([k != "discrete" for k in kinds], kind="stable")]
 
 
 def columns(c: Comparison) -> Dict[str, tuple]:
@@ -263,38 +274,49 @@ def plot_blur(c: Comparison, path: Path) -> None:
 
 def plot_rate_distortion(c: Comparison, path: Path) -> None:
     """Rate (KL) against distortion (recon NLL), one labelled point per setting (mean ± sd over seeds, each seed a
-    small dot; Alemi et al. 2018), over dotted iso-ELBO lines (KL + recon = -ELBO, constant along each)."""
-    table = c.table
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    labels = c.labels()
+    small dot; Alemi et al. 2018), over dotted iso-ELBO lines (KL + recon = -ELBO, constant along each). Discrete
+    and density likelihoods in panels of their own: their distortions are on different scales."""
+    kinds = c.kinds()
+    panels = [k for k in ("discrete", "density") if k in kinds]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], panels):
+        settings = [idx for idx in c.settings() if kinds[idx[0]] == kind]
+        title = f"Rate-distortion ({SPLIT} split; dotted: equal -ELBO)"
+        if len(panels) > 1:
+            title = f"{'Discrete (bernoulli)' if kind == 'discrete' else 'Density'} likelihoods ({SPLIT}; dotted: equal -ELBO)"
+        _rate_distortion_panel(ax, c, settings, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _rate_distortion_panel(ax, c: Comparison, settings: List[List[int]], title: str) -> None:
+    table, labels = c.table, c.labels()
     kl, recon = table[f"{SPLIT}/kl"], table[f"{SPLIT}/recon_nll"]
-    for i, idx in enumerate(c.settings()):
+    shown = []
+    for i, idx in enumerate(settings):
         rows = [j for j in _finished(c, idx) if pd.notna(kl[j])]
         if not rows:
             continue
+        shown += rows
         mx, my = kl[rows].mean(), recon[rows].mean()
         sx, sy = (kl[rows].std(ddof=1), recon[rows].std(ddof=1)) if len(rows) > 1 else (None, None)
         ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt="o", color=f"C{i % 10}", capsize=3, ms=5)
         if len(rows) > 1:
             ax.scatter(kl[rows], recon[rows], s=12, color=f"C{i % 10}", alpha=0.45, linewidths=0)
         ax.annotate(labels[rows[0]], (mx, my), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ok = kl.notna() & recon.notna()
-    if ok.any():
+    if shown:
         x0, x1 = ax.get_xlim()
         y0, y1 = ax.get_ylim()
-        total = (kl[ok] + recon[ok]).to_numpy()
+        total = (kl[shown] + recon[shown]).to_numpy()
         for level in MaxNLocator(nbins=5).tick_values(total.min(), total.max()):
             ax.plot([x0, x1], [level - x0, level - x1], ":", color="grey", lw=0.8, zorder=0)
             if y0 <= level - x1 <= y1:
                 ax.annotate(f"-ELBO {level:g}", (x1, level - x1), fontsize=6, color="grey", ha="right", va="bottom")
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
-    ax.set(xlabel="rate: KL (nats per image)", ylabel="distortion: recon NLL (nats per image)",
-           title=f"Rate-distortion ({SPLIT} split; dotted: equal -ELBO)")
+    ax.set(xlabel="rate: KL (nats per image)", ylabel="distortion: recon NLL (nats per image)", title=title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_kl_heatmap(c: Comparison, path: Path) -> None:
@@ -504,6 +526,10 @@ def header_lines(c: Comparison) -> List[str]:
         n = c.stats()["n"]
         lines.append(f"seeds: {', '.join(map(fmt, seeds))}; each setting is the mean ± sample sd over its finished "
                      f"seeds (n = {n.min()}" + (f" to {n.max()}" if n.max() != n.min() else "") + " per setting).")
+    if len(set(c.kinds())) > 1:
+        lines.append("likelihoods of two kinds: discrete (bernoulli: the probability of the 8-bit image, NLL >= 0 "
+                     "nats) and densities (NLL of any sign); NLLs and bits/dim compare only within a kind, so the "
+                     "table's `kind` column and the rate-distortion plot keep them apart.")
     lines += _fixed_lines(c.fixed, c.runs)
     blur, mi_max = table[f"{SPLIT}/data_blur"].median(), table[f"{SPLIT}/mutual_info_max"].max()
     if pd.notna(blur):

@@ -108,3 +108,19 @@ def test_a_real_seed_sweep_pools_its_members(tmp_path):
     assert c.swept == ["loss.beta"] and c.seeds and list(c.stats()["n"]) == [2, 2]
     beta1 = [s["test/neg_elbo"] for s, beta in zip(summaries, c.table["loss.beta"]) if beta == 1.0]
     assert c.stats().loc[0, "test/neg_elbo"] == pytest.approx(np.mean(beta1))
+
+
+def test_discrete_and_density_likelihoods_are_kept_apart(tmp_path):
+    """A Bernoulli NLL (a probability, >= 0 nats) beside Gaussian densities (negative here): the table marks each
+    row's kind with the discrete rows first, and the header says the NLLs compare only within a kind."""
+    for i, (likelihood, neg_elbo) in enumerate((("gaussian", -1900.0), ("bernoulli", 255.0), ("laplace", -450.0))):
+        write_run(tmp_path / "sweep" / str(i), [f"loss.likelihood={likelihood}"], [1.0, 0.5, 0.2, 0.01], neg_elbo, 4)
+    c = collect([tmp_path / "sweep"])
+    assert c.kinds() == ["density", "discrete", "density"]
+    table = display_table(c)
+    assert list(table["kind"]) == ["discrete", "density", "density"]
+    assert list(table["likelihood"]) == ["bernoulli", "gaussian", "laplace"]
+    assert list(table["-ELBO (nats)"]) == ["255.0", "-1900.0", "-450.0"]  # each row's numbers moved with it
+    figures = render(c, tmp_path / "out", [tmp_path / "sweep"])
+    assert "rate_distortion.png" in figures
+    assert "compare only within a kind" in (tmp_path / "out" / "report.html").read_text()
