@@ -2,7 +2,8 @@
 
 Recomputes the final metrics over the whole split (ELBO terms and IWAE in nats per image, bits per dim,
 active units, mutual information, blur, MIG on shapes) with the run's own data and preprocessing, writes
-eval_<split>.json (with iwae_k inside) beside summary.json, and prints a table. Same k and seed as training's final
+eval_<split>_k<iwae_k>.json beside summary.json (one file per k, so a careful k=5000 is not overwritten by a
+quick check), and prints a table. Same k and seed as training's final
 eval gives the same numbers as summary.json.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
                                  iwae_k=args["iwae_k"])
     metrics.update({"checkpoint": str(run.checkpoint), "step": run.step, f"data/{args['split']}_size":
                     len(data.images[args["split"]])})
-    out = run.run_dir / f"eval_{args['split']}.json"
+    out = run.run_dir / f"eval_{args['split']}_k{args['iwae_k']}.json"  # one file per k: a careful k keeps its own
     write_json(out, metrics)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print(pd.Series(scalars, name="value").to_frame().to_string(float_format=lambda v: f"{v:.5g}"))

@@ -303,7 +303,8 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dic
 
         # 2. data
         data = load_data(cfg.data)
-        run.summary.update(data.sizes(), world_size=place.world_size)
+        run.summary.update(data.sizes(), world_size=place.world_size, device=str(place.device),
+                           precision=resolve_precision(cfg.trainer.precision, place.device))  # what "auto" became
         channels_last = cfg.trainer.channels_last and cfg.model.name == "conv"
         batches = TrainBatches(data.images["train"], cfg.data.batch_size, place.device, cfg.data.hflip, cfg.seed,
                                resolve_on_device(cfg.data.on_device, data.images["train"], place.device),

@@ -44,6 +44,7 @@ def test_cli_run_writes_the_run_dir_contract(tmp_path, tiny):
         assert len(summary[f"{split}/kl_per_dim"]) == 4
         assert sum(summary[f"{split}/kl_per_dim"]) == pytest.approx(summary[f"{split}/kl"], rel=1e-4)
     assert summary["perf/train_images_per_s"] > 0
+    assert (summary["device"], summary["precision"]) == ("cpu", "fp32")  # what trainer.device/precision resolved to
 
     rows = _read_jsonl(run / "metrics.jsonl")
     train_steps = [r["step"] for r in rows if "train/loss" in r]

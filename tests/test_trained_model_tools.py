@@ -88,7 +88,7 @@ def test_evaluate_reproduces_the_summary_at_the_same_k(run_dir):
     # on the device it was trained on: another device draws other Monte-Carlo samples (tests/test_cuda.py)
     proc = run_cli([str(run_dir), "split=test", f"iwae_k={summary['test/iwae_k']}", "device=cpu"], module="src.evaluate")
     assert proc.returncode == 0, proc.stderr
-    again = json.loads((run_dir / "eval_test.json").read_text())
+    again = json.loads((run_dir / f"eval_test_k{summary['test/iwae_k']}.json").read_text())
     for key in ("test/neg_elbo", "test/recon_nll", "test/kl", "test/iwae_nll", "test/active_units",
                 "test/mutual_info", "test/sample_blur", "test/recon_blur", "test/mig", "test/mse"):
         assert again[key] == pytest.approx(summary[key], rel=1e-5), key
@@ -98,8 +98,11 @@ def test_evaluate_reproduces_the_summary_at_the_same_k(run_dir):
 def test_evaluate_with_more_samples_is_tighter(run_dir):
     proc = run_cli([str(run_dir), "split=val", "iwae_k=200"], module="src.evaluate", real_process=True)  # smoke
     assert proc.returncode == 0, proc.stderr
-    evaluated = json.loads((run_dir / "eval_val.json").read_text())
+    evaluated = json.loads((run_dir / "eval_val_k200.json").read_text())
     assert evaluated["val/iwae_k"] == 200 and evaluated["val/iwae_nll"] < evaluated["val/neg_elbo"]
+    proc = run_cli([str(run_dir), "split=val", "iwae_k=2"], module="src.evaluate")  # another k: its own file
+    assert proc.returncode == 0 and json.loads((run_dir / "eval_val_k200.json").read_text()) == evaluated
+    assert json.loads((run_dir / "eval_val_k2.json").read_text())["val/iwae_k"] == 2
 
 
 def _one_error_line(proc, *needles):
