@@ -76,8 +76,9 @@ def main(cfg: DictConfig) -> float:
             saved = f"checkpoint {last} (step {load_checkpoint(last)['step']})" if last.is_file() else "no checkpoint yet"
         except CheckpointError as damaged:
             saved = str(damaged)
-        command = " ".join(["python -m src.train", *map(shlex.quote, hydra_cfg.overrides.task),
-                            f"hydra.run.dir={shlex.quote(str(run_dir))}"])
+        # the member alone: a named study's `sweep=...` only chose the sweep's values (a single run refuses it)
+        task = [o for o in hydra_cfg.overrides.task if not o.startswith("sweep=")]
+        command = " ".join(["python -m src.train", *map(shlex.quote, task), f"hydra.run.dir={shlex.quote(str(run_dir))}"])
         log.error("Interrupted: %s; %s; resume with: %s", e, saved, command)
         sys.exit(e.exit_code)
     except tuple(USER_ERRORS) as e:

@@ -71,6 +71,27 @@ def test_a_signal_checkpoints_says_how_to_resume_and_the_resume_is_exact(tmp_pat
     assert_same_as_uninterrupted(whole, run)
 
 
+def test_a_member_of_a_named_study_stopped_by_a_signal_prints_a_resume_line_that_runs(tmp_path, cache_dir):
+    """`-m sweep=beta` stopped by SIGTERM: the member's resume line is that member alone (no `sweep=beta`, which a
+    single run refuses), and pasting it resumes the member."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", "-m", "sweep=beta", *_signal_args(cache_dir),
+                             f"hydra.sweep.dir={sweep}"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows = sweep / "0" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (rows.is_file() and len(rows.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:] + err[-2000:]
+    [line] = [line for line in (out + err).splitlines() if "resume with:" in line]
+    command = shlex.split(line.split("resume with: ")[1])
+    assert "sweep=beta" not in command and "loss.beta=0.25" in command
+    resumed = run_cli(command[3:])
+    assert resumed.returncode == 0 and "Resuming from" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------------------------- signals and decode
 
 
