@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 from urllib.parse import urlparse
 
 from .config import LoggerConfig
-from .naming import run_identity
+from .naming import run_identity, run_tags
 from .rundir import RunDir, plain, write_text
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,9 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
     run_id = wandb_run_id(Path(run_dir))
     if name is None:
         name, group = run_identity(run_dir, cfg.group)
+    tags = run_tags(config) if job_type == "train" else None
     kwargs = dict(project=cfg.project, entity=cfg.entity, dir=str(run_dir), id=run_id, resume="allow", name=name,
-                  group=group, job_type=job_type, config=config,
+                  group=group, job_type=job_type, config=config, tags=tags,
                   settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off", silent=quiet))
     started = time.monotonic()
     reason = wandb_unreachable(cfg.init_timeout) if mode == "online" else None
@@ -212,8 +213,10 @@ def _wandb_values(metrics: Dict[str, Any]) -> Dict[str, Any]:
 
     out = {}
     for k, v in metrics.items():
-        if isinstance(v, (list, tuple)) and k.startswith("train/"):
-            continue  # per-step lists stay in metrics.jsonl; a chart every log step would swamp W&B
+        if isinstance(v, (list, tuple)) and k.startswith("train/"):  # per dim as scalars, no chart every log step:
+            width = len(str(len(v) - 1))  # train/kl_per_dim/03 overlays dim by dim across runs
+            out.update({f"{k}/{d:0{width}d}": plain(x) for d, x in enumerate(v)})
+            continue
         if isinstance(v, (list, tuple)):
             table = wandb.Table(data=[[d, x] for d, x in enumerate(v)], columns=["dim", "kl_nats"])
             out[k] = wandb.plot.bar(table, "dim", "kl_nats", title=f"{k} (nats per image)")

@@ -71,3 +71,26 @@ def run_identity(run_dir: Path, group: Optional[str] = None) -> Tuple[str, str]:
     keys = [k for k in swept_keys(hc.sweep.dir) if k in given] if multirun else list(given)
     name = " ".join(f"{short}={given[k]}" for k, short in short_names(keys).items()) or "defaults"
     return name, group or group_name(Path(hc.sweep.dir if multirun else hc.run.dir))
+
+
+TAG_KEYS = {"data.name": "data", "data.image_size": "image_size", "model.name": "model",
+            "model.latent_dim": "latent_dim", "loss.likelihood": "likelihood", "loss.beta": "beta",
+            "loss.kl_schedule": "kl_schedule"}  # the settings a W&B user filters runs by, and their tags' names
+
+
+def run_tags(config: Dict[str, Any]) -> List[str]:
+    """W&B tags of a training run: its main settings that its sweep does not vary ("data=shapes",
+    "likelihood=bernoulli"), so runs of many sweeps can be filtered by what they share."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    swept = []
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        swept = swept_keys(HydraConfig.get().sweep.dir)
+    tags = []
+    for key, tag in TAG_KEYS.items():
+        section, _, name = key.partition(".")
+        value = config[section].get(name) if isinstance(config.get(section), dict) else None
+        if value is not None and key not in swept:
+            tags.append(f"{tag}={value:g}"[:64] if isinstance(value, float) else f"{tag}={value}"[:64])  # W&B's limit
+    return tags

@@ -428,7 +428,8 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
     if cfg.eval.fid:
         test.update(evaluate_fid(state.model, data.images["test"], cfg, device, "test"))
     logger.log(test, state.step)
-    grids.save(state.model, rd.root, None, state.val["val/kl_per_dim"])  # the final grids; W&B has the last eval's
+    logger.log_images(grids.save(state.model, rd.root, None, state.val["val/kl_per_dim"]), state.step,
+                      prefix="test")  # the final grids, also W&B's test-time panels
     beta, capacity = objective.weights(state.step - 1)  # in force at the end, whatever the schedule reached
     final = {"step": state.step, "epoch": state.epoch, **state.val, **test, "best/val_neg_elbo": state.best,
              "train/beta": beta, **({"train/capacity": capacity} if capacity is not None else {})}

@@ -45,8 +45,12 @@ def test_wandb_runs_carry_terms_grids_config_and_one_group(beta_sweep):
         for key in ("train/loss", "train/recon_nll", "train/kl", "train/beta", "val/neg_elbo", "val/recon_nll",
                     "val/kl", "val/active_units", "step"):
             assert key in history, key
-        for image in ("val/samples", "val/reconstructions"):
+        for image in ("val/samples", "val/reconstructions", "test/samples", "test/reconstructions"):
             assert history[f"{image}._type"] == "image-file", image
+        assert {f"train/kl_per_dim/{d}" for d in range(4)} <= history.keys()  # per dim, as val/kl_per_dim/...
+        # the settings the sweep does not vary are the run's tags; the swept beta is not one
+        assert {"data=shapes", "model=conv", "likelihood=bernoulli", "latent_dim=4"} <= set(run["tags"]), run["tags"]
+        assert not any(t.startswith("beta=") for t in run["tags"])
         assert history["val/kl_per_dim_table._type"] == "table-file"
         assert next(r["exit"]["exit_code"] for r in records if r["type"] == "exit") == 0
         summary = leet(beta_sweep / member / "wandb", summary=True)
