@@ -133,3 +133,25 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     t = cfg.trainer
     limits = [t.max_steps, None if t.max_epochs is None else t.max_epochs * steps_per_epoch]
     return min(s for s in limits if s is not None)
+
+
+# keys that mean something only under another setting: key -> (that setting, the values under which it applies)
+APPLIES_ONLY = {
+    "data.num_train": ("data.name", {"shapes"}), "data.test_size": ("data.name", {"shapes"}),
+    "data.val_fraction": ("data.name", {"folder"}), "data.test_fraction": ("data.name", {"folder"}),
+    "data.root": ("data.name", {"mnist", "fashion_mnist", "cifar10", "celeba", "folder"}),
+    "loss.sigma": ("loss.likelihood", {"gaussian", "gaussian_learned", "laplace"}),
+    "loss.warmup_steps": ("loss.kl_schedule", {"linear"}),
+    "loss.cycles": ("loss.kl_schedule", {"cyclical"}), "loss.cycle_ratio": ("loss.kl_schedule", {"cyclical"}),
+    "loss.capacity_max": ("loss.kl_schedule", {"capacity"}), "loss.capacity_steps": ("loss.kl_schedule", {"capacity"}),
+    "optimizer.gamma": ("optimizer.scheduler", {"exponential"}),
+}
+
+
+def applies(key: str, settings: dict) -> bool:
+    """Whether `key` means anything for a run with these flat settings ({"loss.likelihood": "bernoulli", ...}):
+    loss.sigma does not for a Bernoulli decoder, data.test_size only for generated shapes."""
+    if key not in APPLIES_ONLY:
+        return True
+    other, values = APPLIES_ONLY[key]
+    return other not in settings or settings[other] in values

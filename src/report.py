@@ -18,6 +18,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from .config import applies  # noqa: E402
 from .comparison import SPLIT, Comparison, fmt  # noqa: E402
 from .naming import short_names  # noqa: E402
 
@@ -569,7 +570,8 @@ def write_report(c: Comparison, figures: List[str], out: Path, sources: List[Pat
         f'<h2>{html.escape(f.removesuffix(".png").replace("_", " ").capitalize())}</h2><figure>'
         f'<img src="{html.escape(f)}"{" class=pixels" if "montage" in f else ""} alt="{html.escape(f)}">'
         f"<figcaption>{html.escape(HOW_TO_READ[f])}</figcaption></figure>" for f in figures)
-    fixed = pd.DataFrame({"setting": list(c.fixed), "value": [fmt(v) for v in c.fixed.values()]})
+    shown = {k: v for k, v in c.fixed.items() if applies(k, c.fixed)}  # not loss.sigma of a Bernoulli decoder
+    fixed = pd.DataFrame({"setting": list(shown), "value": [fmt(v) for v in shown.values()]})
     (out / "report.html").write_text(PAGE.format(
         title="VAE sweep comparison", what=what, table=display_table(c).to_html(index=False, border=0),
         figures=figs, n_fixed=len(fixed), fixed=fixed.to_html(index=False, border=0)))

@@ -69,7 +69,11 @@ def test_the_paper_export_has_units_in_its_headers_and_mean_pm_sd_in_latex(seede
     tex = (seeded / "compare" / "settings.tex").read_text()
     assert r"\toprule" in tex and rf"{np.mean(one):.1f} $\pm$ {np.std(one, ddof=1):.1f}" in tex
     assert len(pd.read_csv(seeded / "compare" / "table.csv")) == 6  # one row per seed
-    assert "n = 3 per setting" in (seeded / "compare" / "report.html").read_text()
+    report = (seeded / "compare" / "report.html").read_text()
+    assert "n = 3 per setting" in report
+    # the shared-settings fold lists what means something for these runs: shapes' sizes, not a Bernoulli's sigma
+    assert "<td>data.test_size</td>" in report and "<td>loss.sigma</td>" not in report
+    assert "<td>loss.warmup_steps</td>" not in report  # no linear KL schedule here
 
 
 def test_the_collapse_count_is_the_kl_count_whatever_active_units_say(seeded):
