@@ -30,7 +30,7 @@ COLLAPSE_NATS = 0.1  # eval.collapse_nats of a run recorded before the key exist
 DISCRETE = {"bernoulli"}
 METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_units", "kl_active_units",
            "collapsed_units", "mutual_info", "mutual_info_max", "mutual_info_capped", "mig", "sample_blur",
-           "recon_blur", "data_blur", "sharpness_ratio", "mse", "sigma"]
+           "recon_blur", "data_blur", "sharpness_ratio", "mse", "sigma", "judge_fd", "recon_accuracy", "judge_accuracy"]
 
 
 @dataclass

@@ -99,6 +99,7 @@ class EvalConfig:
     fid: bool = False  # FID and KID at the final test eval (optional extra: pip install -e ".[fid]")
     fid_images: int = 2000  # real images, prior samples and reconstructions each
     collapse_nats: float = 0.1  # a dim with mean KL above this (nats per image) is in use; at or below, collapsed
+    judge: bool = True  # sample quality by a small classifier of the data's classes (judge_fd, recon_accuracy)
 
 
 @dataclass

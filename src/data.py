@@ -24,7 +24,7 @@ from .sources import SOURCES, SPLITS, DataError, ImageData  # noqa: F401  (DataE
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 3: EXIF orientation, float TIFFs in 0..255. Bump when a decoder's output changes, so stale caches are not reused
+CACHE_VERSION = 4  # 4: classes (labels) cached beside the images; 3: EXIF orientation, float TIFFs in 0..255. Bump when a decoder's output changes, so stale caches are not reused
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -62,6 +62,8 @@ def _save_cache(folder: Path, data: ImageData) -> None:
         np.save(tmp / f"{split}.npy", data.images[split])
         if split in data.factors:
             np.save(tmp / f"{split}_factors.npy", data.factors[split])
+        if split in data.labels:
+            np.save(tmp / f"{split}_labels.npy", data.labels[split])
     files = {p.name: _fingerprint(p) for p in sorted(tmp.glob("*.npy"))}
     meta = {"factor_names": data.factor_names, "factor_sizes": data.factor_sizes, "files": files,
             "skipped": data.skipped}
@@ -91,12 +93,18 @@ def _load_cache(folder: Path) -> ImageData:
     meta = json.loads((folder / "meta.json").read_text())
     images = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in SPLITS}
     factors = {s: np.load(folder / f"{s}_factors.npy") for s in SPLITS if (folder / f"{s}_factors.npy").exists()}
-    return ImageData(images, factors, meta["factor_names"], meta["factor_sizes"], meta.get("skipped", []))
+    labels = {s: np.load(folder / f"{s}_labels.npy") for s in SPLITS if (folder / f"{s}_labels.npy").exists()}
+    return ImageData(images, factors, meta["factor_names"], meta["factor_sizes"], meta.get("skipped", []), labels)
+
+
+def cache_folder(cfg: DataConfig) -> Path:
+    """Where `cfg`'s decoded splits are cached (and what is derived from them, e.g. the judge classifier)."""
+    return Path(cfg.cache_dir).expanduser() / f"{cfg.name}-{cache_key(cfg)}"
 
 
 def load_data(cfg: DataConfig) -> ImageData:
     """Decoded splits for `cfg`, from the cache when present and intact, else decoded once and cached."""
-    folder = Path(cfg.cache_dir).expanduser() / f"{cfg.name}-{cache_key(cfg)}"
+    folder = cache_folder(cfg)
     if (folder / "meta.json").exists():
         try:
             meta = json.loads((folder / "meta.json").read_text())

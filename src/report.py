@@ -28,7 +28,8 @@ COLUMNS = {"neg_elbo": ("-ELBO (nats)", "{:.1f}"), "recon_nll": ("recon (nats)",
            "bits_per_dim": ("bits/dim", "{:.3f}"), "active_units": ("active dims", "{:.0f}"),
            "kl_active_units": ("KL > 0.1 dims", "{:.0f}"), "mutual_info": ("MI (nats)", "{:.2f}"),
            "sample_blur": ("sample blur (0-1)", "{:.3f}"), "recon_blur": ("recon blur (0-1)", "{:.3f}"),
-           "mig": ("MIG (0-1)", "{:.3f}"), "sigma": ("sigma (0-1 px)", "{:.3f}")}
+           "mig": ("MIG (0-1)", "{:.3f}"), "sigma": ("sigma (0-1 px)", "{:.3f}"),
+           "judge_fd": ("judge FD (lower better)", "{:.2f}"), "recon_accuracy": ("recon class acc", "{:.3f}")}
 HOW_TO_READ = {
     "collapse.png": "Left: latent dims still in use, out of latent_dim. The solid line counts dims whose mean KL "
                     "exceeds eval.collapse_nats (posterior collapse as Lucas et al. 2019 define it; the same count as "
@@ -40,6 +41,11 @@ HOW_TO_READ = {
                 "for every run. The dashed line is the real test images' own blur: the closer to it, the sharper. "
                 "It measures blur, not whether the content is right: judge that from the montages. With seeds: "
                 "mean, one sd, each seed a dot.",
+    "quality.png": "Left: the Fréchet distance between each run's prior samples and real test images in the feature "
+                   "space of a small classifier of the data's own classes (the judge; an offline FID): lower is "
+                   "closer to the data, in content as well as sharpness, so sharp but incoherent samples (blends of "
+                   "two classes) score badly here even where blur calls them sharp. Right: the judge's accuracy on "
+                   "reconstructions; the dotted line is its accuracy on the real images, the ceiling.",
     "rate_distortion.png": "One point per setting (with seeds: their mean, one sd either way, each seed a dot): "
                            "further right spends more nats on the code (rate), lower reconstructs better "
                            "(distortion). Along a dotted line -ELBO = KL + recon is constant: a point on a lower "
@@ -125,7 +131,8 @@ def _stats_table(c: Comparison) -> pd.DataFrame:
 UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nats", "bits_per_dim": "bits/dim",
          "active_units": "dims", "kl_active_units": "dims", "collapsed_units": "dims", "mutual_info": "nats",
          "mutual_info_max": "nats", "mig": "0-1", "sample_blur": "0-1", "recon_blur": "0-1", "data_blur": "0-1",
-         "sharpness_ratio": "ratio", "mse": "per pixel", "sigma": "pixel units 0-1"}
+         "sharpness_ratio": "ratio", "mse": "per pixel", "sigma": "pixel units 0-1", "judge_fd": "judge feature units",
+         "recon_accuracy": "0-1", "judge_accuracy": "0-1"}
 
 
 def export_tables(c: Comparison, out: Path) -> None:
@@ -271,6 +278,36 @@ def plot_blur(c: Comparison, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_quality(c: Comparison, path: Path) -> bool:
+    """The judge's Fréchet distance of samples and its accuracy on reconstructions per swept value (means over
+    seeds with one sd); False when no run has them (data without classes, or eval.judge=false)."""
+    table = c.table
+    if table[f"{SPLIT}/judge_fd"].isna().all():
+        return False
+    x, xlabel, series = _x_axis(c)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, idx) in enumerate(series):
+        rows = _finished(c, idx)
+        _draw(a, x[rows], table.loc[rows, f"{SPLIT}/judge_fd"], f"C{i}", "o-", name)
+        _draw(b, x[rows], table.loc[rows, f"{SPLIT}/recon_accuracy"], f"C{i}", "o-", name)
+    ceiling = table[f"{SPLIT}/judge_accuracy"].median()
+    if pd.notna(ceiling):
+        b.axhline(ceiling, color="grey", ls=":", lw=1)
+        b.annotate(f"real images {ceiling:.3f}", (0.01, ceiling), xycoords=("axes fraction", "data"),
+                   xytext=(0, -11), textcoords="offset points", fontsize=8, color="grey")
+    a.set(xlabel=xlabel, ylabel="Fréchet distance (judge features)", title="Samples against real images")
+    a.set_ylim(bottom=0)
+    b.set(xlabel=xlabel, ylabel="accuracy (0-1)", title="Judge's accuracy on reconstructions", ylim=(0, 1.02))
+    for ax in (a, b):
+        _style_x(ax, c, x)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_rate_distortion(c: Comparison, path: Path) -> None:
@@ -594,7 +631,8 @@ def render(c: Comparison, out: Path, sources: List[Path]) -> List[str]:
                            ("rate_distortion.png", plot_rate_distortion), ("kl_per_dim.png", plot_kl_heatmap)):
             plot(c, out / name)
             figures.append(name)
-    for name, plot in (("learning_curves.png", plot_learning_curves), ("kl_over_training.png", plot_kl_over_training)):
+    for name, plot in (("quality.png", plot_quality), ("learning_curves.png", plot_learning_curves),
+                       ("kl_over_training.png", plot_kl_over_training)):
         if plot(c, out / name):
             figures.append(name)
     for grid in ("samples", "reconstructions", "traversals"):

@@ -48,6 +48,7 @@ class ImageData:
     factor_names: List[str] = field(default_factory=list)
     factor_sizes: List[int] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)  # unreadable files left out (data.on_bad_file=skip)
+    labels: Dict[str, np.ndarray] = field(default_factory=dict)  # split -> (N,) int64 class, where the source has one
 
     def sizes(self) -> Dict[str, int]:
         return {f"data/{s}_size": int(len(self.images[s])) for s in SPLITS}
@@ -152,7 +153,8 @@ def decode_files(paths: Sequence[Path], cfg: DataConfig, desc: str) -> Tuple[np.
 
 
 def carve_val(train: np.ndarray, val_size: int, seed: int, source: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Split a validation set of val_size images off train, at random by data.seed; train keeps its order."""
+    """Split a validation set of val_size images off train, at random by data.seed; train keeps its order.
+    (The same split of any array as long as train, e.g. its labels: same length, same seed, same split.)"""
     if val_size >= len(train):
         raise DataError(f"data.val_size={val_size} leaves no training images: data={source} has {len(train)}; "
                         "lower data.val_size")
@@ -173,6 +175,7 @@ def _require_root(cfg: DataConfig, expected: str, where: str) -> Path:
 # mnist, fashion_mnist: IDX files (LeCun et al.), gzipped or not
 
 IDX_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+IDX_LABELS = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}  # optional: the classes
 IDX_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 IDX_WHERE = {
     "mnist": "Get the four IDX files from the MNIST page (Y. LeCun), or let torchvision fetch them with data.download=true.",
@@ -222,7 +225,28 @@ def decode_idx(cfg: DataConfig) -> ImageData:
                             f"{IDX_WHERE[cfg.name]}")
         arrays[split] = fit_arrays(read_idx(path)[:, None], cfg)  # (N, 28, 28) -> (N, 1, 28, 28) -> fitted
     train, val = carve_val(arrays["train"], cfg.val_size, cfg.seed, cfg.name)
-    return ImageData({"train": train, "val": val, "test": arrays["test"]})
+    return ImageData({"train": train, "val": val, "test": arrays["test"]}, labels=_idx_labels(root, folder, arrays, cfg))
+
+
+def _idx_labels(root: Path, folder: str, arrays: Dict[str, np.ndarray], cfg: DataConfig) -> Dict[str, np.ndarray]:
+    """The classes from the IDX label files, split as the images are; none when a file is missing or does not
+    match its images (the label-based metrics are then skipped, with one line)."""
+    labels = {}
+    for split, stem in IDX_LABELS.items():
+        path = _find_idx(root, folder, stem)
+        if path is None:
+            return {}
+        try:
+            labels[split] = read_idx(path).astype(np.int64)
+        except DataError as e:
+            log.warning("no classes for data=%s: %s", cfg.name, e)
+            return {}
+        if len(labels[split]) != len(arrays[split]):
+            log.warning("no classes for data=%s: %s has %d labels for %d images", cfg.name, path,
+                        len(labels[split]), len(arrays[split]))
+            return {}
+    train, val = carve_val(labels["train"], cfg.val_size, cfg.seed, cfg.name)
+    return {"train": train, "val": val, "test": labels["test"]}
 
 
 def _torchvision_download(cfg: DataConfig, root: Path) -> None:
@@ -407,7 +431,8 @@ def decode_shapes(cfg: DataConfig) -> ImageData:
         chunks = [render_shapes(f[i : i + 1000], cfg.image_size, None if colours is None else colours[i : i + 1000])
                   for i in tqdm(range(0, n, 1000), desc=f"render shapes/{split}", unit="kimg", mininterval=1.0)]
         images[split], factors[split] = np.concatenate(chunks), f
-    return ImageData(images, factors, list(SHAPE_FACTORS), list(SHAPE_FACTORS.values()))
+    labels = {split: f[:, 0].astype(np.int64) for split, f in factors.items()}  # the shape is the class
+    return ImageData(images, factors, list(SHAPE_FACTORS), list(SHAPE_FACTORS.values()), labels=labels)
 
 
 SOURCES: Dict[str, Callable[[DataConfig], ImageData]] = {

@@ -27,9 +27,10 @@ from tqdm import tqdm
 from .checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, \
     truncate_metrics
 from .config import Config, ConfigError, TrainerConfig, total_steps
-from .data import TrainBatches, load_data, mean_image, resolve_on_device
+from .data import TrainBatches, cache_folder, load_data, mean_image, resolve_on_device
 from .device import autocast_for, resolve_compile, resolve_device, resolve_precision, setup_backends, synchronize
 from .fid import evaluate_fid
+from .judge import content_metrics, judge_for
 from .identity import check_checkpoint, check_rerun, record_config
 from .lifecycle import DivergedError, RunLifecycle
 from .loggers import RunLogger
@@ -427,6 +428,11 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
     test = evaluate("test", step=state.step, iwae_k=cfg.eval.iwae_k_test)
     if cfg.eval.fid:
         test.update(evaluate_fid(state.model, data.images["test"], cfg, device, "test"))
+    if cfg.eval.judge and (judge := judge_for(data, cache_folder(cfg.data), device)) is not None:
+        z = fixed_latents(cfg.eval.fid_images, cfg.model.latent_dim).to(device)
+        quality = content_metrics(state.model, judge, data.images["test"], data.labels["test"], z, device,
+                                  cfg.eval.fid_images)
+        test.update({f"test/{k}": v for k, v in quality.items()})
     logger.log(test, state.step)
     logger.log_images(grids.save(state.model, rd.root, None, state.val["val/kl_per_dim"]), state.step,
                       prefix="test")  # the final grids, also W&B's test-time panels
