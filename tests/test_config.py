@@ -190,3 +190,14 @@ def test_a_bad_value_with_wandb_on_is_still_one_line(tmp_path):
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "model.latent_dim" in lines[0], lines
     assert list((run / "wandb").glob("offline-run-*"))  # recorded all the same
+
+
+def test_help_names_every_group_with_its_options_and_the_main_keys():
+    result = run_cli(["--help"])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for line in ("data: celeba, cifar10, fashion_mnist, folder, mnist, shapes", "model: conv, mlp",
+                 "sweep: beta, beta_latent, latent, likelihood", "logger: none, wandb"):
+        assert line in out, line
+    for key in ("loss.beta=", "model.latent_dim=", "loss.likelihood=", "eval.collapse_nats=", "seed=", "-m"):
+        assert key in out, key
