@@ -125,7 +125,7 @@ def content_metrics(model, judge: Judge, images: np.ndarray, labels: np.ndarray,
     was_training = model.training
     model.eval()
     n = min(n, len(images), len(z))
-    x = torch.from_numpy(np.asarray(images[:n])).float().div(255)
+    x = torch.from_numpy(np.array(images[:n])).float().div(255)  # a copy: the cache is a read-only memory map
     samples = torch.cat([model.likelihood.mean(model.decode(z[i: i + 512].to(device))).float().cpu()
                          for i in range(0, n, 512)])
     recons = torch.cat([model.likelihood.mean(model.decode(model.encode(x[i: i + 512].to(device))[0])).float().cpu()
