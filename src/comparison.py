@@ -46,6 +46,7 @@ class Comparison:
     fixed: Dict[str, object]
     seeds: bool = False
     collapse_nats: float = COLLAPSE_NATS
+    split: str = SPLIT  # the final numbers' split: test, or val where no run has a test eval (eval.final=none)
 
     def labels(self, keys: Optional[List[str]] = None, seed: bool = False) -> List[str]:
         """Each run as `beta=4 latent_dim=16` over the swept keys (or `keys`), `seed=1` added when asked and seeds
@@ -75,9 +76,9 @@ class Comparison:
             row = {k: group[k].iloc[0] for k in self.swept}
             row["n"] = len(done)
             for m in METRICS:
-                values = pd.to_numeric(done[f"{SPLIT}/{m}"], errors="coerce").dropna()
-                row[f"{SPLIT}/{m}"] = values.mean() if len(values) else np.nan
-                row[f"{SPLIT}/{m} sd"] = values.std(ddof=1) if len(values) > 1 else np.nan
+                values = pd.to_numeric(done[f"{self.split}/{m}"], errors="coerce").dropna()
+                row[f"{self.split}/{m}"] = values.mean() if len(values) else np.nan
+                row[f"{self.split}/{m} sd"] = values.std(ddof=1) if len(values) > 1 else np.nan
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -176,21 +177,22 @@ def collect(dirs: List[Path]) -> Comparison:
         swept = sorted(runs[0]["overrides"])
     seeds = SEED in swept
     swept = [k for k in swept if k != SEED]
+    split = SPLIT if any(f"{SPLIT}/neg_elbo" in r["summary"] for r in runs) else "val"
     nats = collapse_threshold(runs)
     rows = []
     for r in runs:
         s = r["summary"]
         row = {"run": _relative(r["path"], root), "status": s.get("status", "incomplete")}
         row.update({k: _cell(r["settings"].get(k, r["overrides"].get(k))) for k in swept + [SEED] * seeds})
-        row.update({f"{SPLIT}/{m}": s.get(f"{SPLIT}/{m}", np.nan) for m in METRICS})
-        if s.get(f"{SPLIT}/kl_per_dim"):  # one threshold for every run: the count the heatmap shows
-            row[f"{SPLIT}/kl_active_units"] = int(sum(kl > nats for kl in s[f"{SPLIT}/kl_per_dim"]))
+        row.update({f"{split}/{m}": s.get(f"{split}/{m}", np.nan) for m in METRICS})
+        if s.get(f"{split}/kl_per_dim"):  # one threshold for every run: the count the heatmap shows
+            row[f"{split}/kl_active_units"] = int(sum(kl > nats for kl in s[f"{split}/kl_per_dim"]))
         if "error" in s:
             row["error"] = s["error"]
         rows.append(row)
     fixed = {k: next(r["settings"][k] for r in runs if k in r["settings"]) for k in keys
              if k not in swept and k != SEED}
-    return Comparison(pd.DataFrame(rows), runs, swept, fixed, seeds, nats)
+    return Comparison(pd.DataFrame(rows), runs, swept, fixed, seeds, nats, split)
 
 
 def collapse_threshold(runs: List[Dict[str, object]]) -> float:

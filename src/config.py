@@ -92,6 +92,8 @@ class TrainerConfig:
 class EvalConfig:
     iwae_k: int = 5  # importance samples for val/iwae_nll at every eval
     iwae_k_test: int = 20  # for the final test/iwae_nll (docs/diagnostics.md: what it costs)
+    iwae_images: Optional[int] = 2000  # IWAE over the first N images of a split (k decodes each); null: all of it
+    final: str = "test"  # the final eval: test (the official split) | none (a cheap sweep; src.evaluate later)
     mi_images: int = 2000  # images whose aggregate posterior estimates mutual_info
     blur_samples: int = 256  # fixed prior samples and real images behind the blur measures
     traversal_dims: int = 8  # top dims by KL shown in traversals

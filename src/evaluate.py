@@ -1,10 +1,10 @@
 """Evaluate a run again, more carefully: `python -m src.evaluate <run dir> [split=test] [iwae_k=5000]`.
 
-Recomputes the final metrics over the whole split (ELBO terms and IWAE in nats per image, bits per dim,
-active units, mutual information, blur, MIG on shapes) with the run's own data and preprocessing, writes
-eval_<split>_k<iwae_k>.json beside summary.json (one file per k, so a careful k=5000 is not overwritten by a
-quick check), and prints a table. Same k and seed as training's final
-eval gives the same numbers as summary.json.
+Recomputes the final metrics over the whole split (ELBO terms and IWAE in nats per image, bits per dim, active
+units, mutual information, blur, MIG on shapes) with the run's own data and preprocessing, writes
+eval_<split>_k<iwae_k>.json beside summary.json (one file per k, so a careful k=5000 is not overwritten by a quick
+check), and prints a table. Training takes IWAE over the first eval.iwae_images images only; with that
+`iwae_images=N` and the same k, this gives the same numbers as summary.json.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .trained import RunError, load_run
 
 OPTIONS = {"split": ("test", "train|val|test"), "iwae_k": (5000, "importance samples per image"),
            "batch_size": (None, "images per eval batch (default: the run's data.eval_batch_size)", int),
+           "iwae_images": (None, "IWAE over the first N images of the split (default: all of them)", int),
            "device": ("auto", "auto|cpu|cuda|mps"), "checkpoint": ("last", "last|best")}
 
 
@@ -29,11 +30,13 @@ def main(argv=None) -> int:
     args = parse_args("src.evaluate", __doc__, [("run", "run dir or .pt checkpoint", None)], OPTIONS, argv)
     if args["split"] not in ("train", "val", "test") or args["iwae_k"] < 1:
         raise RunError(f"split={args['split']!r} iwae_k={args['iwae_k']}: use split=train|val|test and iwae_k >= 1")
-    if args["batch_size"] is not None:
-        require(args["batch_size"] > 0, "batch_size", args["batch_size"], "give a number of images >= 1")
+    for key in ("batch_size", "iwae_images"):
+        if args[key] is not None:
+            require(args[key] > 0, key, args[key], "give a number of images >= 1")
     run = load_run(args["run"], args["device"], args["checkpoint"])
     if args["batch_size"] is not None:
         run.cfg.data.eval_batch_size = args["batch_size"]
+    run.cfg.eval.iwae_images = args["iwae_images"]  # the careful step: the whole split unless asked
     data = load_data(run.cfg.data)
     device = next(run.model.parameters()).device
     steps = total_steps(run.cfg, len(data.images["train"]) // run.cfg.data.batch_size)

@@ -54,9 +54,13 @@ def iwae_log_weights(model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torc
     return torch.cat(out, 1)
 
 
-def iwae_nll(model: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
-    """-log p(x) estimated with k importance samples (Burda et al. 2015), per image (B,); k = 1 is the ELBO."""
-    mu, logvar = (t.float() for t in model.encode(x))
+def iwae_nll(model: VAE, x: torch.Tensor, k: int, mu: Optional[torch.Tensor] = None,
+             logvar: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """-log p(x) estimated with k importance samples (Burda et al. 2015), per image (B,); k = 1 is the ELBO.
+    `mu`, `logvar`: the encoder's output for x when the caller has it (one encoder pass for every metric)."""
+    if mu is None:
+        mu, logvar = model.encode(x)
+    mu, logvar = mu.float(), logvar.float()
     log_w = iwae_log_weights(model, x, mu, logvar, k)
     return -(torch.logsumexp(log_w, 1) - math.log(k))
 
@@ -178,8 +182,10 @@ def evaluate(
     autocast: Optional[ContextManager] = None,
     progress: Optional[str] = None,
     collapse_nats: float = KL_ACTIVE_NATS,
+    iwae_images: Optional[int] = None,
 ) -> Dict[str, object]:
-    """Every metric of the design's list over all images of a split, in nats per image where it is one.
+    """Every metric of the design's list over all images of a split, in nats per image where it is one; IWAE
+    over the first `iwae_images` of them (None: all), since its k decoder passes per image dominate the cost.
 
     `loss` is the objective at the beta in force at `step`; z_samples are fixed prior draws for the blur ratios.
     `progress` names a progress bar (with an ETA) over the split's batches; None shows none.
@@ -189,7 +195,7 @@ def evaluate(
     sums: Dict[str, torch.Tensor] = {}
     mus: List[torch.Tensor] = []
     logvars: List[torch.Tensor] = []
-    n = 0
+    n = iwae_n = 0
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), (autocast or nullcontext()):
         torch.manual_seed(EVAL_SEED)
         batches = tqdm(eval_batches(images, batch_size, device), total=math.ceil(len(images) / batch_size),
@@ -199,14 +205,19 @@ def evaluate(
             terms = objective(model.decode(model.reparameterize(mu, logvar)), x, mu, logvar, step)
             terms["mse"] = ((model.likelihood.mean(model.decode(mu)) - x) ** 2).mean()
             terms["mse_mean_image"] = ((mean_img.to(device) - x) ** 2).mean()
-            terms["iwae_nll"] = iwae_nll(model, x, iwae_k).mean()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() * len(x)
+            m = len(x) if iwae_images is None else max(0, min(len(x), iwae_images - n))
+            if m:  # per image, its own encoder output: one encoder pass for every metric
+                sums["iwae_nll"] = sums.get("iwae_nll", 0) + iwae_nll(model, x[:m], iwae_k, mu[:m], logvar[:m]).sum()
+                iwae_n += m
             mus.append(mu.float().cpu())
             logvars.append(logvar.float().cpu())
             n += len(x)
         mu_all, logvar_all = torch.cat(mus), torch.cat(logvars)
         out: Dict[str, object] = {k: (v / n).item() for k, v in sums.items() if v.ndim == 0}
+        out["iwae_nll"] = (sums["iwae_nll"] / iwae_n).item()
+        out["iwae_images"] = iwae_n
         out["kl_per_dim"] = (sums["kl_per_dim"] / n).tolist()
         # the likelihood's sigma: learned or fixed; for gaussian_optimal (set per batch in training) its maximum-
         # likelihood value on this split at the posterior mean, the RMSE
@@ -258,6 +269,6 @@ def evaluate_split(model: VAE, objective: Objective, cfg, data, split: str, *, d
                        mean_img=mean_img if mean_img is not None else mean_image(data.images["train"]),
                        iwae_k=iwae_k, z_samples=fixed_latents(cfg.eval.blur_samples, cfg.model.latent_dim).to(device),
                        factors=data.factors.get(split), mi_images=cfg.eval.mi_images, autocast=autocast,
-                       collapse_nats=cfg.eval.collapse_nats,
+                       collapse_nats=cfg.eval.collapse_nats, iwae_images=cfg.eval.iwae_images,
                        progress=f"eval {split} (IWAE k={iwae_k})" if cfg.trainer.progress else None)
     return {f"{split}/{k}": v for k, v in metrics.items()}

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .config import applies  # noqa: E402
-from .comparison import SPLIT, Comparison, fmt  # noqa: E402
+from .comparison import Comparison, fmt  # noqa: E402
 from .naming import short_names  # noqa: E402
 
 # the report's columns: metric -> (short name with its unit, format)
@@ -86,12 +86,12 @@ def display_table(c: Comparison) -> pd.DataFrame:
         out["status"] = table["status"]
     table = table.loc[out.index]
     for metric, (name, pattern) in columns(c).items():
-        values = table[f"{SPLIT}/{metric}"]
+        values = table[f"{c.split}/{metric}"]
         if values.isna().all():
             continue
         cells = [("-" if pd.isna(v) else pattern.format(v)) for v in values]
         if metric == "mutual_info":
-            capped = table[f"{SPLIT}/mutual_info_capped"].fillna(False).astype(bool)
+            capped = table[f"{c.split}/mutual_info_capped"].fillna(False).astype(bool)
             cells = [f">= {cell}" if cap else cell for cell, cap in zip(cells, capped)]
         out[name] = cells
     return out
@@ -120,7 +120,7 @@ def _stats_table(c: Comparison) -> pd.DataFrame:
         pd.DataFrame({"setting": ["all runs"]})
     out["n"] = stats["n"]
     for metric, (name, pattern) in columns(c).items():
-        mean, sd = stats[f"{SPLIT}/{metric}"], stats[f"{SPLIT}/{metric} sd"]
+        mean, sd = stats[f"{c.split}/{metric}"], stats[f"{c.split}/{metric} sd"]
         if mean.isna().all():
             continue
         out[name] = ["-" if pd.isna(m) else pattern.format(m) + ("" if pd.isna(d) else f" ± {pattern.format(d)}")
@@ -142,15 +142,15 @@ def export_tables(c: Comparison, out: Path) -> None:
     csv = pd.DataFrame({k: stats[k] for k in c.swept})
     csv["n"] = stats["n"]
     for metric, unit in UNITS.items():
-        if stats[f"{SPLIT}/{metric}"].notna().any():
-            csv[f"{SPLIT}/{metric} mean ({unit})"] = stats[f"{SPLIT}/{metric}"]
-            csv[f"{SPLIT}/{metric} sd ({unit})"] = stats[f"{SPLIT}/{metric} sd"]
+        if stats[f"{c.split}/{metric}"].notna().any():
+            csv[f"{c.split}/{metric} mean ({unit})"] = stats[f"{c.split}/{metric}"]
+            csv[f"{c.split}/{metric} sd ({unit})"] = stats[f"{c.split}/{metric} sd"]
     csv.to_csv(out / "settings.csv", index=False)
     shown = _stats_table(c).rename(columns=lambda name: name.replace("_", r"\_").replace(">", "$>$"))
     body = shown.to_latex(index=False, escape=False, column_format="l" * len(c.swept) + "r" * (len(shown.columns)
                                                                                                 - len(c.swept)))
     body = body.replace("±", r"$\pm$").replace(r"\toprule", r"\toprule").replace(r"\midrule", r"\midrule")
-    caption = (f"Final {SPLIT} metrics, mean $\\pm$ sample sd over n seeds; NLLs and KL in nats per image; "
+    caption = (f"Final {c.split} metrics, mean $\\pm$ sample sd over n seeds; NLLs and KL in nats per image; "
                f"collapsed: KL $\\le$ {c.collapse_nats:g} nats.")
     (out / "settings.tex").write_text("% needs \\usepackage{booktabs}\n\\begin{table}[t]\n\\centering\n"
                                       f"\\caption{{{caption}}}\n{body}\\end{{table}}\n")
@@ -223,24 +223,24 @@ def plot_collapse(c: Comparison, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (name, idx) in enumerate(series):
         rows, colour = _finished(c, idx), f"C{i}"
-        _draw(a, x[rows], table.loc[rows, f"{SPLIT}/kl_active_units"], colour, "o-",
+        _draw(a, x[rows], table.loc[rows, f"{c.split}/kl_active_units"], colour, "o-",
               f"KL > {c.collapse_nats:g} nats {name}".strip())
-        _draw(a, x[rows], table.loc[rows, f"{SPLIT}/active_units"], colour, "s:", f"active units {name}".strip(),
+        _draw(a, x[rows], table.loc[rows, f"{c.split}/active_units"], colour, "s:", f"active units {name}".strip(),
               alpha=0.55)
-        capped = table.loc[rows, f"{SPLIT}/mutual_info_capped"].fillna(False).astype(bool).to_numpy()
-        _draw(b, x[rows], table.loc[rows, f"{SPLIT}/mutual_info"], colour, "o-", name, hollow=capped)
+        capped = table.loc[rows, f"{c.split}/mutual_info_capped"].fillna(False).astype(bool).to_numpy()
+        _draw(b, x[rows], table.loc[rows, f"{c.split}/mutual_info"], colour, "o-", name, hollow=capped)
     latent = table.get("model.latent_dim", pd.Series([c.fixed.get("model.latent_dim")]))
-    top = max(float(pd.to_numeric(latent, errors="coerce").max() or 0), float(table[f"{SPLIT}/active_units"].max()))
+    top = max(float(pd.to_numeric(latent, errors="coerce").max() or 0), float(table[f"{c.split}/active_units"].max()))
     a.set_ylim(-0.3, top + 0.5)
     a.yaxis.set_major_locator(MaxNLocator(integer=True))
     a.set(xlabel=xlabel, ylabel="latent dims in use", title=f"Posterior collapse (KL > {c.collapse_nats:g} nats"
                                                             f"{', mean ± sd over seeds' if c.seeds else ''})")
-    ceiling = table[f"{SPLIT}/mutual_info_max"].max()
+    ceiling = table[f"{c.split}/mutual_info_max"].max()
     if pd.notna(ceiling):
         b.axhline(ceiling, color="grey", ls=":", lw=1)
         b.annotate(f"ceiling log N = {ceiling:.2f}", (0.01, ceiling), xycoords=("axes fraction", "data"),
                    xytext=(0, -11), textcoords="offset points", fontsize=8, color="grey")
-    top_mi = max(float(table[f"{SPLIT}/mutual_info"].max()), float(ceiling) if pd.notna(ceiling) else 0.0)
+    top_mi = max(float(table[f"{c.split}/mutual_info"].max()), float(ceiling) if pd.notna(ceiling) else 0.0)
     b.set_ylim(0, 1.08 * top_mi if top_mi > 0 else 1)  # room above the ceiling for its hollow points
     b.set(xlabel=xlabel, ylabel="I(x; z) (nats)", title="Mutual information")
     for ax in (a, b):
@@ -261,14 +261,14 @@ def plot_blur(c: Comparison, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, idx) in enumerate(series):
         rows = _finished(c, idx)
-        _draw(ax, x[rows], table.loc[rows, f"{SPLIT}/sample_blur"], f"C{i}", "o-", f"samples {name}".strip())
-        _draw(ax, x[rows], table.loc[rows, f"{SPLIT}/recon_blur"], f"C{i}", "s--", f"reconstructions {name}".strip(),
+        _draw(ax, x[rows], table.loc[rows, f"{c.split}/sample_blur"], f"C{i}", "o-", f"samples {name}".strip())
+        _draw(ax, x[rows], table.loc[rows, f"{c.split}/recon_blur"], f"C{i}", "s--", f"reconstructions {name}".strip(),
               alpha=0.7)
-    data_blur = table[f"{SPLIT}/data_blur"].median()
+    data_blur = table[f"{c.split}/data_blur"].median()
     ax.axhline(data_blur, color="grey", ls=":", lw=1)
     ax.annotate(f"real images {data_blur:.3f}", (0.01, data_blur), xycoords=("axes fraction", "data"),
                 xytext=(0, 4), textcoords="offset points", fontsize=8, color="grey")
-    shown = pd.concat([table.loc[done, f"{SPLIT}/sample_blur"], table.loc[done, f"{SPLIT}/recon_blur"]])
+    shown = pd.concat([table.loc[done, f"{c.split}/sample_blur"], table.loc[done, f"{c.split}/recon_blur"]])
     low, high = min(shown.min(), data_blur), max(shown.max(), data_blur)
     pad = max(0.02, 0.1 * (high - low))  # zoomed to the runs and the real images, so small steps show
     ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
@@ -284,15 +284,15 @@ def plot_quality(c: Comparison, path: Path) -> bool:
     """The judge's Fréchet distance of samples and its accuracy on reconstructions per swept value (means over
     seeds with one sd); False when no run has them (data without classes, or eval.judge=false)."""
     table = c.table
-    if table[f"{SPLIT}/judge_fd"].isna().all():
+    if table[f"{c.split}/judge_fd"].isna().all():
         return False
     x, xlabel, series = _x_axis(c)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (name, idx) in enumerate(series):
         rows = _finished(c, idx)
-        _draw(a, x[rows], table.loc[rows, f"{SPLIT}/judge_fd"], f"C{i}", "o-", name)
-        _draw(b, x[rows], table.loc[rows, f"{SPLIT}/recon_accuracy"], f"C{i}", "o-", name)
-    ceiling = table[f"{SPLIT}/judge_accuracy"].median()
+        _draw(a, x[rows], table.loc[rows, f"{c.split}/judge_fd"], f"C{i}", "o-", name)
+        _draw(b, x[rows], table.loc[rows, f"{c.split}/recon_accuracy"], f"C{i}", "o-", name)
+    ceiling = table[f"{c.split}/judge_accuracy"].median()
     if pd.notna(ceiling):
         b.axhline(ceiling, color="grey", ls=":", lw=1)
         b.annotate(f"real images {ceiling:.3f}", (0.01, ceiling), xycoords=("axes fraction", "data"),
@@ -319,9 +319,9 @@ def plot_rate_distortion(c: Comparison, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], panels):
         settings = [idx for idx in c.settings() if kinds[idx[0]] == kind]
-        title = f"Rate-distortion ({SPLIT} split; dotted: equal -ELBO)"
+        title = f"Rate-distortion ({c.split} split; dotted: equal -ELBO)"
         if len(panels) > 1:
-            title = f"{'Discrete (bernoulli)' if kind == 'discrete' else 'Density'} likelihoods ({SPLIT}; dotted: equal -ELBO)"
+            title = f"{'Discrete (bernoulli)' if kind == 'discrete' else 'Density'} likelihoods ({c.split}; dotted: equal -ELBO)"
         _rate_distortion_panel(ax, c, settings, title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -330,7 +330,7 @@ def plot_rate_distortion(c: Comparison, path: Path) -> None:
 
 def _rate_distortion_panel(ax, c: Comparison, settings: List[List[int]], title: str) -> None:
     table, labels = c.table, c.labels()
-    kl, recon = table[f"{SPLIT}/kl"], table[f"{SPLIT}/recon_nll"]
+    kl, recon = table[f"{c.split}/kl"], table[f"{c.split}/recon_nll"]
     shown = []
     for i, idx in enumerate(settings):
         rows = [j for j in _finished(c, idx) if pd.notna(kl[j])]
@@ -361,7 +361,7 @@ def plot_kl_heatmap(c: Comparison, path: Path) -> None:
     """Per-dim KL (nats) of each run on a log colour scale, dims sorted by KL within the run; blank where a run has
     fewer dims; right of each row, its dims above collapse_nats (the count the collapse plot leads with)."""
     runs, labels = c.runs, c.labels(seed=True)
-    kls = [sorted(r["summary"].get(f"{SPLIT}/kl_per_dim") or [], reverse=True) for r in runs]
+    kls = [sorted(r["summary"].get(f"{c.split}/kl_per_dim") or [], reverse=True) for r in runs]
     width = max([len(k) for k in kls] + [1])
     grid = np.full((len(kls), width), np.nan)
     for i, k in enumerate(kls):
@@ -378,7 +378,7 @@ def plot_kl_heatmap(c: Comparison, path: Path) -> None:
     for i, k in enumerate(kls):
         ax.annotate(str(sum(v > c.collapse_nats for v in k)), (1.01, i), xycoords=("axes fraction", "data"),
                     va="center", fontsize=8)
-    ax.set(xlabel="latent dim, sorted by KL (0 = most)", title=f"KL per latent dim ({SPLIT}, nats per image)")
+    ax.set(xlabel="latent dim, sorted by KL (0 = most)", title=f"KL per latent dim ({c.split}, nats per image)")
     bar = fig.colorbar(im, ax=ax, label="nats (log scale)", pad=0.08)
     bar.ax.axhline(c.collapse_nats, color="white", lw=1.5)  # the collapse threshold on the scale
     fig.tight_layout()
@@ -455,8 +455,8 @@ def plot_kl_over_training(c: Comparison, path: Path) -> bool:
                     color=plt.cm.viridis(1 - rank / max(1, len(order) - 1)))
         ax.axhline(c.collapse_nats, color="black", ls=":", lw=0.8)
         ax.set_yscale("log")
-        used = c.table.loc[j, f"{SPLIT}/kl_active_units"]  # on the test split, as the heatmap counts
-        used = f"{used:.0f}/{kl.shape[1]} in use on {SPLIT}" if pd.notna(used) else f"{kl.shape[1]} dims"
+        used = c.table.loc[j, f"{c.split}/kl_active_units"]  # on the test split, as the heatmap counts
+        used = f"{used:.0f}/{kl.shape[1]} in use on {c.split}" if pd.notna(used) else f"{kl.shape[1]} dims"
         ax.set_title(f"{labels[j]} ({used})", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -569,10 +569,10 @@ def header_lines(c: Comparison) -> List[str]:
                      "nats) and densities (NLL of any sign); NLLs and bits/dim compare only within a kind, so the "
                      "table's `kind` column and the rate-distortion plot keep them apart.")
     lines += _fixed_lines(c.fixed, c.runs)
-    blur, mi_max = table[f"{SPLIT}/data_blur"].median(), table[f"{SPLIT}/mutual_info_max"].max()
+    blur, mi_max = table[f"{c.split}/data_blur"].median(), table[f"{c.split}/mutual_info_max"].max()
     if pd.notna(blur):
-        lines.append(f"metrics: final, on the {SPLIT} split; NLLs and KL in nats per image; blur 0 (sharp) to 1 "
-                     f"(flat), the real {SPLIT} images' own is {blur:.3f}; MI cannot exceed log N = {mi_max:.2f}; "
+        lines.append(f"metrics: final, on the {c.split} split; NLLs and KL in nats per image; blur 0 (sharp) to 1 "
+                     f"(flat), the real {c.split} images' own is {blur:.3f}; MI cannot exceed log N = {mi_max:.2f}; "
                      f"a dim with mean KL at or below {c.collapse_nats:g} nats counts as collapsed.")
     return lines
 

@@ -423,16 +423,10 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
     if place.rank != 0:
         return {}
 
-    # 3. the final test eval (after the last checkpoint: a kill here redoes only this block)
+    # 3. the final test eval (after the last checkpoint: a kill here redoes only this block); eval.final=none
+    # leaves it to `python -m src.evaluate` for the members a sweep keeps
     stop.defer = False
-    test = evaluate("test", step=state.step, iwae_k=cfg.eval.iwae_k_test)
-    if cfg.eval.fid:
-        test.update(evaluate_fid(state.model, data.images["test"], cfg, device, "test"))
-    if cfg.eval.judge and (judge := judge_for(data, cache_folder(cfg.data), device)) is not None:
-        z = fixed_latents(cfg.eval.fid_images, cfg.model.latent_dim).to(device)
-        quality = content_metrics(state.model, judge, data.images["test"], data.labels["test"], z, device,
-                                  cfg.eval.fid_images)
-        test.update({f"test/{k}": v for k, v in quality.items()})
+    test = final_test_eval(cfg, state.model, data, evaluate, state.step, device) if cfg.eval.final == "test" else {}
     logger.log(test, state.step)
     logger.log_images(grids.save(state.model, rd.root, None, state.val["val/kl_per_dim"]), state.step,
                       prefix="test")  # the final grids, also W&B's test-time panels
@@ -442,6 +436,19 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
     if meter.images_per_s() is not None:
         final["perf/train_images_per_s"] = meter.images_per_s()
     return final
+
+
+def final_test_eval(cfg: Config, model, data, evaluate, step: int, device: torch.device) -> Dict[str, Any]:
+    """Every metric on the test split, FID where asked, and the judge's sample quality where the data has classes."""
+    test = evaluate("test", step=step, iwae_k=cfg.eval.iwae_k_test)
+    if cfg.eval.fid:
+        test.update(evaluate_fid(model, data.images["test"], cfg, device, "test"))
+    if cfg.eval.judge and (judge := judge_for(data, cache_folder(cfg.data), device)) is not None:
+        z = fixed_latents(cfg.eval.fid_images, cfg.model.latent_dim).to(device)
+        quality = content_metrics(model, judge, data.images["test"], data.labels["test"], z, device,
+                                  cfg.eval.fid_images)
+        test.update({f"test/{k}": v for k, v in quality.items()})
+    return test
 
 
 def _log_train(state: TrainState, objective: Objective, lr: float, logger: Optional[RunLogger], bar, rd: RunDir):

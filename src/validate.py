@@ -150,6 +150,9 @@ def parse(cfg: DictConfig | Config) -> Config:
     for key in ("iwae_k", "iwae_k_test", "mi_images", "blur_samples", "traversal_steps", "fid_images"):
         _check(getattr(cfg.eval, key) > 0, f"eval.{key}", getattr(cfg.eval, key), "must be a positive integer")
     _check(cfg.eval.traversal_dims >= 0, "eval.traversal_dims", cfg.eval.traversal_dims, "must be >= 0")
+    _check(cfg.eval.iwae_images is None or cfg.eval.iwae_images > 0, "eval.iwae_images", cfg.eval.iwae_images,
+           "must be a positive number of images, or null for the whole split")
+    _choice("eval.final", cfg.eval.final, ("test", "none"))
     _check(cfg.eval.collapse_nats > 0, "eval.collapse_nats", cfg.eval.collapse_nats,
            "must be > 0 (nats per image; Lucas et al. 2019 use 0.01 to 0.1)")
 

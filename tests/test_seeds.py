@@ -22,19 +22,18 @@ from .conftest import compose_cfg, run_cli, tiny_overrides
 NEG_ELBO = {(1.0, 0): 100.0, (1.0, 1): 104.0, (1.0, 2): 99.0, (4.0, 0): 120.0, (4.0, 1): 118.0, (4.0, 2): 125.0}
 
 
-def write_run(folder, overrides, kl_per_dim, neg_elbo, active_units):
+def write_run(folder, overrides, kl_per_dim, neg_elbo, active_units, split="test"):
     """A finished run dir as training leaves it: the record of the composed config and a summary."""
     config = OmegaConf.to_container(OmegaConf.structured(parse(compose_cfg([*tiny_overrides(folder), *overrides]))))
     rd = RunDir(folder)
     rd.root.mkdir(parents=True)
     record_config(rd, config)
     kl = float(sum(kl_per_dim))
-    write_json(rd.summary, {
-        "status": "finished", "step": 8, "test/neg_elbo": neg_elbo, "test/kl": kl, "test/recon_nll": neg_elbo - kl,
-        "test/iwae_nll": neg_elbo - 1, "test/bits_per_dim": neg_elbo / 256 / np.log(2), "test/kl_per_dim": kl_per_dim,
-        "test/active_units": active_units, "test/kl_active_units": -1, "test/mutual_info": 1.0,
-        "test/mutual_info_max": 4.0, "test/mutual_info_capped": False, "test/sample_blur": 0.2,
-        "test/recon_blur": 0.15, "test/data_blur": 0.01})
+    metrics = {"neg_elbo": neg_elbo, "kl": kl, "recon_nll": neg_elbo - kl, "iwae_nll": neg_elbo - 1,
+               "bits_per_dim": neg_elbo / 256 / np.log(2), "kl_per_dim": kl_per_dim, "active_units": active_units,
+               "kl_active_units": -1, "mutual_info": 1.0, "mutual_info_max": 4.0, "mutual_info_capped": False,
+               "sample_blur": 0.2, "recon_blur": 0.15, "data_blur": 0.01}
+    write_json(rd.summary, {"status": "finished", "step": 8, **{f"{split}/{k}": v for k, v in metrics.items()}})
 
 
 @pytest.fixture
@@ -128,3 +127,14 @@ def test_discrete_and_density_likelihoods_are_kept_apart(tmp_path):
     figures = render(c, tmp_path / "out", [tmp_path / "sweep"])
     assert "rate_distortion.png" in figures
     assert "compare only within a kind" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_runs_without_a_test_eval_are_compared_on_val(tmp_path):
+    """eval.final=none (a cheap sweep): the comparison reads the last val eval and says so."""
+    for i, beta in enumerate((1.0, 4.0)):
+        write_run(tmp_path / "sweep" / str(i), [f"loss.beta={beta}", "eval.final=none"], [1.0, 0.5, 0.2, 0.01],
+                  100.0 + i, 4, split="val")
+    c = collect([tmp_path / "sweep"])
+    assert c.split == "val" and list(c.table["val/neg_elbo"]) == [100.0, 101.0]
+    render(c, tmp_path / "out", [tmp_path / "sweep"])
+    assert "on the val split" in (tmp_path / "out" / "report.html").read_text()

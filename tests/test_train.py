@@ -141,3 +141,18 @@ def test_a_kl_schedule_longer_than_the_run_warns_once_and_the_summary_keeps_the_
     assert summary["train/beta"] == pytest.approx(expected)  # the beta of the last step (step index 7)
     if "capacity" in key:
         assert summary["train/capacity"] == pytest.approx(50 * 7 / 1000)
+
+
+def test_a_cheap_final_eval_and_iwae_over_a_subset(tmp_path, tiny):
+    """eval.iwae_images takes IWAE over the first N images (counted in the summary); eval.final=none skips the
+    test split (a sweep's cheap pass), leaving every val metric; a bad value is one line naming the key."""
+    summary = train(compose_cfg([*tiny, "eval.iwae_images=40"]), run_dir=tmp_path / "subset")
+    assert (summary["val/iwae_images"], summary["test/iwae_images"]) == (40, 40)
+    assert math.isfinite(summary["test/iwae_nll"]) and summary["data/test_size"] == 64
+    whole = train(compose_cfg([*tiny, "eval.iwae_images=null"]), run_dir=tmp_path / "whole")
+    assert whole["test/iwae_images"] == 64
+    skipped = train(compose_cfg([*tiny, "eval.final=none"]), run_dir=tmp_path / "none")
+    assert skipped["status"] == "finished" and not any(k.startswith("test/") for k in skipped)
+    assert math.isfinite(skipped["val/iwae_nll"])
+    bad = run_cli([*tiny, "eval.final=val", f"hydra.run.dir={tmp_path / 'bad'}"])
+    assert bad.returncode == 2 and "eval.final='val' is not allowed; choose one of test|none" in bad.stdout + bad.stderr

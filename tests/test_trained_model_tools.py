@@ -86,7 +86,8 @@ def test_slerp_keeps_the_norm_and_ends():
 def test_evaluate_reproduces_the_summary_at_the_same_k(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     # on the device it was trained on: another device draws other Monte-Carlo samples (tests/test_cuda.py)
-    proc = run_cli([str(run_dir), "split=test", f"iwae_k={summary['test/iwae_k']}", "device=cpu"], module="src.evaluate")
+    proc = run_cli([str(run_dir), "split=test", f"iwae_k={summary['test/iwae_k']}", "device=cpu",
+                    f"iwae_images={summary['test/iwae_images']}"], module="src.evaluate")
     assert proc.returncode == 0, proc.stderr
     again = json.loads((run_dir / f"eval_test_k{summary['test/iwae_k']}.json").read_text())
     for key in ("test/neg_elbo", "test/recon_nll", "test/kl", "test/iwae_nll", "test/active_units",
