@@ -96,7 +96,7 @@ class EvalConfig:
     final: str = "test"  # the final eval: test (the official split) | none (a cheap sweep; src.evaluate later)
     mi_images: int = 2000  # images whose aggregate posterior estimates mutual_info
     blur_samples: int = 256  # fixed prior samples and real images behind the blur measures
-    traversal_dims: int = 8  # top dims by KL shown in traversals
+    traversal_dims: int = 8  # rows of the traversal grid: the dims with most KL, the last quarter those with least
     traversal_steps: int = 7  # values from -3 to 3
     fid: bool = False  # FID and KID at the final test eval (optional extra: pip install -e ".[fid]")
     fid_images: int = 2000  # real images, prior samples and reconstructions each

@@ -59,12 +59,15 @@ HOW_TO_READ = {
                             "seed), warm colours the dims that end with the most KL; the dotted line is "
                             "eval.collapse_nats. A dim that falls below it and stays there has collapsed: read "
                             "when it happened.",
-    "samples_montage.png": "Prior samples of every run: runs with the same latent size share the same z, pixel for "
-                           "pixel; compare sharpness and variety across the swept values.",
-    "reconstructions_montage.png": "Each run's reconstructions of the same test images (input rows above "
-                                   "reconstruction rows): where detail is lost, the code carries less.",
-    "traversals_montage.png": "Each run walks its highest-KL dims one at a time (rows) from -3 to +3 (columns): "
-                              "a row that does not change is a collapsed dim.",
+    "samples_montage.png": "Prior samples of every run: runs with the same latent size decode the same z, pixel for "
+                           "pixel (runs of different latent sizes draw different z); compare sharpness and variety "
+                           "across the swept values.",
+    "reconstructions_montage.png": "Each run's reconstructions of the same validation images: rows marked input "
+                                   "and output, each output under its input. Where detail is lost, the code "
+                                   "carries less.",
+    "traversals_montage.png": "Each run walks one latent dim per row from -3 to +3 (columns), the others held at "
+                              "the same image's posterior mean: the two rows with most KL, then the two with least, "
+                              "each labelled with its dim and KL. A row that does not change is a collapsed dim.",
 }
 MONTAGE_ROWS, MONTAGE_COLS = 4, 7  # the part of each run's grid a montage shows (7: a whole traversal row)
 MONTAGE_WIDTH = 300  # px: each run's part is enlarged by the smallest whole factor that makes it at least this wide
@@ -472,34 +475,65 @@ def plot_kl_over_training(c: Comparison, path: Path) -> bool:
     return True
 
 
+def _grid_rows(c: Comparison, name: str, run: Dict[str, object], rows: int) -> tuple:
+    """Which rows of a run's `name` grid a montage shows, and a label for each: reconstructions' rows alternate
+    input and output; a traversal's rows are its dims (the two with most KL, the two with least), each labelled
+    with its index and KL; samples' rows are unlabelled."""
+    if name == "reconstructions.png":
+        return list(range(rows)), ["input" if r % 2 == 0 else "output" for r in range(rows)]
+    if name == "traversals.png":
+        kl = run["summary"].get("val/kl_per_dim") or []
+        dims = run["summary"].get("grid/traversal_dims")
+        if dims is None:  # a run of an earlier release: its rows were the dims with most KL
+            dims = sorted(range(len(kl)), key=lambda d: -kl[d])[: int(run["recorded"].get("eval.traversal_dims", 8))]
+        picked = list(range(len(dims))) if len(dims) <= rows else [0, 1, len(dims) - 2, len(dims) - 1]
+        return picked, [f"z{dims[r]} {kl[dims[r]]:.2f} nats" for r in picked]
+    return list(range(rows)), [""] * rows
+
+
 def montage(c: Comparison, name: str, path: Path, per_row: int = 3) -> bool:
-    """The runs' `name` grids side by side: the first MONTAGE_ROWS x MONTAGE_COLS images of each, enlarged by
-    one whole factor (nearest neighbour, so pixels stay pixels) and captioned with the run's swept values and
-    any non-finished status; False if no run has one."""
-    runs, labels = c.runs, c.labels()
+    """The runs' `name` grids side by side: MONTAGE_ROWS rows (see _grid_rows) of MONTAGE_COLS images of each,
+    enlarged by one whole factor (nearest neighbour, so pixels stay pixels), each row labelled where a row means
+    something (input/output, a dim and its KL), captioned with the run's swept values and any non-finished
+    status; False if no run has one."""
+    runs, labels = c.runs, c.labels(seed=True)
     if not any((r["path"] / name).is_file() for r in runs):
         return False
-    grids = []
+    grids, row_labels = [], []
     for r in runs:
         path_r = r["path"] / name
         img = Image.open(path_r).convert("RGB") if path_r.is_file() else None
         size = int(r["settings"].get("data.image_size") or 0)
+        texts = []
         if img is not None and size:  # torchvision's grid: 2 px padding around (size)-px images
-            img = img.crop((0, 0, min(img.width, 2 + MONTAGE_COLS * (size + 2)),
-                            min(img.height, 2 + MONTAGE_ROWS * (size + 2))))
+            available = (img.height - 2) // (size + 2)
+            picked, texts = _grid_rows(c, name, r, min(MONTAGE_ROWS, available))
+            width = min(img.width, 2 + MONTAGE_COLS * (size + 2))
+            strips = [img.crop((0, 2 + row * (size + 2) - 2, width, 2 + (row + 1) * (size + 2))) for row in picked
+                      if row < available]
+            img = Image.new("RGB", (width, 2 + len(strips) * (size + 2)), "white")
+            for i, strip in enumerate(strips):
+                img.paste(strip, (0, i * (size + 2)))
         grids.append(img)
+        row_labels.append(texts)
     widest = max(g.width for g in grids if g is not None)
     scale = -(-MONTAGE_WIDTH // widest)  # ceil: 28-px images twice their size, 16-px ones three times
     font = ImageFont.load_default(size=14)
+    small = ImageFont.load_default(size=11)
+    margin = 92 if any(any(t) for t in row_labels) else 0  # room for the row labels
     tiles = []
-    for g, r, label in zip(grids, runs, labels):
+    for g, r, label, texts in zip(grids, runs, labels, row_labels):
         g = g.resize((g.width * scale, g.height * scale), Image.NEAREST) if g is not None else \
             Image.new("RGB", (widest * scale, widest * scale // 2), "lightgrey")
         status = r["summary"].get("status", "incomplete")
         caption = label if status == "finished" else f"{label} [{status}]"
-        tile = Image.new("RGB", (g.width, g.height + 22), "white")
-        tile.paste(g, (0, 22))
-        ImageDraw.Draw(tile).text((2, 3), caption, fill="black", font=font)
+        tile = Image.new("RGB", (g.width + margin, g.height + 22), "white")
+        tile.paste(g, (margin, 22))
+        draw = ImageDraw.Draw(tile)
+        draw.text((2, 3), caption, fill="black", font=font)
+        row_h = g.height / max(1, len(texts))
+        for i, text in enumerate(texts):
+            draw.text((2, 22 + (i + 0.5) * row_h), text, fill="black", font=small, anchor="lm")
         tiles.append(tile)
     cell_w, cell_h = max(t.width for t in tiles) + 10, max(t.height for t in tiles) + 10
     cols = min(per_row, len(tiles))

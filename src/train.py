@@ -432,7 +432,8 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
                       prefix="test")  # the final grids, also W&B's test-time panels
     beta, capacity = objective.weights(state.step - 1)  # in force at the end, whatever the schedule reached
     final = {"step": state.step, "epoch": state.epoch, **state.val, **test, "best/val_neg_elbo": state.best,
-             "train/beta": beta, **({"train/capacity": capacity} if capacity is not None else {})}
+             "train/beta": beta, **({"train/capacity": capacity} if capacity is not None else {}),
+             "grid/traversal_dims": grids.dims}  # traversals.png's rows, so a montage labels them right
     if meter.images_per_s() is not None:
         final["perf/train_images_per_s"] = meter.images_per_s()
     return final

@@ -48,6 +48,16 @@ def save_traversals(model, x: torch.Tensor, dims: List[int], path: Path, steps: 
     save_grid(model.sample(z).float().clamp(0, 1).cpu(), path, nrow=steps)
 
 
+def traversal_dims(kl_per_dim: Sequence[float], n: int) -> List[int]:
+    """The dims a traversal walks, one row each: the most KL first, and (from 4 rows on) its last quarter the
+    dims with the least KL, so a collapsed dim is shown too; fewer dims than rows: all of them, by KL."""
+    by_kl = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])
+    if n >= len(by_kl):
+        return by_kl
+    least = n // 4
+    return by_kl[: n - least] + by_kl[len(by_kl) - least:]
+
+
 class FixedGrids:
     """The sample, reconstruction and traversal grids of a run, drawn from the same z and the same inputs at
     every eval and in every run, so they compare across evals and across runs."""
@@ -55,11 +65,13 @@ class FixedGrids:
     def __init__(self, z: torch.Tensor, x: torch.Tensor, traversal_dims: int, traversal_steps: int):
         self.z, self.x = z, x  # (n, latent_dim), (n, C, H, W) on the model's device
         self.traversal_dims, self.traversal_steps = traversal_dims, traversal_steps
+        self.dims: List[int] = []  # the dims the last traversal grid walks, row by row
 
     @torch.no_grad()
     def save(self, model, run_dir: Path, step: Optional[int], kl_per_dim: Sequence[float]) -> Dict[str, Path]:
         """Per-eval grids under samples/ recons/ traversals/ (step_0001234.png), or the final ones in the run
-        dir (step None); traversals show the dims with most KL. Returns {name: path}."""
+        dir (step None); traversals show the dims with most KL and a few with least (traversal_dims). Returns
+        {name: path}."""
         name = f"step_{step:07d}.png" if step is not None else None
         paths = {"samples": run_dir / (f"samples/{name}" if name else "samples.png"),
                  "reconstructions": run_dir / (f"recons/{name}" if name else "reconstructions.png"),
@@ -68,7 +80,7 @@ class FixedGrids:
         model.eval()
         save_samples(model, self.z, paths["samples"])
         save_reconstructions(model, self.x, paths["reconstructions"])
-        dims = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])[: self.traversal_dims]
+        dims = self.dims = traversal_dims(kl_per_dim, self.traversal_dims)  # (the summary keeps the final ones)
         if dims:
             save_traversals(model, self.x[:1], dims, paths["traversals"], self.traversal_steps)
         else:

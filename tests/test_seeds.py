@@ -138,3 +138,12 @@ def test_runs_without_a_test_eval_are_compared_on_val(tmp_path):
     assert c.split == "val" and list(c.table["val/neg_elbo"]) == [100.0, 101.0]
     render(c, tmp_path / "out", [tmp_path / "sweep"])
     assert "on the val split" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_traversals_walk_the_most_and_the_least_active_dims():
+    from src.visuals import traversal_dims
+
+    kl = [0.5, 3.0, 0.01, 2.0, 0.02, 1.0, 0.3, 0.2, 0.001, 0.1]
+    assert traversal_dims(kl, 8) == [1, 3, 5, 0, 6, 7, 2, 8]  # six with most KL, then the two with least
+    assert traversal_dims(kl[:3], 8) == [1, 0, 2]  # fewer dims than rows: all, by KL
+    assert traversal_dims(kl, 3) == [1, 3, 5]

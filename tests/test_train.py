@@ -45,6 +45,8 @@ def test_cli_run_writes_the_run_dir_contract(tmp_path, tiny):
         assert sum(summary[f"{split}/kl_per_dim"]) == pytest.approx(summary[f"{split}/kl"], rel=1e-4)
     assert summary["perf/train_images_per_s"] > 0
     assert (summary["device"], summary["precision"]) == ("cpu", "fp32")  # what trainer.device/precision resolved to
+    kl = summary["val/kl_per_dim"]  # traversals.png walks all 4 dims, most KL first
+    assert summary["grid/traversal_dims"] == sorted(range(4), key=lambda d: -kl[d])
 
     rows = _read_jsonl(run / "metrics.jsonl")
     train_steps = [r["step"] for r in rows if "train/loss" in r]
