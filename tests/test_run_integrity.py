@@ -278,3 +278,14 @@ def test_temp_files_of_a_write_killed_mid_way_are_cleared_by_the_rerun(tmp_path,
         stale.write_bytes(b"half a file")
     train(compose_cfg([*base, "trainer.max_steps=6"]), run_dir=run)  # continues: the dir is claimed again
     assert not list(run.glob(".*.tmp*")) and not list((run / "checkpoints").glob(".*.tmp*"))
+
+
+def test_a_refused_rerun_of_a_sweep_leaves_its_multirun_yaml_as_it_was(tmp_path):
+    """Every member refused (another latent size into the same sweep dir): the sweep dir still says what it holds."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", *tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "loss.beta=1,4", f"hydra.sweep.dir={sweep}"]
+    assert run_cli(args).returncode == 0
+    record = (sweep / "multirun.yaml").read_bytes()
+    refused = run_cli([*args, "model.latent_dim=8"])
+    assert refused.returncode == 1 and "refused" in refused.stdout + refused.stderr
+    assert (sweep / "multirun.yaml").read_bytes() == record
