@@ -8,6 +8,7 @@ KID (Binkowski et al. 2018) is unbiased.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import warnings
@@ -24,6 +25,7 @@ from .visuals import fixed_latents
 log = logging.getLogger(__name__)
 
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name
+INCEPTION_SHA256_PREFIX = "6726825d"  # the published file's sha256 begins so (torch.hub's naming convention)
 FETCH_TIMEOUT = 20.0  # seconds to reach the weights' server before giving up on FID for this run
 
 
@@ -112,6 +114,15 @@ def _check_weights(path: Path) -> None:
     except CheckpointError as e:
         raise FidUnavailable(f"eval.fid: {e}; delete it (it is fetched again with internet) or replace it with "
                              f"{INCEPTION_WEIGHTS}. FID and KID are skipped; the run is not affected") from None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(INCEPTION_SHA256_PREFIX):
+        raise FidUnavailable(f"eval.fid: {path} is not the published Inception weights (its sha256 starts "
+                             f"{digest.hexdigest()[:8]}, the published file's {INCEPTION_SHA256_PREFIX}); replace it "
+                             f"with torch-fidelity's {INCEPTION_WEIGHTS}. FID and KID are skipped; the run is not "
+                             "affected")
 
 
 def features_of(images: torch.Tensor, extractor: nn.Module, batch_size: int, device: torch.device) -> torch.Tensor:

@@ -83,19 +83,22 @@ class _RunsCode:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("kind", ["runs_code", "damaged"])
+@pytest.mark.parametrize("kind", ["runs_code", "damaged", "another_file"])
 def test_inception_weights_that_would_run_code_or_are_damaged_are_refused_and_the_run_finishes(tmp_path, kind):
     run, marker = tmp_path / "run", tmp_path / "code-ran"
     weights = tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS
     weights.parent.mkdir(parents=True)
     if kind == "runs_code":
         torch.save({"conv.weight": torch.zeros(1), "payload": _RunsCode(str(marker))}, weights)
-    else:
+    elif kind == "damaged":
         weights.write_bytes(b"PK\x03\x04 not a whole zip")
+    else:  # tensors only, but not the published file (its hash differs)
+        torch.save({"conv.weight": torch.zeros(1)}, weights)
     env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": None}
     proc = run_cli([*tiny_overrides(tmp_path / "cache"), "eval.fid=true", f"hydra.run.dir={run}"], env=env)
     assert proc.returncode == 0, proc.stdout[-2000:]
     [line] = [line for line in proc.stdout.splitlines() if "eval.fid:" in line]
-    assert ("refused unloaded" if kind == "runs_code" else "is damaged") in line and str(weights) in line
+    expected = {"runs_code": "refused unloaded", "damaged": "is damaged", "another_file": "not the published"}
+    assert expected[kind] in line and str(weights) in line
     assert not marker.exists()  # nothing ran
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
