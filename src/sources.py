@@ -279,14 +279,17 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path: Path) -> np.ndarray:
+def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(images (N, 3, 32, 32), classes (N,) or None where the batch has none)."""
     try:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
         data = np.asarray(batch[b"data"], np.uint8)
+        labels = np.asarray(batch[b"labels"], np.int64) if b"labels" in batch else None
     except (pickle.UnpicklingError, KeyError, EOFError, TypeError, ValueError) as e:
         raise DataError(f"{path} is not a CIFAR-10 python batch ({e}); {CIFAR_WHERE}") from None
-    return data.reshape(-1, 3, 32, 32)
+    data = data.reshape(-1, 3, 32, 32)
+    return data, labels if labels is not None and len(labels) == len(data) else None
 
 
 def decode_cifar10(cfg: DataConfig) -> ImageData:
@@ -297,10 +300,16 @@ def decode_cifar10(cfg: DataConfig) -> ImageData:
     missing = [n for n in [*names, "test_batch"] if not (folder / n).is_file()]
     if missing:
         raise DataError(f"{folder} lacks {', '.join(missing)}; data=cifar10 expects {expected}. {CIFAR_WHERE}")
-    train = fit_arrays(np.concatenate([_read_cifar_batch(folder / n) for n in names]), cfg)
-    test = fit_arrays(_read_cifar_batch(folder / "test_batch"), cfg)
+    batches = [_read_cifar_batch(folder / n) for n in names]
+    test, test_labels = _read_cifar_batch(folder / "test_batch")
+    train = fit_arrays(np.concatenate([images for images, _ in batches]), cfg)
     train, val = carve_val(train, cfg.val_size, cfg.seed, cfg.name)
-    return ImageData({"train": train, "val": val, "test": test})
+    labels = {}
+    if test_labels is not None and all(lab is not None for _, lab in batches):  # split as the images are
+        train_labels, val_labels = carve_val(np.concatenate([lab for _, lab in batches]), cfg.val_size, cfg.seed,
+                                             cfg.name)
+        labels = {"train": train_labels, "val": val_labels, "test": test_labels}
+    return ImageData({"train": train, "val": val, "test": fit_arrays(test, cfg)}, labels=labels)
 
 
 # --------------------------------------------------------------------------------------------------------

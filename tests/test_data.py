@@ -45,7 +45,9 @@ def make_idx(root: Path, folder: str, gz: bool, n_train=40, n_test=10) -> dict:
     base = root / folder / "raw" if folder else root
     write_idx(base / "train-images-idx3-ubyte", arrays["train"], gz)
     write_idx(base / "t10k-images-idx3-ubyte", arrays["test"], gz)
-    write_idx(base / "train-labels-idx1-ubyte", rng.integers(0, 10, n_train), gz)
+    # classes that can be read off their image (its first pixel mod 10), so a test sees them stay together
+    write_idx(base / "train-labels-idx1-ubyte", arrays["train"][:, 0, 0] % 10, gz)
+    write_idx(base / "t10k-labels-idx1-ubyte", arrays["test"][:, 0, 0] % 10, gz)
     return arrays
 
 
@@ -58,7 +60,8 @@ def make_cifar(root: Path, per_batch=8) -> np.ndarray:
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         batches.append(data)
         with open(folder / name, "wb") as f:  # the real files: python dicts with bytes keys
-            pickle.dump({b"batch_label": name.encode(), b"labels": [0] * per_batch, b"data": data}, f, protocol=2)
+            pickle.dump({b"batch_label": name.encode(), b"labels": [int(v) for v in data[:, 0] % 10], b"data": data}, f,
+                        protocol=2)
     return np.concatenate(batches)
 
 
@@ -109,6 +112,8 @@ def test_mnist_idx_in_both_layouts(tmp_path, folder, gz):
     # train and val partition the IDX train file, with nothing lost or repeated
     together = np.concatenate([data.images["train"], data.images["val"]])[:, 0]
     assert sorted(map(bytes, together)) == sorted(map(bytes, arrays["train"].astype(np.uint8)))
+    for split, images in data.images.items():  # each class stays with its image through the val split
+        np.testing.assert_array_equal(data.labels[split], images[:, 0, 0, 0] % 10)
 
 
 def test_fashion_mnist_torchvision_layout_resized(tmp_path):
@@ -133,6 +138,11 @@ def test_cifar10_pickle_batches(tmp_path):
                           val_size=4))
     assert data.sizes() == {"data/train_size": 36, "data/val_size": 4, "data/test_size": 8}
     np.testing.assert_array_equal(data.images["test"], raw[-8:].reshape(-1, 3, 32, 32))
+    for split, images in data.images.items():  # the classes, split as the images are (cached too)
+        np.testing.assert_array_equal(data.labels[split], images[:, 0, 0, 0] % 10)
+    again = load_data(_cfg(tmp_path, name="cifar10", root=str(tmp_path / "root"), image_size=32, channels=3,
+                           val_size=4))
+    np.testing.assert_array_equal(again.labels["val"], data.labels["val"])
 
 
 def test_cifar10_refuses_a_pickle_that_would_run_code(tmp_path):
