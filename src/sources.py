@@ -356,8 +356,35 @@ def decode_celeba(cfg: DataConfig) -> ImageData:
                         "unpack the whole archive or use the partition file that came with it")
     images, ok = decode_files([folder / name for name, _ in rows], cfg, desc="decode celeba")
     split_of = np.array([s for (_, s), good in zip(rows, ok) if good])
+    labels = {}
+    if (classes := read_celeba_classes(partition.parent, [name for (name, _), good in zip(rows, ok) if good])) \
+            is not None:
+        labels = {name: classes[split_of == i] for i, name in enumerate(SPLITS)}
     return ImageData({name: images[split_of == i] for i, name in enumerate(SPLITS)},
-                     skipped=[name for (name, _), good in zip(rows, ok) if not good])
+                     skipped=[name for (name, _), good in zip(rows, ok) if not good], labels=labels)
+
+
+CELEBA_CLASS_ATTRIBUTES = ("Male", "Smiling")  # the judge's 4 classes: 2 * Male + Smiling
+
+
+def read_celeba_classes(base: Path, names: List[str]) -> Optional[np.ndarray]:
+    """A class per image from CelebA's attribute file beside the partition file (list_attr_celeba.csv, or the
+    .txt whose second line names the attributes): 2 * Male + Smiling, 0..3. None without the file."""
+    path = next((base / n for n in ("list_attr_celeba.csv", "list_attr_celeba.txt") if (base / n).is_file()), None)
+    if path is None:
+        return None
+    lines = [line.replace(",", " ").split() for line in path.read_text().splitlines() if line.strip()]
+    header = next((i for i, parts in enumerate(lines) if all(a in parts for a in CELEBA_CLASS_ATTRIBUTES)), None)
+    if header is None:
+        log.warning("no classes for data=celeba: %s names no %s column", path, " or ".join(CELEBA_CLASS_ATTRIBUTES))
+        return None
+    names_row = [a for a in lines[header] if a != "image_id"]
+    columns = [names_row.index(a) + 1 for a in CELEBA_CLASS_ATTRIBUTES]  # +1: the image's name comes first
+    value = {parts[0]: parts for parts in lines[header + 1:] if len(parts) == len(names_row) + 1}
+    if any(name not in value for name in names):
+        log.warning("no classes for data=celeba: %s lacks some images", path)
+        return None
+    return np.array([2 * (value[n][columns[0]] == "1") + (value[n][columns[1]] == "1") for n in names], np.int64)
 
 
 # --------------------------------------------------------------------------------------------------------

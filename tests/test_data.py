@@ -78,6 +78,14 @@ def make_celeba(root: Path, layout: str, n=12) -> list:
     for i in range(1, n + 1):
         Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(images / f"{i:06d}.jpg", quality=90)
     partition.write_text("\n".join(lines) + "\n")
+    # the attribute file in the same layout: Male for even i, Smiling for i divisible by 3
+    attributes = ["Arched_Eyebrows", "Male", "Smiling", "Young"]
+    values = {i: ["-1", "1" if i % 2 == 0 else "-1", "1" if i % 3 == 0 else "-1", "1"] for i in range(1, n + 1)}
+    if layout == "kaggle":
+        rows = ["image_id," + ",".join(attributes)] + [f"{i:06d}.jpg," + ",".join(values[i]) for i in values]
+    else:
+        rows = [str(n), " ".join(attributes)] + [f"{i:06d}.jpg " + "  ".join(values[i]) for i in values]
+    (partition.parent / f"list_attr_celeba.{'csv' if layout == 'kaggle' else 'txt'}").write_text("\n".join(rows) + "\n")
     return lines
 
 
@@ -166,6 +174,10 @@ def test_celeba_both_layouts_follow_the_partition(tmp_path, layout):
     # rows i % 3 for i = 1..12: four of each split
     assert data.sizes() == {"data/train_size": 4, "data/val_size": 4, "data/test_size": 4}
     assert data.images["train"].shape[1:] == (3, 16, 16)
+    # the judge's classes, 2 * Male + Smiling, from the attribute file, in the partition's order
+    for split, part in (("train", 0), ("val", 1), ("test", 2)):
+        expected = [2 * (i % 2 == 0) + (i % 3 == 0) for i in range(1, 13) if i % 3 == part]
+        assert list(data.labels[split]) == expected, split
 
 
 def test_celeba_partition_naming_missing_images(tmp_path):
@@ -412,7 +424,7 @@ def test_real_fashion_mnist_end_to_end(tmp_path):
     # the canonical 784-400-20 MLP VAE preset, as its README line runs it, for 200 steps
     overrides = ["experiment=mlp_fashion_mnist", f"data.root={FASHION}", f"data.cache_dir={tmp_path / 'cache'}",
                  "trainer.max_steps=200", "trainer.eval_every=200", "trainer.progress=false", "trainer.device=cpu",
-                 "eval.iwae_k_test=5", "logger=none"]
+                 "eval.iwae_k_test=5", "logger=none", "eval.judge=false"]  # (the judge: tests/test_judge.py)
     summary = train(compose_cfg(overrides), run_dir=tmp_path / "run")
     assert (summary["data/train_size"], summary["data/val_size"], summary["data/test_size"]) == (55000, 5000, 10000)
     assert len(summary["val/kl_per_dim"]) == 20 and summary["val/bits_per_dim"] * 784 * math.log(2) == \
