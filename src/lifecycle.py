@@ -111,8 +111,8 @@ class StopSignals:
 class RunLifecycle:
     """`with RunLifecycle(run_dir, cfg) as run:` around a run's body. The body fills `run.summary`, calls
     `run.claim()` once the run dir is accepted (from then on summary.json is written on every exit) and sets
-    `run.logger` once the logger starts. Exceptions pass through, recorded: status finished, failed, diverged or
-    interrupted."""
+    `run.logger` once the logger starts. Exceptions pass through, recorded: status finished, failed, diverged,
+    interrupted or requeued."""
 
     def __init__(self, run_dir: RunDir, raw_cfg: DictConfig | Config):
         self.dir, self.raw_cfg = run_dir, raw_cfg

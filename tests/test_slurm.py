@@ -105,6 +105,22 @@ def locked_pid(run: Path) -> int:
         return 0
 
 
+def training_member(sweep: Path, overrides) -> tuple:
+    """A one-member sweep started, once it has trained 50 steps: (sweep process, its run dir, its SLURM job)."""
+    proc = start_sweep(sweep, *overrides)
+    run = sweep / "0"
+    wait_until(lambda: steps_done(run) >= 50 and locked_pid(run), what="50 steps")
+    return proc, run, job_of(run)
+
+
+def ends_as_uninterrupted(proc: subprocess.Popen, whole: Path, run: Path, job: str, restarts: int) -> None:
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert_same_as_uninterrupted(whole, run)
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert f"Restarts={restarts}" in shown, shown
+
+
 def status(run: Path):
     try:
         return json.loads((run / "summary.json").read_text()).get("status")
@@ -118,11 +134,7 @@ def test_sigusr2_in_the_loop_and_in_the_final_eval_requeues_and_finishes_exactly
     eval (requeued at once). The member records "requeued" meanwhile, resumes each time, and ends equal to the
     uninterrupted run, each step once."""
     overrides, whole = member
-    sweep = tmp_path / "sweep"
-    proc = start_sweep(sweep, *overrides)
-    run = sweep / "0"
-    wait_until(lambda: steps_done(run) >= 50 and locked_pid(run), what="50 steps")
-    job = job_of(run)
+    proc, run, job = training_member(tmp_path / "sweep", overrides)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     wait_until(lambda: status(run) == "requeued", what="the requeued summary")
     first = json.loads((run / "summary.json").read_text())
@@ -134,11 +146,7 @@ def test_sigusr2_in_the_loop_and_in_the_final_eval_requeues_and_finishes_exactly
     wait_until(lambda: status(run) in ("requeued", "finished"), what="the second requeue")
     second = json.loads((run / "summary.json").read_text())
     assert (second["status"], second["step"]) == ("requeued", STEPS), second  # stopped in the final eval
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out[-3000:]
-    assert_same_as_uninterrupted(whole, run)
-    restarts = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    assert "Restarts=2" in restarts, restarts
+    ends_as_uninterrupted(proc, whole, run, job, restarts=2)
 
 
 def test_a_preempted_member_is_requeued_by_slurm_and_resumes_from_its_step(cluster, member, tmp_path):
@@ -146,21 +154,13 @@ def test_a_preempted_member_is_requeued_by_slurm_and_resumes_from_its_step(clust
     after the partition's GraceTime. The member checkpoints at once, records "requeued", stays alive until SLURM
     ends it, and the requeued job resumes from that step to the uninterrupted run's numbers."""
     overrides, whole = member
-    sweep = tmp_path / "sweep"
-    proc = start_sweep(sweep, *overrides)
-    run = sweep / "0"
-    wait_until(lambda: steps_done(run) >= 50 and locked_pid(run), what="50 steps")
-    job = job_of(run)
+    proc, run, job = training_member(tmp_path / "sweep", overrides)
     urgent = subprocess.Popen(["srun", "-p", "urgent", "-c", "2", "-t", "1", "true"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     wait_until(lambda: status(run) == "requeued", what="the requeued summary")
     assert "preempted by SLURM" in json.loads((run / "summary.json").read_text())["error"]
     assert urgent.wait(timeout=120) == 0
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out[-3000:]
-    assert_same_as_uninterrupted(whole, run)
-    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
-    assert "Restarts=1" in shown, shown
+    ends_as_uninterrupted(proc, whole, run, job, restarts=1)
 
 
 def test_scancel_and_kill_9_of_members_are_named_with_slurm_state_and_a_rerun_resumes_them(cluster, member, tmp_path):
