@@ -32,7 +32,7 @@ from .data import DataError
 from .identity import RecordError
 from .lifecycle import DivergedError, Interrupted, Requeued
 from .naming import sweep_size
-from .rundir import RunDir, RunDirRefused, SweepDir, atomic_write, read_summary
+from .rundir import RunDir, RunDirRefused, SweepDir, read_summary, write_text
 from .slurm import SubmitRefused
 from .train import train
 from .validate import did_you_mean
@@ -114,12 +114,12 @@ class SweepReport(Callback):
         # Hydra rewrites multirun.yaml next; a launch whose every member is refused must not change what the
         # sweep dir says it holds (src.compare reads its swept keys there)
         record = sweep.root / "multirun.yaml"
-        self.previous_record = record.read_bytes() if record.is_file() else None
+        self.previous_record = record.read_text() if record.is_file() else None
 
     def _keep_record_of_a_refused_launch(self, sweep: SweepDir, size: Optional[int]) -> None:
         refused = {str(note["member"]) for note in sweep.notes(sweep.refused)}
         if getattr(self, "previous_record", None) is not None and size and len(refused) == size:
-            write_bytes(sweep.root / "multirun.yaml", self.previous_record)
+            write_text(sweep.root / "multirun.yaml", self.previous_record)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = SweepDir(config.hydra.sweep.dir)
@@ -157,11 +157,6 @@ class SweepReport(Callback):
             log.error("%d member(s) of the sweep in %s did not finish", len(failed), sweep.root)
             sys.exit(1)
         log.info("Sweep finished: every member in %s", sweep.root)
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def wait_for_slurm() -> None:
