@@ -427,7 +427,8 @@ def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Place
     # leaves it to `python -m src.evaluate` for the members a sweep keeps
     stop.defer = False
     test = final_test_eval(cfg, state.model, data, evaluate, state.step, device) if cfg.eval.final == "test" else {}
-    logger.log(test, state.step)
+    if test:
+        logger.log(test, state.step)
     logger.log_images(grids.save(state.model, rd.root, None, state.val["val/kl_per_dim"]), state.step,
                       prefix="test")  # the final grids, also W&B's test-time panels
     beta, capacity = objective.weights(state.step - 1)  # in force at the end, whatever the schedule reached

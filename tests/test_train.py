@@ -155,6 +155,8 @@ def test_a_cheap_final_eval_and_iwae_over_a_subset(tmp_path, tiny):
     assert whole["test/iwae_images"] == 64
     skipped = train(compose_cfg([*tiny, "eval.final=none"]), run_dir=tmp_path / "none")
     assert skipped["status"] == "finished" and not any(k.startswith("test/") for k in skipped)
+    rows = _read_jsonl(tmp_path / "none" / "metrics.jsonl")
+    assert all(any("/" in k for k in r) for r in rows)  # no empty test row
     assert math.isfinite(skipped["val/iwae_nll"])
     bad = run_cli([*tiny, "eval.final=val", f"hydra.run.dir={tmp_path / 'bad'}"])
     assert bad.returncode == 2 and "eval.final='val' is not allowed; choose one of test|none" in bad.stdout + bad.stderr
