@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import leet, run_cli
 
 SECRET = "f00dfeed" * 5  # a 40-character API key that must never be written anywhere
 TIMEOUT = 3  # logger.init_timeout, seconds
@@ -139,3 +139,19 @@ def test_a_copied_run_dir_gets_a_wandb_run_of_its_own(tmp_path, tiny):
     assert (first / "wandb_run_id").read_text().split()[0] == original
     assert run_cli([*args, "trainer.max_steps=4", f"hydra.run.dir={copy}"]).returncode == 0
     assert (copy / "wandb_run_id").read_text().split()[0] != original
+
+
+@pytest.mark.parametrize("status", ["requeued", "finished"])
+def test_a_requeued_run_is_marked_preempting_on_wandb_not_just_failed(tmp_path, monkeypatch, status):
+    """A SLURM member waiting for its requeue: its W&B run says preempting (W&B's own state for it), and its summary
+    says requeued; a finished run is not marked."""
+    from src.config import LoggerConfig
+    from src.loggers import RunLogger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    logger = RunLogger(tmp_path, LoggerConfig(mode="offline"), {"loss": {"beta": 1.0}})
+    logger.log({"train/loss": 1.5}, step=1)
+    logger.finish({"status": status, "step": 1})
+    records = leet(tmp_path / "wandb")
+    assert any(r["type"] == "preempting" for r in records) == (status == "requeued")
+    assert {"status": status, "step": 1}.items() <= leet(tmp_path / "wandb", summary=True)["summary"].items()
