@@ -107,6 +107,8 @@ class SweepReport(Callback):
     This launch's members are folders 0 .. N-1 of the N its sweep makes; folders that an earlier launch of a
     larger sweep left in the same sweep dir are not this launch's."""
 
+    previous_record: Optional[str] = None  # the sweep's multirun.yaml before Hydra rewrote it for this launch
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = SweepDir(config.hydra.sweep.dir)
         for notes in (sweep.refused, sweep.lost):  # from an earlier launch
@@ -118,7 +120,7 @@ class SweepReport(Callback):
 
     def _keep_record_of_a_refused_launch(self, sweep: SweepDir, size: Optional[int]) -> None:
         refused = {str(note["member"]) for note in sweep.notes(sweep.refused)}
-        if getattr(self, "previous_record", None) is not None and size and len(refused) == size:
+        if self.previous_record is not None and size and len(refused) == size:
             write_text(sweep.root / "multirun.yaml", self.previous_record)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -196,6 +196,7 @@ def evaluate(
     mus: List[torch.Tensor] = []
     logvars: List[torch.Tensor] = []
     n = iwae_n = 0
+    iwae_sum = 0.0  # over the first iwae_images images only (a tensor on the device once added to)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), (autocast or nullcontext()):
         torch.manual_seed(EVAL_SEED)
         batches = tqdm(eval_batches(images, batch_size, device), total=math.ceil(len(images) / batch_size),
@@ -209,14 +210,14 @@ def evaluate(
                 sums[k] = sums.get(k, 0) + v.detach().float() * len(x)
             m = len(x) if iwae_images is None else max(0, min(len(x), iwae_images - n))
             if m:  # per image, its own encoder output: one encoder pass for every metric
-                sums["iwae_nll"] = sums.get("iwae_nll", 0) + iwae_nll(model, x[:m], iwae_k, mu[:m], logvar[:m]).sum()
+                iwae_sum = iwae_sum + iwae_nll(model, x[:m], iwae_k, mu[:m], logvar[:m]).sum()
                 iwae_n += m
             mus.append(mu.float().cpu())
             logvars.append(logvar.float().cpu())
             n += len(x)
         mu_all, logvar_all = torch.cat(mus), torch.cat(logvars)
         out: Dict[str, object] = {k: (v / n).item() for k, v in sums.items() if v.ndim == 0}
-        out["iwae_nll"] = (sums["iwae_nll"] / iwae_n).item()
+        out["iwae_nll"] = (iwae_sum / iwae_n).item()
         out["iwae_images"] = iwae_n
         out["kl_per_dim"] = (sums["kl_per_dim"] / n).tolist()
         # the likelihood's sigma: learned or fixed; for gaussian_optimal (set per batch in training) its maximum-

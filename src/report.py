@@ -475,7 +475,7 @@ def plot_kl_over_training(c: Comparison, path: Path) -> bool:
     return True
 
 
-def _grid_rows(c: Comparison, name: str, run: Dict[str, object], rows: int) -> tuple:
+def _grid_rows(name: str, run: Dict[str, object], rows: int) -> tuple:
     """Which rows of a run's `name` grid a montage shows, and a label for each: reconstructions' rows alternate
     input and output; a traversal's rows are its dims (the two with most KL, the two with least), each labelled
     with its index and KL; samples' rows are unlabelled."""
@@ -507,7 +507,7 @@ def montage(c: Comparison, name: str, path: Path, per_row: int = 3) -> bool:
         texts = []
         if img is not None and size:  # torchvision's grid: 2 px padding around (size)-px images
             available = (img.height - 2) // (size + 2)
-            picked, texts = _grid_rows(c, name, r, min(MONTAGE_ROWS, available))
+            picked, texts = _grid_rows(name, r, min(MONTAGE_ROWS, available))
             width = min(img.width, 2 + MONTAGE_COLS * (size + 2))
             strips = [img.crop((0, 2 + row * (size + 2) - 2, width, 2 + (row + 1) * (size + 2))) for row in picked
                       if row < available]

@@ -121,15 +121,23 @@ def _folder_args(tmp_path: Path, base: list, pictures: Path) -> list:
             "data.val_fraction=0.1", "data.test_fraction=0.1", "data.batch_size=16", "trainer.max_steps=2"]
 
 
+def _signal_mid_decode(tmp_path: Path, base: list, run: Path, pictures: int, after_s: float, signum: int):
+    """A real run decoding `pictures` big images into `run`, sent `signum` `after_s` into its decode: (process,
+    the run's arguments, for the rerun)."""
+    folder = tmp_path / "pictures"
+    _big_pictures(folder, pictures)
+    args = _folder_args(tmp_path, base, folder)
+    proc = _start_then(run, args, "decoding folder")
+    time.sleep(after_s)
+    proc.send_signal(signum)
+    return proc, args
+
+
 def test_sigterm_during_a_decode_stops_the_run_and_records_no_image_as_skipped(tmp_path, base):
     """In-process decode (256 files or fewer): the stop request used to be caught as an unreadable image, the run
     went on to exit 0, and the cache recorded a good image as skipped for every later run."""
-    pictures, run = tmp_path / "pictures", tmp_path / "run"
-    _big_pictures(pictures, 200)
-    args = _folder_args(tmp_path, base, pictures)
-    proc = _start_then(run, args, "decoding folder")
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    run = tmp_path / "run"
+    proc, args = _signal_mid_decode(tmp_path, base, run, 200, 0.2, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "Traceback" not in out + err, out[-2000:] + err[-2000:]
     assert not list((tmp_path / "cache").glob("folder-*/meta.json"))  # it landed mid-decode: nothing was cached
@@ -144,12 +152,8 @@ def test_sigterm_during_a_decode_stops_the_run_and_records_no_image_as_skipped(t
 def test_kill_9_during_a_pooled_decode_leaves_no_lock_behind(tmp_path, base):
     """Over 256 files decode in a process pool; its workers must not hold the run dir's lock after the run is
     killed (forked workers did, for as long as they lived: every rerun was 'in use by pid <dead pid>')."""
-    pictures, run = tmp_path / "pictures", tmp_path / "run"
-    _big_pictures(pictures, 400)
-    args = _folder_args(tmp_path, base, pictures)
-    proc = _start_then(run, args, "decoding folder")
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
+    run = tmp_path / "run"
+    proc, args = _signal_mid_decode(tmp_path, base, run, 400, 0.5, signal.SIGKILL)
     proc.communicate(timeout=30)  # returns once every process holding its stdout, the workers too, has ended
     again = run_cli([*args, f"hydra.run.dir={run}"])
     assert again.returncode == 0 and "in use" not in again.stdout, again.stdout[-2000:]
