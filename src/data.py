@@ -155,11 +155,12 @@ class TrainBatches:
     done on the batch, on the device. The shuffle draws from its own generator so resume can restore it.
     """
 
-    def __init__(self, images: np.ndarray, batch_size: int, device: torch.device, hflip: bool, seed: int,
+    def __init__(self, images: np.ndarray | torch.Tensor, batch_size: int, device: torch.device, hflip: bool, seed: int,
                  on_device: bool = True, channels_last: bool = False):
         self.device, self.batch_size, self.hflip = device, batch_size, hflip
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        data = torch.from_numpy(np.array(images))  # (N, C, H, W) uint8, read from the memory-mapped cache
+        # (N, C, H, W) uint8, read from the memory-mapped cache; a tensor is used as it is (a pack's members share one)
+        data = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
         self.images = data.to(device) if on_device else data
         self.pinned = not on_device and device.type == "cuda"
         self.generator = torch.Generator().manual_seed(seed)

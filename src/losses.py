@@ -49,18 +49,29 @@ def kl_weight(cfg: LossConfig, step: int, total_steps: int) -> Tuple[float, Opti
     return KL_SCHEDULES[cfg.kl_schedule](cfg, step, total_steps)
 
 
-def elbo_terms(nll: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float,
-               capacity: Optional[float] = None, free_bits: float = 0.0) -> Dict[str, torch.Tensor]:
+def elbo_terms(nll: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float | torch.Tensor,
+               capacity: Optional[float | Tuple[torch.Tensor, torch.Tensor]] = None,
+               free_bits: float | torch.Tensor = 0.0, in_use: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Batch-mean terms in nats per image from the per-image NLL (B,) and the posterior (B, D).
 
     `kl_per_dim` (D,) is each latent dim's batch-mean KL before free bits; `kl_penalised` is after them.
+    A packed member (src/packed.py, under vmap) passes its settings as tensors: beta, free_bits, capacity as the
+    pair (on, capacity_t), and `in_use` (D,) marking its own dims of the padded latent (the rest are zero).
+    Both forms give the same numbers for the same settings.
     """
     recon = nll.mean()
     kl_dims = kl_divergence(mu, logvar).mean(0)  # (D,)
     kl = kl_dims.sum()
     # free bits: dims below the floor get no gradient towards the prior (Kingma et al. 2016)
-    kl_penalised = kl_dims.clamp_min(free_bits).sum() if free_bits > 0 else kl
-    if capacity is not None:
+    if isinstance(free_bits, torch.Tensor):
+        floored = torch.where(free_bits > 0, kl_dims.clamp_min(free_bits), kl_dims)
+        kl_penalised = (floored if in_use is None else torch.where(in_use, floored, 0.0)).sum()
+    else:
+        kl_penalised = kl_dims.clamp_min(free_bits).sum() if free_bits > 0 else kl
+    if isinstance(capacity, tuple):  # (on, capacity_t): the capacity form where on, the plain one elsewhere
+        on, target = capacity
+        loss = recon + beta * torch.where(on, (kl_penalised - target).abs(), kl_penalised)
+    elif capacity is not None:
         loss = recon + beta * (kl_penalised - capacity).abs()
     else:
         loss = recon + beta * kl_penalised

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -179,25 +179,26 @@ class TrainStep:
         self.objective, self.optimizer, self.scaler, self.autocast = objective, optimizer, scaler, autocast
         self.compile_mode, self.taken = compile_mode, 0
 
-    def __call__(self, x: torch.Tensor, step: int) -> Dict[str, torch.Tensor]:
-        """Batch x (B, C, H, W) at `step` -> the terms, still on the device."""
+    def __call__(self, x: torch.Tensor, step: int, eps: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Batch x (B, C, H, W) at `step` -> the terms, still on the device; `eps` (B, latent_dim) the noise, else
+        drawn from torch's generator."""
         try:
-            terms = self._step(x, step)
+            terms = self._step(x, step, eps)
         except Exception as e:
             if self.net is self.eager or self.taken:
                 raise
             log.warning("trainer.compile=%s failed on the first step (%s); training eagerly", self.compile_mode,
                         str(e).splitlines()[0][:200])
             self.net, self.compile_mode = self.eager, False
-            terms = self._step(x, step)
+            terms = self._step(x, step, eps)
         self.taken += 1
         return terms
 
-    def _step(self, x: torch.Tensor, step: int) -> Dict[str, torch.Tensor]:
+    def _step(self, x: torch.Tensor, step: int, eps: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         if self.compile_mode == "reduce-overhead":  # each graph's outputs are read before the next replay
             torch.compiler.cudagraph_mark_step_begin()
         with self.autocast:
-            params, mu, logvar = self.net(x)
+            params, mu, logvar = self.net(x) if eps is None else self.net(x, eps)
             terms = self.objective(params, x, mu, logvar, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms["loss"]).backward()
@@ -220,6 +221,8 @@ class TrainState:
         self.best = math.inf  # lowest val/neg_elbo so far, nats per image
         self.val: Dict[str, Any] = {}  # the last eval's metrics
         self.wandb_run_id: Optional[str] = None
+        # the RNG states training draws from: torch's global ones, or a packed member's own (src/packed.py)
+        self.get_rng, self.set_rng = rng_state, set_rng_state
 
     def advance(self, terms: Dict[str, torch.Tensor]) -> None:
         """Count one step and its terms; an epoch's end moves the LR schedule."""
@@ -254,7 +257,7 @@ class TrainState:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "step": self.step, "epoch": self.epoch, "best": self.best, "val": self.val, "rng": rng_state(),
+                "step": self.step, "epoch": self.epoch, "best": self.best, "val": self.val, "rng": self.get_rng(),
                 "data": self.batches.state_dict(self.step % len(self.batches)), **self.sums.state_dict(),
                 "wandb_run_id": self.wandb_run_id, "config": self.config}
 
@@ -267,10 +270,37 @@ class TrainState:
         self.step, self.epoch, self.best, self.val = state["step"], state["epoch"], state["best"], state["val"]
         self.batches.load_state_dict(state["data"])
         self.sums.load_state_dict(state)
-        set_rng_state(state["rng"])
+        self.set_rng(state["rng"])
 
 
 # ---------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class Trainee:
+    """A run being trained: its settings and training state, the data, where it runs, its lifecycle (run dir,
+    logger, signals), and what evaluates it and draws its grids. `sync` brings `state.model` and its optimizer up
+    to date before they are read (a packed member's live weights are a slice of the pack's; solo: nothing)."""
+    cfg: Config
+    raw_cfg: Any
+    state: TrainState
+    objective: Objective
+    data: Any
+    place: Placement
+    run: RunLifecycle
+    evaluate: Any = None
+    grids: Optional[FixedGrids] = None
+    meter: Optional[Throughput] = None
+    sync: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Shared:
+    """What the members of a pack share instead of each loading it: the data, and its train split as one tensor
+    on the device."""
+    data: Any
+    device: torch.device
+    train_images: torch.Tensor
 
 
 def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
@@ -283,160 +313,186 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dic
     """
     rd = RunDir(run_dir if run_dir is not None else HydraConfig.get().runtime.output_dir)
     with RunLifecycle(rd, cfg) as run:
-        raw_cfg, cfg = cfg, parse(cfg)
-        config = OmegaConf.to_container(OmegaConf.structured(cfg))
-        # 1. the run dir: skip a finished run, resume or continue an unfinished one, refuse another experiment
-        verdict = "new" if cfg.trainer.resume == "never" else check_rerun(rd, config)
-        if verdict == "same" and (finished := finished_summary(rd)) is not None:
-            log.info("Run in %s already finished; not retraining it (trainer.resume=never trains again)", rd.root)
-            return finished
-        resume_from = find_resume_checkpoint(cfg.trainer.resume, rd)
-        place = init_distributed(cfg.trainer, resolve_device(cfg.trainer.device))
-        if place.rank != 0:  # only rank 0 talks: its log, its run dir, its W&B run
-            logging.getLogger("src").setLevel(logging.WARNING)
-        if cfg.data.batch_size % place.world_size:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; with {place.world_size} ranks "
-                              "it must divide evenly (it is the global batch)")
-        seed_everything(cfg.seed)
-        setup_backends(place.device, cfg.trainer.cudnn_benchmark)
-        log.info("Run dir: %s (device %s%s)", rd.root, place.device,
-                 f", {place.world_size} ranks" if place.world_size > 1 else "")
-
-        # 2. data
-        data = load_data(cfg.data)
-        run.summary.update(data.sizes(), world_size=place.world_size, device=str(place.device),
-                           precision=resolve_precision(cfg.trainer.precision, place.device))  # what "auto" became
-        channels_last = cfg.trainer.channels_last and cfg.model.name == "conv"
-        batches = TrainBatches(data.images["train"], cfg.data.batch_size, place.device, cfg.data.hflip, cfg.seed,
-                               resolve_on_device(cfg.data.on_device, data.images["train"], place.device),
-                               channels_last)
-        batches.shard(place.rank, place.world_size)
-        if len(batches) == 0:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; the train split has only "
-                              f"{len(data.images['train'])} images")
-
-        # 3. objective, model, optimizer: the training state
-        objective = Objective(cfg.loss, total_steps(cfg, len(batches)))
-        if (warning := objective.schedule_warning()) is not None:
-            log.warning(warning)
-        model = build_model(cfg.model, cfg.data, objective.likelihood).to(place.device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer, scheduler = build_optimizer(cfg.optimizer, model,
-                                               fused=cfg.trainer.fused_adam and place.device.type in ("cuda", "cpu"))
-        scaler = torch.amp.GradScaler(place.device.type,
-                                      enabled=resolve_precision(cfg.trainer.precision, place.device) == "fp16")
-        state = TrainState(model, optimizer, scheduler, scaler, batches, MetricSums(cfg.model.latent_dim,
-                                                                                     place.device), config)
-        log.info("Model: %s, %.2fM parameters; data: %s", cfg.model.name,
-                 sum(p.numel() for p in model.parameters()) / 1e6, data.sizes())
-        if resume_from is not None:
-            # loaded on the CPU: RNG states must stay CPU tensors, and load_state_dict moves the rest to the device
-            checkpoint = load_checkpoint(resume_from)
-            check_checkpoint(checkpoint["config"], config, resume_from)
-            state.load_state_dict(checkpoint)
-            log.info("Resuming from %s at step %d", resume_from, state.step)
-
-        # 4. the run dir is this run's from here: its record, .hydra/, metrics (each step once) and logger
-        if place.rank == 0 and cfg.trainer.resume == "never" and (moved := rd.set_aside()) is not None:
-            log.info("trainer.resume=never: the earlier run's files are now in %s", moved)
-        run.claim()
-        if run.writing:
-            record_config(rd, config)
-            write_hydra_files(rd, raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg))
-            truncate_metrics(rd, state.step)
-            run.logger = RunLogger(rd.root, cfg.logger, config)
-            state.wandb_run_id = run.logger.run_id
-        run.summary.update(fit(cfg, state, objective, data, place, run))
-    if place.rank == 0:
+        trainee = start(cfg, run)
+        if isinstance(trainee, dict):  # finished already
+            return trainee
+        run.summary.update(fit(trainee))
+    if trainee.place.rank == 0:
         s = run.summary
         log.info("Finished: val/neg_elbo %.2f nats/image (%.4f bits/dim), val/kl %.2f nats; outputs in %s",
                  s["val/neg_elbo"], s["val/bits_per_dim"], s["val/kl"], rd.root)
     return run.summary
 
 
-def fit(cfg: Config, state: TrainState, objective: Objective, data, place: Placement,
-        run: RunLifecycle) -> Dict[str, Any]:
-    """The training loop from where `state` stands, then the final test eval; returns the final metrics."""
-    t, rd, logger, stop, device = cfg.trainer, run.dir, run.logger, run.stop, place.device
+def start(raw_cfg: DictConfig | Config, run: RunLifecycle, shared: Optional[Shared] = None) -> Trainee | Dict[str, Any]:
+    """Everything before the first step: check the run dir, build data, objective, model and optimizer (resumed
+    where a checkpoint says so), claim the run dir and start the logger. Returns the finished summary instead when
+    the run already finished. `shared`: a packed member's data and device, loaded once for its pack."""
+    rd = run.dir
+    cfg = parse(raw_cfg)
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    # 1. the run dir: skip a finished run, resume or continue an unfinished one, refuse another experiment
+    verdict = "new" if cfg.trainer.resume == "never" else check_rerun(rd, config)
+    if verdict == "same" and (finished := finished_summary(rd)) is not None:
+        log.info("Run in %s already finished; not retraining it (trainer.resume=never trains again)", rd.root)
+        return finished
+    resume_from = find_resume_checkpoint(cfg.trainer.resume, rd)
+    place = Placement(0, 1, shared.device) if shared else init_distributed(cfg.trainer,
+                                                                            resolve_device(cfg.trainer.device))
+    if place.rank != 0:  # only rank 0 talks: its log, its run dir, its W&B run
+        logging.getLogger("src").setLevel(logging.WARNING)
+    if cfg.data.batch_size % place.world_size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; with {place.world_size} ranks "
+                          "it must divide evenly (it is the global batch)")
+    seed_everything(cfg.seed)
+    setup_backends(place.device, cfg.trainer.cudnn_benchmark)
+    log.info("Run dir: %s (device %s%s)", rd.root, place.device,
+             f", {place.world_size} ranks" if place.world_size > 1 else "")
+
+    # 2. data
+    data = shared.data if shared else load_data(cfg.data)
+    run.summary.update(data.sizes(), world_size=place.world_size, device=str(place.device),
+                       precision=resolve_precision(cfg.trainer.precision, place.device))  # what "auto" became
+    channels_last = cfg.trainer.channels_last and cfg.model.name == "conv"
+    batches = TrainBatches(shared.train_images if shared else data.images["train"], cfg.data.batch_size,
+                           place.device, cfg.data.hflip, cfg.seed,
+                           resolve_on_device(cfg.data.on_device, data.images["train"], place.device), channels_last)
+    batches.shard(place.rank, place.world_size)
+    if len(batches) == 0:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; the train split has only "
+                          f"{len(data.images['train'])} images")
+
+    # 3. objective, model, optimizer: the training state
+    objective = Objective(cfg.loss, total_steps(cfg, len(batches)))
+    if (warning := objective.schedule_warning()) is not None:
+        log.warning(warning)
+    model = build_model(cfg.model, cfg.data, objective.likelihood).to(place.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(cfg.optimizer, model,
+                                           fused=cfg.trainer.fused_adam and place.device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(place.device.type,
+                                  enabled=resolve_precision(cfg.trainer.precision, place.device) == "fp16")
+    state = TrainState(model, optimizer, scheduler, scaler, batches, MetricSums(cfg.model.latent_dim,
+                                                                                 place.device), config)
+    log.info("Model: %s, %.2fM parameters; data: %s", cfg.model.name,
+             sum(p.numel() for p in model.parameters()) / 1e6, data.sizes())
+    if resume_from is not None:
+        # loaded on the CPU: RNG states must stay CPU tensors, and load_state_dict moves the rest to the device
+        checkpoint = load_checkpoint(resume_from)
+        check_checkpoint(checkpoint["config"], config, resume_from)
+        state.load_state_dict(checkpoint)
+        log.info("Resuming from %s at step %d", resume_from, state.step)
+
+    # 4. the run dir is this run's from here: its record, .hydra/, metrics (each step once) and logger
+    if place.rank == 0 and cfg.trainer.resume == "never" and (moved := rd.set_aside()) is not None:
+        log.info("trainer.resume=never: the earlier run's files are now in %s", moved)
+    run.claim()
+    if run.writing:
+        record_config(rd, config)
+        write_hydra_files(rd, raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg))
+        truncate_metrics(rd, state.step)
+        run.logger = RunLogger(rd.root, cfg.logger, config)
+        state.wandb_run_id = run.logger.run_id
+    trainee = Trainee(cfg, raw_cfg, state, objective, data, place, run)
+    x_fixed = torch.from_numpy(np.array(data.images["val"][: cfg.trainer.num_samples])).float().div(255)
+    trainee.grids = FixedGrids(fixed_latents(cfg.trainer.num_samples, cfg.model.latent_dim).to(place.device),
+                               x_fixed.to(place.device), cfg.eval.traversal_dims, cfg.eval.traversal_steps)
+    trainee.evaluate = partial(evaluate_split, model, objective, cfg, data, device=place.device,
+                               mean_img=mean_image(data.images["train"]),
+                               autocast=autocast_for(place.device, resolve_precision(cfg.trainer.precision,
+                                                                                      place.device)))
+    trainee.meter = Throughput(place.device)
+    return trainee
+
+
+def fit(t: Trainee) -> Dict[str, Any]:
+    """The training loop from where `t.state` stands, then the final test eval; returns the final metrics."""
+    cfg, state, place, stop = t.cfg, t.state, t.place, t.run.stop
     stop.defer, stop.step = True, state.step  # from here a signal ends the run at the next step boundary, after a
     # checkpoint; outside the loop (the final eval) it stops at once, at the step reached
-    steps = objective.total_steps
-    eval_every = t.eval_every or len(state.batches)
-    checkpoint_every = t.checkpoint_every or eval_every
-    precision = resolve_precision(t.precision, device)
-    autocast = autocast_for(device, precision)
-    take_step = TrainStep(state.model, objective, state.optimizer, state.scaler, autocast,
-                          resolve_compile(t.compile, device, place.world_size), place.world_size)
+    precision = resolve_precision(cfg.trainer.precision, place.device)
+    take_step = TrainStep(state.model, t.objective, state.optimizer, state.scaler, autocast_for(place.device, precision),
+                          resolve_compile(cfg.trainer.compile, place.device, place.world_size), place.world_size)
     log.info("Training: precision %s, compile %s, channels_last %s", precision, take_step.compile_mode or "off",
              state.batches.memory_format == torch.channels_last)
-    x_fixed = torch.from_numpy(np.array(data.images["val"][: t.num_samples])).float().div(255).to(device)
-    grids = FixedGrids(fixed_latents(t.num_samples, cfg.model.latent_dim).to(device), x_fixed,
-                       cfg.eval.traversal_dims, cfg.eval.traversal_steps)
-    evaluate = partial(evaluate_split, state.model, objective, cfg, data, device=device,
-                       mean_img=mean_image(data.images["train"]), autocast=autocast)
-    meter = Throughput(device)
-    bar = tqdm(total=steps, initial=state.step, disable=not t.progress or place.rank != 0, desc="train",
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=t.objective.total_steps, initial=state.step, disable=not cfg.trainer.progress or place.rank != 0,
+               desc="train", unit="step", dynamic_ncols=True)
     batch_stream = state.batches_from_here()
     state.model.train()
-    while state.step < steps:
+    while state.step < t.objective.total_steps:
         # 1. one step, then the state moves on (the epoch and the LR schedule with it)
         x = next(batch_stream)
-        meter.before_step()
+        t.meter.before_step()
         terms = take_step(x, state.step)
         lr = state.optimizer.param_groups[0]["lr"]  # the rate this step used; an epoch's end moves the schedule
-        meter.after_step(len(x) * place.world_size)
+        t.meter.after_step(len(x) * place.world_size)
         state.advance(terms)
         stop.step = state.step
         bar.update()
-        # 2. what is due at this step: log, eval, checkpoint
-        last = state.step == steps
-        evaluating = state.step % eval_every == 0 or last
-        checking = evaluating or state.step % t.log_every == 0 or state.step % checkpoint_every == 0
-        if checking and place.world_size > 1:
-            state.sums.share_divergence()
-        if state.step % t.log_every == 0 or last:
-            _log_train(state, objective, lr, logger, bar, rd)
-        if place.rank != 0:
-            if checking:
-                state.raise_if_diverged(rd)
-            if stop.received:
-                stop.stop(state.step)
-            continue
-        if evaluating:
-            state.raise_if_diverged(rd)
-            meter.pause()
-            improved = state.record_eval(evaluate("val", step=state.step, iwae_k=cfg.eval.iwae_k))
-            logger.log(state.val, state.step)
-            logger.log_images(grids.save(state.model, rd.root, state.step, state.val["val/kl_per_dim"]), state.step)
-            _log_eval(state, cfg)
-        if evaluating or state.step % checkpoint_every == 0 or stop.received:
-            state.raise_if_diverged(rd)  # never overwrite a good checkpoint with a diverged model
-            ckpt = state.state_dict()
-            if evaluating and improved:  # best.pt first: a kill between the two writes redoes this eval on resume
-                save_checkpoint(ckpt, rd.best)
-            save_checkpoint(ckpt, rd.last)
+        # 2. what is due at this step: log, eval, checkpoint; then a stop a signal asked for
+        after_step(t, lr, bar)
         if stop.received:
             stop.stop(state.step)
     bar.close()
     if place.rank != 0:
         return {}
-
-    # 3. the final test eval (after the last checkpoint: a kill here redoes only this block); eval.final=none
-    # leaves it to `python -m src.evaluate` for the members a sweep keeps
     stop.defer = False
-    test = final_test_eval(cfg, state.model, data, evaluate, state.step, device) if cfg.eval.final == "test" else {}
+    return finish(t)
+
+
+def after_step(t: Trainee, lr: float, bar: Optional[tqdm] = None) -> None:
+    """What is due once the state has advanced by a step: log the train/ means, evaluate (with the grids), and
+    write the checkpoint, also when a signal asked to stop. Raises DivergedError once a non-finite step is seen."""
+    cfg, state, rd, logger, stop = t.cfg, t.state, t.run.dir, t.run.logger, t.run.stop
+    steps = t.objective.total_steps
+    eval_every = cfg.trainer.eval_every or len(state.batches)
+    checkpoint_every = cfg.trainer.checkpoint_every or eval_every
+    last = state.step == steps
+    evaluating = state.step % eval_every == 0 or last
+    checking = evaluating or state.step % cfg.trainer.log_every == 0 or state.step % checkpoint_every == 0
+    if checking and t.place.world_size > 1:
+        state.sums.share_divergence()
+    if state.step % cfg.trainer.log_every == 0 or last:
+        _log_train(state, t.objective, lr, logger, bar, rd)
+    if t.place.rank != 0:
+        if checking:
+            state.raise_if_diverged(rd)
+        return
+    if evaluating:
+        state.raise_if_diverged(rd)
+        t.meter.pause()
+        t.sync()
+        improved = state.record_eval(t.evaluate("val", step=state.step, iwae_k=cfg.eval.iwae_k))
+        logger.log(state.val, state.step)
+        logger.log_images(t.grids.save(state.model, rd.root, state.step, state.val["val/kl_per_dim"]), state.step)
+        _log_eval(state, cfg)
+    if evaluating or state.step % checkpoint_every == 0 or stop.received:
+        state.raise_if_diverged(rd)  # never overwrite a good checkpoint with a diverged model
+        t.sync()
+        ckpt = state.state_dict()
+        if evaluating and improved:  # best.pt first: a kill between the two writes redoes this eval on resume
+            save_checkpoint(ckpt, rd.best)
+        save_checkpoint(ckpt, rd.last)
+
+
+def finish(t: Trainee) -> Dict[str, Any]:
+    """The final test eval (after the last checkpoint: a kill here redoes only this block; eval.final=none leaves
+    it to `python -m src.evaluate` for the members a sweep keeps) and the final grids; returns the final metrics."""
+    cfg, state, rd, logger = t.cfg, t.state, t.run.dir, t.run.logger
+    t.sync()
+    test = final_test_eval(cfg, state.model, t.data, t.evaluate, state.step, t.place.device) \
+        if cfg.eval.final == "test" else {}
     if test:
         logger.log(test, state.step)
-    logger.log_images(grids.save(state.model, rd.root, None, state.val["val/kl_per_dim"]), state.step,
+    logger.log_images(t.grids.save(state.model, rd.root, None, state.val["val/kl_per_dim"]), state.step,
                       prefix="test")  # the final grids, also W&B's test-time panels
-    beta, capacity = objective.weights(state.step - 1)  # in force at the end, whatever the schedule reached
+    beta, capacity = t.objective.weights(state.step - 1)  # in force at the end, whatever the schedule reached
     final = {"step": state.step, "epoch": state.epoch, **state.val, **test, "best/val_neg_elbo": state.best,
              "train/beta": beta, **({"train/capacity": capacity} if capacity is not None else {}),
-             "grid/traversal_dims": grids.dims}  # traversals.png's rows, so a montage labels them right
-    if meter.images_per_s() is not None:
-        final["perf/train_images_per_s"] = meter.images_per_s()
+             "grid/traversal_dims": t.grids.dims}  # traversals.png's rows, so a montage labels them right
+    if t.meter.images_per_s() is not None:
+        final["perf/train_images_per_s"] = t.meter.images_per_s()
     return final
 
 
