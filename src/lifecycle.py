@@ -114,20 +114,22 @@ class RunLifecycle:
     `run.logger` once the logger starts. Exceptions pass through, recorded: status finished, failed, diverged,
     interrupted or requeued."""
 
-    def __init__(self, run_dir: RunDir, raw_cfg: DictConfig | Config):
+    def __init__(self, run_dir: RunDir, raw_cfg: DictConfig | Config, stop: Optional[StopSignals] = None):
         self.dir, self.raw_cfg = run_dir, raw_cfg
         self.rank = int(os.environ.get("RANK", "0"))
         self.summary: Dict[str, Any] = {"status": "failed"}
         self.logger: Optional[RunLogger] = None
         self.writing = False  # summary.json is ours to write
-        self.stop = StopSignals()
+        self.stop = stop or StopSignals()  # a pack's members share the pack's, which the pack enters
+        self.own_stop = stop is None
         self.lock: Optional[RunDirLock] = None
 
     def __enter__(self) -> "RunLifecycle":
         self.dir.root.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:  # DDP: rank 0 holds the dir
             self.lock = RunDirLock(self.dir)
-        self.stop.__enter__()
+        if self.own_stop:
+            self.stop.__enter__()
         return self
 
     def claim(self) -> None:
@@ -159,7 +161,8 @@ class RunLifecycle:
         finally:
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
-            self.stop.__exit__()
+            if self.own_stop:
+                self.stop.__exit__()
             if self.lock is not None:
                 self.lock.release()
         return False

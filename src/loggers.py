@@ -99,7 +99,8 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
     tags = run_tags(config) if job_type == "train" else None
     kwargs = dict(project=cfg.project, entity=cfg.entity, dir=str(run_dir), id=run_id, resume="allow", name=name,
                   group=group, job_type=job_type, config=config, tags=tags,
-                  settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off", silent=quiet))
+                  settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off", silent=quiet),
+                  reinit="create_new")  # the members of a pack each hold a run of their own in one process
     started = time.monotonic()
     reason = wandb_unreachable(cfg.init_timeout) if mode == "online" else None
     run = None

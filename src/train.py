@@ -292,6 +292,7 @@ class Trainee:
     grids: Optional[FixedGrids] = None
     meter: Optional[Throughput] = None
     sync: Callable[[], None] = lambda: None
+    rng: Any = None  # a packed member's own RNG states (src/packed.py MemberRNG); solo: torch's global ones
 
 
 @dataclass
@@ -520,7 +521,8 @@ def _log_train(state: TrainState, objective: Objective, lr: float, logger: Optio
         row["train/sigma"] = objective.likelihood.scale()
     if logger:
         logger.log(row, state.step)
-    bar.set_postfix(loss=f"{row['train/loss']:.1f}", kl=f"{row['train/kl']:.1f}")
+    if bar is not None:  # (a pack's bar is the pack's)
+        bar.set_postfix(loss=f"{row['train/loss']:.1f}", kl=f"{row['train/kl']:.1f}")
     log.info("step %d/%d | loss %.2f | recon_nll %.2f | kl %.2f nats/image | beta %.3g", state.step,
              objective.total_steps, row["train/loss"], row["train/recon_nll"], row["train/kl"], beta)
 
