@@ -16,14 +16,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from .checkpoint import CheckpointError, load_checkpoint
@@ -159,6 +159,38 @@ class SweepReport(Callback):
             log.error("%d member(s) of the sweep in %s did not finish", len(failed), sweep.root)
             sys.exit(1)
         log.info("Sweep finished: every member in %s", sweep.root)
+
+
+def pack_main(cfgs: List[DictConfig], engine: str) -> List[float]:
+    """A pack's job (`hydra/launcher=packed`): its members (each a full Hydra config) trained as one program, with
+    a solo member's endings: a signal stops every member after its checkpoint and the job exits 128 + N (255 when
+    SLURM requeues it); a member that fails alone is recorded in its run dir and returns NaN; the others return
+    val/neg_elbo (nats per image)."""
+    from .packed import MemberLogs, train_pack
+
+    logging.basicConfig(level=logging.INFO, format=MemberLogs.FORMAT, force=True)  # the pack's own log (submitit's)
+    tasks = []
+    for cfg in cfgs:
+        task = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        with open_dict(task):
+            del task["hydra"]
+        tasks.append(task)
+    try:
+        summaries = train_pack(tasks, [c.hydra.runtime.output_dir for c in cfgs], engine, hydra_cfgs=cfgs,
+                               log_name=f"{cfgs[0].hydra.job.name}.log")
+    except Requeued as e:
+        log.warning("Requeued: %s (every member of the pack)", e)
+        if e.wait:
+            wait_for_slurm()
+        sys.exit(REQUEUED_EXIT)
+    except Interrupted as e:
+        log.error("Interrupted: %s; every member of the pack wrote its checkpoint; rerun the sweep to resume them", e)
+        sys.exit(e.exit_code)
+    except Exception:
+        log.exception("The pack failed; its members' summaries say where")
+        return [float("nan")] * len(cfgs)
+    return [s.get("val/neg_elbo", float("nan")) if s and s.get("status") == "finished" else float("nan")
+            for s in summaries]
 
 
 def wait_for_slurm() -> None:

@@ -10,23 +10,50 @@ preemption) is still the same job: it is waited for until it ends."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from src import slurm
+from src.config import ConfigError
 from src.rundir import RunDir, SweepDir, read_summary
 
 log = logging.getLogger(__name__)
+
+
+class Unit:
+    """What one submitit job runs: one member the ordinary way (Hydra's run_job, as the submitit launchers do), or a
+    pack of members (src.cli.pack_main). Returns the members' JobReturns, in order."""
+
+    def __init__(self, launcher: "KeepGoing", members: List[Tuple[List[str], int]], packed: bool):
+        self.launcher, self.members, self.packed = launcher, members, packed
+        self.singleton_state = Singleton.get_state()
+
+    @property
+    def indices(self) -> List[int]:
+        return [idx for _, idx in self.members]
+
+    def __call__(self) -> List[JobReturn]:
+        if self.packed:
+            return self.launcher.run_pack(self.members, self.singleton_state)
+        overrides, idx = self.members[0]
+        return [self.launcher(overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", self.singleton_state)]
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit requeues the job (time limit, preemption) with this same unit; each member resumes."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
 class KeepGoing:
@@ -48,30 +75,38 @@ class KeepGoing:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
-        params: List[Any] = []
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
-            params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):  # sbatch's own error lines: the refusal says it once
-                jobs = executor.map_array(self, *zip(*params))
-        except submitit.core.utils.FailedJobError as e:  # sbatch refused the array
-            raise slurm.SubmitRefused(self._refusal(str(e))) from None
-        return self._collect(jobs, initial_job_idx, SweepDir(sweep_dir))
+        units, done = self._units(job_overrides, initial_job_idx)
+        jobs: List[Any] = []
+        if units:
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):  # sbatch's own error lines: the refusal says it once
+                    with executor.batch():
+                        for unit in units:
+                            jobs.append(executor.submit(unit))
+            except submitit.core.utils.FailedJobError as e:  # sbatch refused the array
+                raise slurm.SubmitRefused(self._refusal(str(e))) from None
+        return self._collect(jobs, units, SweepDir(sweep_dir), done)
+
+    def _units(self, job_overrides: Sequence[Sequence[str]], first: int) -> Tuple[List[Unit], Dict[int, JobReturn]]:
+        """Each member one job (a packing launcher groups them); and the members with a result already."""
+        return [Unit(self, [(list(o), idx)], packed=False) for idx, o in enumerate(job_overrides, start=first)], {}
 
     POLL_S = 2.0
     RESULT_GRACE_S = 0.0  # how long a job that ended may take to show its result file
 
-    def _collect(self, jobs: List[Any], first: int, sweep: SweepDir) -> List[JobReturn]:
-        """Wait for every member; a member whose job ended without a result is recorded as lost."""
-        pending = dict(enumerate(jobs, start=first))
-        returns: Dict[int, JobReturn] = {}
+    def _collect(self, jobs: List[Any], units: List[Unit], sweep: SweepDir,
+                 done: Dict[int, JobReturn]) -> List[JobReturn]:
+        """Wait for every job; the members of a job that ended without a result are recorded as lost."""
+        pending = dict(enumerate(jobs))
+        returns: Dict[int, JobReturn] = dict(done)
         while pending:
             ended = self._ended(list(pending.values()))
-            for idx, job in list(pending.items()):
+            for k, job in list(pending.items()):
                 if job.paths.result_pickle.exists() or job.job_id in ended:
-                    returns[idx] = self._result(job, idx, sweep, ended.get(job.job_id))
-                    del pending[idx]
+                    returns.update(zip(units[k].indices, self._results(job, units[k], sweep, ended.get(job.job_id))))
+                    del pending[k]
             if pending:
                 time.sleep(self.POLL_S)
         return [returns[idx] for idx in sorted(returns)]
@@ -83,7 +118,7 @@ class KeepGoing:
     def _refusal(self, error: str) -> str:
         return error.strip().splitlines()[-1]
 
-    def _result(self, job, idx: int, sweep: SweepDir, state: Optional[str]) -> JobReturn:
+    def _results(self, job, unit: Unit, sweep: SweepDir, state: Optional[str]) -> List[JobReturn]:
         import submitit
 
         deadline = time.time() + self.RESULT_GRACE_S  # a shared file system may show the result a moment late
@@ -94,18 +129,134 @@ class KeepGoing:
                 raise submitit.core.utils.UncompletedJobError(f"job {job.job_id} ended without a result")
             return job.results()[0]
         except submitit.core.utils.UncompletedJobError:
-            summary = read_summary(RunDir(sweep.root / str(idx)))
-            own = f"; its summary: {summary.get('status')}: {summary.get('error')}" if summary else ""
-            log.error("member %d (job %s, state %s) ended without a result%s; the other members go on",
-                      idx, job.job_id, state or "unknown", own)
-            sweep.note(sweep.lost, member=idx, job=str(job.job_id), state=state or "unknown")
-            lost = JobReturn()
-            lost.status, lost.return_value = JobStatus.COMPLETED, float("nan")
+            lost = []
+            for idx in unit.indices:
+                summary = read_summary(RunDir(sweep.root / str(idx)))
+                own = f"; its summary: {summary.get('status')}: {summary.get('error')}" if summary else ""
+                log.error("member %d (job %s, state %s) ended without a result%s; the other members go on",
+                          idx, job.job_id, state or "unknown", own)
+                sweep.note(sweep.lost, member=idx, job=str(job.job_id), state=state or "unknown")
+                lost.append(job_return(None, float("nan")))
             return lost
+
+
+def job_return(cfg: Optional[DictConfig], value: float) -> JobReturn:
+    """A member's JobReturn, as Hydra's run_job makes one, for a member that did not go through run_job."""
+    ret = JobReturn()
+    if cfg is not None:
+        ret.cfg, ret.hydra_cfg = task_config(cfg), OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra)})
+        ret.overrides, ret.task_name = list(cfg.hydra.overrides.task), cfg.hydra.job.name
+        ret.working_dir = os.getcwd()
+    ret.status, ret.return_value = JobStatus.COMPLETED, value
+    return ret
+
+
+def task_config(cfg: DictConfig) -> DictConfig:
+    """The member's config without its `hydra` node: what the task function receives."""
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
+
+
+class Packing:
+    """`hydra/launcher=packed` (local) and `packed_slurm`: the members of a batch that share a pack signature
+    (src.packed.pack_signature: the resolved config less the packable keys, and the resume step) train as one
+    job, at most `max_members` to a pack; groups under `min_members`, and members that cannot pack (a bad value,
+    a refused run dir, DDP) run the ordinary way, where they fail exactly as in any other sweep; a finished member
+    is skipped. Each member keeps the solo contract (src/packed.py)."""
+
+    def __init__(self, max_members: int = 16, min_members: int = 2, engine: str = "auto", **params: Any):
+        from src.packed import ENGINES
+
+        if engine not in ENGINES:
+            raise ConfigError(f"hydra.launcher.engine={engine!r} is not allowed; choose one of {', '.join(ENGINES)}")
+        if max_members < 1 or min_members < 1:
+            raise ConfigError(f"hydra.launcher.max_members={max_members} and min_members={min_members} must be >= 1")
+        self.max_members, self.min_members, self.engine = max_members, min_members, engine
+        super().__init__(**params)
+
+    def _member_config(self, overrides: Sequence[str], idx: int, job_id: Optional[str] = None) -> DictConfig:
+        """The member's full config, composed as Hydra's submitit launcher and run_job compose it."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg.hydra.job):
+            cfg.hydra.job.id = job_id or f"job_id_for_{idx}"
+            cfg.hydra.job.num = idx
+        out = os.path.join(str(cfg.hydra.sweep.dir), str(OmegaConf.select(cfg, "hydra.sweep.subdir")))
+        with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+            cfg.hydra.runtime.output_dir = os.path.abspath(out)
+        return cfg
+
+    def _plan(self, cfg: DictConfig) -> Tuple[str, Any]:
+        """("pack", signature), ("done", its JobReturn) for a finished member, or ("solo", why)."""
+        from src.checkpoint import find_resume_checkpoint, load_checkpoint
+        from src.identity import check_rerun
+        from src.packed import pack_signature
+        from src.rundir import finished_summary
+        from src.validate import parse
+
+        try:
+            parsed = parse(task_config(cfg))
+            config = OmegaConf.to_container(OmegaConf.structured(parsed))
+            rd = RunDir(cfg.hydra.runtime.output_dir)
+            if parsed.trainer.strategy != "none":
+                return "solo", f"trainer.strategy={parsed.trainer.strategy}"
+            verdict = "new" if parsed.trainer.resume == "never" else check_rerun(rd, config)
+            if verdict == "same" and (finished := finished_summary(rd)) is not None:
+                return "done", job_return(cfg, finished.get("val/neg_elbo", float("nan")))
+            checkpoint = find_resume_checkpoint(parsed.trainer.resume, rd)
+            step = load_checkpoint(checkpoint)["step"] if checkpoint is not None else 0
+        except Exception as e:  # it runs the ordinary way, where it fails with its one line as in any sweep
+            return "solo", str(e).splitlines()[0] if str(e) else type(e).__name__
+        return "pack", pack_signature(config, step)
+
+    def _units(self, job_overrides: Sequence[Sequence[str]], first: int) -> Tuple[List[Unit], Dict[int, JobReturn]]:
+        overrides = {idx: list(o) for idx, o in enumerate(job_overrides, start=first)}
+        groups: Dict[str, List[int]] = {}
+        solo: List[int] = []
+        done: Dict[int, JobReturn] = {}
+        for idx, o in overrides.items():
+            kind, what = self._plan(self._member_config(o, idx))
+            if kind == "done":
+                log.info("member %d finished already; skipped", idx)
+                done[idx] = what
+            elif kind == "solo":
+                log.info("member %d runs on its own: %s", idx, what)
+                solo.append(idx)
+            else:
+                groups.setdefault(what, []).append(idx)
+        units = []
+        for members in groups.values():
+            for at in range(0, len(members), self.max_members):
+                chunk = members[at:at + self.max_members]
+                if len(chunk) < self.min_members:
+                    solo += chunk
+                    continue
+                log.info("pack %d: members %s (engine %s)", len(units), ", ".join(map(str, chunk)), self.engine)
+                units.append(Unit(self, [(overrides[i], i) for i in chunk], packed=True))
+        return units + [Unit(self, [(overrides[i], i)], packed=False) for i in sorted(solo)], done
+
+    def run_pack(self, members: List[Tuple[List[str], int]], singleton_state: Dict[Any, Any]) -> List[JobReturn]:
+        """In the pack's job: compose each member's config as its own job would, then train them as one."""
+        import submitit
+        from hydra.core.utils import setup_globals
+
+        from src.cli import pack_main
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        job_id = submitit.JobEnvironment().job_id
+        cfgs = [self._member_config(o, idx, job_id) for o, idx in members]
+        values = pack_main(cfgs, self.engine)
+        return [job_return(cfg, value) for cfg, value in zip(cfgs, values)]
 
 
 class ParallelLauncher(KeepGoing, LocalLauncher):
     """Members as local processes, several at once: `hydra/launcher=parallel`."""
+
+
+class PackedLauncher(Packing, KeepGoing, LocalLauncher):
+    """Packs (and the members that do not pack) as local processes: `hydra/launcher=packed`."""
 
 
 class KeepGoingSlurmLauncher(KeepGoing, SlurmLauncher):
@@ -133,3 +284,7 @@ class KeepGoingSlurmLauncher(KeepGoing, SlurmLauncher):
                "time limit": "lower hydra.launcher.timeout_min"}
         hint = next((f"; {text}" for key, text in fix.items() if key in reason.lower()), "")
         return f"sbatch refused the sweep's jobs: {reason}{hint}"
+
+
+class PackedSlurmLauncher(Packing, KeepGoingSlurmLauncher):
+    """Each pack one job of a SLURM array: `hydra/launcher=packed_slurm`."""
