@@ -1,0 +1,219 @@
+"""Packed sweeps (src/packed.py, hydra/launcher=packed): a packed member is its solo run, exactly (loop engine,
+bitwise) or up to summation order (vmap engine, 1e-5), and keeps the solo run-dir contract."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.checkpoint import load_checkpoint
+from src.lifecycle import Interrupted
+from src.likelihoods import Bernoulli
+from src.losses import elbo_terms
+from src.models import ConvVAE
+from src.packed import _MemberStep, pad_latent, train_pack, unpad_latent
+from src.train import train
+
+from .conftest import compose_cfg, leet, metric_rows, run_cli, tiny_overrides
+
+# members that differ in every packable way the tests can tell apart: beta, latent_dim, lr, seed, KL schedule,
+# free bits, weight decay
+MEMBERS = [["loss.beta=1", "model.latent_dim=2", "seed=0"],
+           ["loss.beta=4", "model.latent_dim=8", "optimizer.lr=0.003", "seed=1", "optimizer.weight_decay=0.001"],
+           ["loss.beta=0.5", "model.latent_dim=4", "loss.kl_schedule=linear", "loss.warmup_steps=5",
+            "loss.free_bits=0.05", "seed=2"]]
+
+
+def packed_and_solo(root: Path, tiny, members, engine: str, extra=()):
+    cfgs = [compose_cfg(tiny + list(extra) + m) for m in members]
+    summaries = train_pack(cfgs, [root / f"p{i}" for i in range(len(cfgs))], engine=engine)
+    for i, cfg in enumerate(cfgs):
+        train(cfg, root / f"s{i}")
+    return summaries
+
+
+def results(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if not k.startswith("perf/")}
+
+
+def test_loop_engine_pack_is_bitwise_its_solo_runs(tmp_path, tiny):
+    summaries = packed_and_solo(tmp_path, tiny, MEMBERS, "loop")
+    for i in range(len(MEMBERS)):
+        p, s = tmp_path / f"p{i}", tmp_path / f"s{i}"
+        assert metric_rows(p) == metric_rows(s)  # every step's terms, kl_per_dim, every eval, bitwise
+        solo = json.loads((s / "summary.json").read_text())
+        assert results(summaries[i]) == results(solo)
+        assert summaries[i]["perf/pack_members"] == 3 and summaries[i]["perf/pack_engine"] == "loop"
+        a, b = load_checkpoint(p / "checkpoints/last.pt"), load_checkpoint(s / "checkpoints/last.pt")
+        for key in b["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+        for k, st in b["optimizer"]["state"].items():
+            for name, value in st.items():
+                assert torch.equal(a["optimizer"]["state"][k][name], value), (k, name)
+        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])  # a member resumes solo on its own noise
+        assert a["step"] == b["step"] and a["data"]["generator"].equal(b["data"]["generator"])
+        # the solo contract, file for file (train.log: Hydra's job log of a solo run, the pack's own per member)
+        assert {x.name for x in p.iterdir()} == {x.name for x in s.iterdir()} | {"train.log"}
+
+
+def bn_output(model, x):
+    """A member's train-mode forward on a fixed batch at the posterior mean: what its BN-preceding biases and
+    running means cannot change in exact arithmetic, so they are compared by it."""
+    model.train()
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        return model.decode(mu), mu, logvar
+
+
+def test_vmap_engine_pack_equals_its_solo_runs_within_1e_5(tmp_path, tiny):
+    extra = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=3"]
+    packed_and_solo(tmp_path, tiny, MEMBERS, "vmap", extra)
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    for i in range(len(MEMBERS)):
+        p, s = tmp_path / f"p{i}", tmp_path / f"s{i}"
+        rows_p, rows_s = metric_rows(p), metric_rows(s)
+        assert [r["step"] for r in rows_p] == [r["step"] for r in rows_s]
+        for rp, rs in zip(rows_p, rows_s):
+            for key in ("train/loss", "train/recon_nll", "train/kl", "train/neg_elbo", "train/kl_penalised"):
+                if key in rs:
+                    assert rp[key] == pytest.approx(rs[key], rel=1e-5, abs=1e-5), (rs["step"], key)
+            if "train/kl_per_dim" in rs:
+                assert rp["train/kl_per_dim"] == pytest.approx(rs["train/kl_per_dim"], rel=1e-5, abs=1e-5)
+        a, b = load_checkpoint(p / "checkpoints/last.pt"), load_checkpoint(s / "checkpoints/last.pt")
+        cfg = compose_cfg(tiny + extra + MEMBERS[i])
+        for key, value in b["model"].items():
+            # conv biases in front of BatchNorm have a true gradient of zero (Adam turns rounding into steps) and
+            # BN running means follow them: compared below by what they do
+            if key.endswith("running_mean") or (key.endswith(".0.bias") and "." in key[:-7]):
+                continue
+            torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+        names = [n for n, _ in ConvVAE(1, 16, [8, 16], cfg.model.latent_dim, Bernoulli()).named_parameters()]
+        for k, st in b["optimizer"]["state"].items():
+            if names[k].endswith(".0.bias") and "." in names[k][:-7]:
+                continue
+            for moment in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(a["optimizer"]["state"][k][moment], st[moment], rtol=1e-5, atol=1e-5)
+            assert float(a["optimizer"]["state"][k]["step"]) == float(st["step"]) == 3
+        models = []
+        for state in (a, b):
+            model = ConvVAE(1, 16, [8, 16], cfg.model.latent_dim, Bernoulli())
+            model.load_state_dict(state["model"])
+            models.append(bn_output(model, x))
+        for out_p, out_s in zip(*models):
+            torch.testing.assert_close(out_p, out_s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("free_bits", [0.0, 0.5])
+def test_a_padded_member_is_exactly_the_small_model(free_bits):
+    """latent 2 padded to 8: its dead dims carry zero KL and get zero gradient, and its loss is the small model's."""
+    torch.manual_seed(0)
+    small = ConvVAE(1, 16, [8, 16], 2, Bernoulli())
+    big = ConvVAE(1, 16, [8, 16], 8, Bernoulli())
+    padded = {n: pad_latent(big, n, p.detach(), 2, 8).requires_grad_() for n, p in small.named_parameters()}
+    buffers = {n: b.clone() for n, b in small.named_buffers()}
+    x = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+    in_use = torch.arange(8) < 2
+    terms = torch.func.functional_call(
+        _MemberStep(big), ({f"model.{n}": p for n, p in padded.items()}, {f"model.{n}": b for n, b in buffers.items()}),
+        (x, torch.nn.functional.pad(eps, (0, 6)), in_use, torch.tensor(4.0), torch.tensor(False), torch.tensor(0.0),
+         torch.tensor(free_bits)))
+    params, mu, logvar = small(x, eps)
+    expected = elbo_terms(small.likelihood.nll(params, x), mu, logvar, 4.0, None, free_bits)
+    assert torch.all(terms["kl_per_dim"][2:] == 0)
+    torch.testing.assert_close(terms["kl_per_dim"][:2], expected["kl_per_dim"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(terms["loss"], expected["loss"], rtol=1e-6, atol=1e-5)
+    grads = dict(zip(padded, torch.autograd.grad(terms["loss"], list(padded.values()))))
+    head = f"encoder.{len(big.encoder) - 1}.weight"
+    assert torch.all(grads[head][2:8] == 0) and torch.all(grads[head][10:] == 0)  # dead mu and logvar rows
+    assert torch.all(grads["decoder.0.weight"][:, 2:] == 0)  # dead decoder columns
+    expected["loss"].backward()
+    for n, p in small.named_parameters():
+        torch.testing.assert_close(unpad_latent(big, n, grads[n], 2, 8), p.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_sigterm_a_pack_then_resume_one_member_solo_and_the_rest_as_a_pack(tmp_path, tiny):
+    extra = ["trainer.max_steps=40", "trainer.eval_every=8", "trainer.checkpoint_every=2", "trainer.log_every=4",
+             "optimizer.scheduler=exponential", "optimizer.gamma=0.9"]  # epochs of 8 steps: the LR moves at each
+    cfgs = [compose_cfg(tiny + extra + m) for m in MEMBERS]
+    dirs = [tmp_path / f"p{i}" for i in range(3)]
+
+    def stop_when_checkpointed():
+        while not (dirs[0] / "checkpoints/last.pt").is_file():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_checkpointed, daemon=True).start()
+    with pytest.raises(Interrupted):
+        train_pack(cfgs, dirs, engine="loop")
+    stopped = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    assert {s["status"] for s in stopped} == {"interrupted"} and len({s["step"] for s in stopped}) == 1
+    assert 0 < stopped[0]["step"] < 40
+    assert all(load_checkpoint(d / "checkpoints/last.pt")["step"] == stopped[0]["step"] for d in dirs)
+    assert train(cfgs[0], dirs[0])["status"] == "finished"  # one member alone, from the pack's checkpoint
+    assert [s["status"] for s in train_pack(cfgs[1:], dirs[1:], engine="loop")] == ["finished"] * 2
+    for i, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"s{i}")
+        assert metric_rows(dirs[i]) == metric_rows(tmp_path / f"s{i}")  # as if never stopped, bitwise
+        a, b = (load_checkpoint(d / "checkpoints/last.pt")["model"] for d in (dirs[i], tmp_path / f"s{i}"))
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_diverging_member_is_frozen_and_the_others_equal_their_solo_runs(tmp_path, tiny):
+    extra = ["trainer.max_steps=6", "trainer.log_every=1", "trainer.eval_every=3"]
+    members = [MEMBERS[0], ["optimizer.lr=1e3", "loss.beta=4", "seed=3"], MEMBERS[2]]
+    cfgs = [compose_cfg(tiny + extra + m) for m in members]
+    summaries = train_pack(cfgs, [tmp_path / f"p{i}" for i in range(3)], engine="vmap")
+    assert summaries[1]["status"] == "diverged" and "non-finite" in summaries[1]["error"]
+    assert [summaries[0]["status"], summaries[2]["status"]] == ["finished", "finished"]
+    for i in (0, 2):
+        train(cfgs[i], tmp_path / f"s{i}")
+        for rp, rs in zip(metric_rows(tmp_path / f"p{i}"), metric_rows(tmp_path / f"s{i}"), strict=True):
+            if "train/loss" in rs:
+                assert rp["train/loss"] == pytest.approx(rs["train/loss"], rel=1e-5), rs["step"]
+
+
+def test_packed_launcher_packs_by_architecture_and_keeps_each_members_contract(tmp_path, cache_dir):
+    """A 2 x 2 x 2 multirun where hidden_channels differs: two packs, every member a complete run with its own W&B
+    run; a rerun skips them all."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=packed", *tiny_overrides(cache_dir), "model.hidden_channels=[8,16],[4,8]",
+            "loss.beta=1,4", "seed=0,1", "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(args, real_process=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pack 0: members 0, 1, 2, 3" in proc.stdout and "pack 1: members 4, 5, 6, 7" in proc.stdout
+    contract = {".hydra", "checkpoints", "metrics.jsonl", "summary.json", "train.log", "trained_with.yaml",
+                "samples.png", "reconstructions.png", "traversals.png", "samples", "recons", "traversals", "wandb",
+                "wandb_run_id"}
+    for member in range(8):
+        rd = sweep / str(member)
+        assert contract <= {x.name for x in rd.iterdir()}, member
+        summary = json.loads((rd / "summary.json").read_text())
+        assert summary["status"] == "finished" and summary["perf/pack_members"] == 4
+        assert (rd / "checkpoints/last.pt").is_file() and (rd / "checkpoints/best.pt").is_file()
+        assert "eval step 8" in (rd / "train.log").read_text()
+        runs = list((rd / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, member  # its own W&B run, named by its swept keys as a solo member's is
+        header = json.dumps(leet(runs[0]))
+        beta, seed = (1, 4)[member // 2 % 2], member % 2
+        assert f"beta={beta} seed={seed}" in header and str(sweep.name) in header
+    again = run_cli(args, real_process=True)
+    assert again.returncode == 0 and again.stdout.count("finished already; skipped") == 8
+
+
+def test_a_bad_member_is_refused_without_stopping_its_pack(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "hydra/launcher=packed", *tiny_overrides(cache_dir), "loss.beta=1,-1,4",
+                    f"hydra.sweep.dir={sweep}"], real_process=True)
+    assert proc.returncode == 1
+    assert "member 1 runs on its own" in proc.stdout and "pack 0: members 0, 2" in proc.stdout
+    assert "member 1 failed" in proc.stdout and "loss.beta" in proc.stdout
+    for member in (0, 2):
+        assert json.loads((sweep / str(member) / "summary.json").read_text())["status"] == "finished"
+    assert "loss.beta" in json.loads((sweep / "1" / "summary.json").read_text())["error"]
