@@ -3,6 +3,7 @@ loop (`src.train.train`, reading its perf/train_images_per_s, which times traini
 
     python benchmarks/throughput.py                         # CPU; plus CUDA (batch 64 and 512) if present
     python benchmarks/throughput.py --devices cuda --batches 64 512 --concurrent 4 --out results.json
+    python benchmarks/throughput.py --packed 4 16 --devices cpu     # packed sweeps (docs/speed.md)
 
 Two settings:
 - `vanilla_vae_celeba64`: AntixK/PyTorch-VAE's VanillaVAE (conv 32-64-128-256-512, latent 128, 64x64x3, Adam
@@ -199,6 +200,53 @@ def side_by_side(reference, product, repeats: int) -> dict:
     return row
 
 
+# ------------------------------------------------------------------------------------------- packed sweeps
+
+PACKED_MODELS = {  # name -> overrides: the main job's conv (the default config) and a small one
+    "main_conv64": ["model.hidden_channels=[16,32,64,128]", "data.image_size=64", "data.batch_size=64"],
+    "small_conv16": ["model.hidden_channels=[8,16]", "data.image_size=16", "data.batch_size=32", "model.latent_dim=4"],
+}
+
+
+def packed_overrides(model: str, device: str, steps: int, cache: str) -> list:
+    batch = int(next(o for o in PACKED_MODELS[model] if o.startswith("data.batch_size=")).split("=")[1])
+    return [f"trainer.device={device}", f"data.num_train={batch * (WARMUP_STEPS + steps + 1)}", "data.val_size=64",
+            "data.test_size=64", f"data.cache_dir={cache}", "eval.final=none", *PACKED_MODELS[model],
+            *_single_eval(steps)]
+
+
+def packed_row(model: str, members: int, device: str, steps: int, cache: str) -> dict:
+    """Aggregate training images/s of `members` members (seeds 0.., beta 1 and 4 alternating): packed (vmap and
+    loop engines, and the engine `auto` picks), one after another (each a solo run: the basic launcher), and one."""
+    from hydra import compose, initialize_config_dir
+
+    from src.config import register_configs
+    from src.packed import train_pack
+    from src.train import train
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfgs = [compose("config", overrides=packed_overrides(model, device, steps, cache) +
+                        [f"seed={i}", f"loss.beta={(1, 4)[i % 2]}"]) for i in range(members)]
+    row = {"members": members, "steps": steps, "batch_per_member": cfgs[0].data.batch_size}
+    seconds = 0.0
+    with tempfile.TemporaryDirectory() as root:
+        rates = [train(cfg, run_dir=Path(root) / f"solo{i}")["perf/train_images_per_s"] for i, cfg in enumerate(cfgs)]
+        images = steps * cfgs[0].data.batch_size  # per member, timed
+        seconds = sum(images / r for r in rates)
+        row["one_member_img_s"] = round(statistics.median(rates), 1)
+        row["one_after_another_img_s"] = round(members * images / seconds, 1)
+        for engine in ("vmap", "loop", "auto"):
+            summaries = train_pack(cfgs, [Path(root) / f"{engine}{i}" for i in range(members)], engine=engine)
+            row[f"packed_{engine}_img_s"] = round(summaries[0]["perf/pack_images_per_s"], 1)
+            if engine == "auto":
+                row["auto_chose"] = summaries[0]["perf/pack_engine"]
+    for engine in ("vmap", "loop", "auto"):
+        row[f"packed_{engine}_vs_one_after_another"] = round(row[f"packed_{engine}_img_s"] /
+                                                             row["one_after_another_img_s"], 2)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -210,6 +258,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=["vanilla_vae_celeba64", "mlp_fashion_mnist28"])
     parser.add_argument("--concurrent", type=int, default=0, help="also run N product processes at once")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for the VanillaVAE product run")
+    parser.add_argument("--packed", nargs="*", type=int, default=None,
+                        help="pack sizes M: M packed members against M one after another and one (then nothing else)")
+    parser.add_argument("--packed-models", nargs="+", default=list(PACKED_MODELS), choices=list(PACKED_MODELS))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cache", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -223,6 +274,15 @@ def main() -> None:
         print(json.dumps({"images_per_s": product_images_per_s(overrides, args.devices[0])[0]}))
         return
     results = {}
+    if args.packed:
+        for device in args.devices:
+            for model in args.packed_models:
+                for members in args.packed:
+                    key = f"packed/{model}/{device}/M{members}"
+                    results[key] = packed_row(model, members, device, args.steps or (20 if device == "cpu" else 200),
+                                              cache)
+                    print(json.dumps({key: results[key]}), file=sys.stderr)
+        args.settings = []
     if "vanilla_vae_celeba64" in args.settings:
         for device in args.devices:
             steps = args.steps or (20 if device == "cpu" else 200)

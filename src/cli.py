@@ -28,11 +28,9 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError, register_configs
-from .data import DataError
-from .identity import RecordError
-from .lifecycle import DivergedError, Interrupted, Requeued
+from .lifecycle import USER_ERRORS, DivergedError, Interrupted, Requeued
 from .naming import sweep_size
-from .rundir import RunDir, RunDirRefused, SweepDir, read_summary, write_text
+from .rundir import RunDir, RunDirRefused, SweepDir, note_refused_member, read_summary, write_text
 from .slurm import SubmitRefused
 from .train import train
 from .validate import did_you_mean
@@ -41,8 +39,6 @@ log = logging.getLogger(__name__)
 
 register_configs()
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: found however the module is run
-USER_ERRORS = {RunDirRefused: "Refused", ConfigError: "Config error", DataError: "Data error",
-               CheckpointError: "Checkpoint error", RecordError: "Damaged run dir", DivergedError: "Diverged"}
 REQUEUED_EXIT = 255  # as submitit's own requeue handler exits (sys.exit(-1))
 PREEMPTION_WAIT_S = 600  # at most this long for SLURM to end a preempted job (GraceTime, then KillWait)
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # a full or read-only disk
@@ -274,10 +270,3 @@ def run() -> None:
             raise
         print(f"Command-line error: {e} (e.g. `-m ... --cfg job` cannot be combined)", file=sys.stderr)
         sys.exit(2)
-
-
-def note_refused_member(run_dir: Path, message: str) -> None:
-    """In a multirun, a refused member leaves its own dir untouched; the sweep dir keeps one line for it, which
-    the sweep report reads at the end."""
-    sweep = SweepDir(run_dir.parent)
-    sweep.note(sweep.refused, member=run_dir.name, error=message)

@@ -28,7 +28,9 @@ from typing import Any, Dict, Optional
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from .config import Config
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError
+from .data import DataError
 from .identity import RecordError, recorded_config
 from .loggers import RunLogger, record_failure
 from .rundir import RunDir, RunDirLock, RunDirRefused, remove_stale_temps, write_hydra_files, write_json
@@ -106,6 +108,11 @@ class StopSignals:
         elif signum == signal.SIGTERM and slurm.in_job() and slurm.preempted(slurm.this_job()):
             raise Requeued(step, "preempted by SLURM (SIGTERM)", wait=True)
         raise Interrupted(signum, step)
+
+
+# the errors that are the user's input (a value, a run dir, a file): one line with this label, no traceback
+USER_ERRORS = {RunDirRefused: "Refused", ConfigError: "Config error", DataError: "Data error",
+               CheckpointError: "Checkpoint error", RecordError: "Damaged run dir", DivergedError: "Diverged"}
 
 
 class RunLifecycle:

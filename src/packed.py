@@ -42,10 +42,10 @@ from .config import ConfigError
 from .data import load_data, resolve_on_device
 from .device import autocast_for, resolve_compile, resolve_device, resolve_precision, synchronize
 from .identity import flatten
-from .lifecycle import DivergedError, RunLifecycle, StopSignals
+from .lifecycle import USER_ERRORS, DivergedError, RunLifecycle, StopSignals
 from .losses import elbo_terms
 from .models import build_model
-from .rundir import RunDir
+from .rundir import RunDir, RunDirRefused, note_refused_member
 from .train import Shared, Throughput, Trainee, TrainStep, after_step, finish, start
 from .validate import parse
 
@@ -412,9 +412,6 @@ def load_shared(raw_cfg) -> Shared:
 
 def member_error(e: BaseException, run_dir: Path) -> None:
     """A member that could not start or go on: its one line, as a solo member's would be (src.cli.main)."""
-    from .cli import USER_ERRORS, note_refused_member
-    from .rundir import RunDirRefused
-
     label = next((text for cls, text in USER_ERRORS.items() if isinstance(e, cls)), None)
     if label is None:
         log.error("Member failed: %s: %s", type(e).__name__, e, exc_info=e)

@@ -207,3 +207,10 @@ class RunDirLock:
         if not self.file.closed:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
+
+
+def note_refused_member(run_dir: Path, message: str) -> None:
+    """In a multirun, a refused member leaves its own dir untouched; the sweep dir keeps one line for it, which
+    the sweep report reads at the end."""
+    sweep = SweepDir(run_dir.parent)
+    sweep.note(sweep.refused, member=run_dir.name, error=message)

@@ -11,7 +11,7 @@ from .conftest import ROOT
 SRC = ROOT / "src"
 COMMANDS = {"cli", "compare", "evaluate", "sample", "reconstruct", "interpolate"}  # python -m src.<name>
 TOOLS = {"evaluate", "sample", "reconstruct", "interpolate", "trained", "tool_args"}  # use a trained model
-TRAINER = {"train", "lifecycle", "cli"}  # training and the process around it
+TRAINER = {"train", "packed", "lifecycle", "cli"}  # training (one run, or a pack of them) and the process around it
 
 
 def _importing_nodes(tree: ast.Module):
