@@ -60,11 +60,24 @@ ENGINES = ("auto", "loop", "vmap")
 TERMS = ("loss", "recon_nll", "kl", "neg_elbo", "kl_penalised")
 
 
+def _shared_keys(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The resolved config less the packable keys and the logger (each member keeps its own)."""
+    return {k: v for k, v in flatten(config).items() if k not in PACKABLE and not k.startswith("logger.")}
+
+
 def pack_signature(config: Dict[str, Any], resume_step: int) -> str:
-    """What members must share to train as one pack: the resolved config less the packable keys and the logger
-    (each member keeps its own), and the step they resume from."""
-    kept = {k: v for k, v in flatten(config).items() if k not in PACKABLE and not k.startswith("logger.")}
-    return repr(sorted(kept.items())) + f" step={resume_step}"
+    """What members must share to train as one pack: `_shared_keys`, and the step they resume from."""
+    return repr(sorted(_shared_keys(config).items())) + f" step={resume_step}"
+
+
+def refuse_unpackable(configs: Sequence[Dict[str, Any]]) -> None:
+    """ConfigError naming the first key outside PACKABLE on which two members differ."""
+    first = _shared_keys(configs[0])
+    for config in configs[1:]:
+        for key, value in _shared_keys(config).items():
+            if first.get(key) != value:
+                raise ConfigError(f"{key} differs between the members of a pack ({first.get(key)!r} and {value!r}); "
+                                  f"only {', '.join(PACKABLE)} may (hydra/launcher=packed groups members by it)")
 
 
 # ---------------------------------------------------------------------------------------------- a member's RNG
@@ -496,8 +509,10 @@ def fit_pack(members: Dict[int, Trainee], engine_name: str, on, end) -> None:
     ts = [members[i] for i in order]
     first = ts[0]
     steps, stop = first.objective.total_steps, first.run.stop
-    if len({t.state.step for t in ts}) > 1 or len({t.objective.total_steps for t in ts}) > 1:
-        raise ConfigError("the members of a pack must start from the same step and train for the same steps")
+    refuse_unpackable([t.state.config for t in ts])
+    if len({t.state.step for t in ts}) > 1:
+        raise ConfigError(f"the members of a pack must resume from the same step; their checkpoints are at steps "
+                          f"{sorted({t.state.step for t in ts})}")
     engine = choose_engine(engine_name, ts)
     for k, t in enumerate(ts):
         t.sync = lambda k=k: engine.sync(k)

@@ -455,6 +455,7 @@ def after_step(t: Trainee, lr: float, bar: Optional[tqdm] = None) -> None:
     if checking and t.place.world_size > 1:
         state.sums.share_divergence()
     if state.step % cfg.trainer.log_every == 0 or last:
+        t.sync()  # a learned sigma is read there
         _log_train(state, t.objective, lr, logger, bar, rd)
     if t.place.rank != 0:
         if checking:

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from src.checkpoint import load_checkpoint
+from src.config import ConfigError
 from src.lifecycle import Interrupted
-from src.likelihoods import Bernoulli
+from src.likelihoods import Bernoulli, build_likelihood
 from src.losses import elbo_terms
-from src.models import ConvVAE
+from src.models import ConvVAE, build_model
 from src.packed import _MemberStep, pad_latent, train_pack, unpad_latent
 from src.train import train
 
@@ -71,42 +72,97 @@ def bn_output(model, x):
         return model.decode(mu), mu, logvar
 
 
-def test_vmap_engine_pack_equals_its_solo_runs_within_1e_5(tmp_path, tiny):
-    extra = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=3"]
-    packed_and_solo(tmp_path, tiny, MEMBERS, "vmap", extra)
+def wanders(key: str) -> bool:
+    """A conv bias in front of BatchNorm (encoder.0.0.bias, decoder.2.0.bias), or a BN running mean."""
+    return key.endswith("running_mean") or (key.endswith(".0.bias") and "." in key[:-len(".0.bias")])
+
+
+def model_of(cfg, state):
+    model = build_model(cfg.model, cfg.data, build_likelihood(cfg.loss.likelihood, cfg.loss.sigma))
+    model.load_state_dict(state["model"])
+    return model
+
+
+CASES = {  # members for the vmap engine: conv with every packable difference; MLP; Gaussian sigmas and capacity;
+    # a learned sigma (a stacked parameter)
+    "conv": MEMBERS,
+    "mlp": [["model=mlp", "model.hidden_channels=[32]", "model.latent_dim=2", "seed=0"],
+            ["model=mlp", "model.hidden_channels=[32]", "model.latent_dim=5", "optimizer.lr=0.003", "seed=1"]],
+    "gaussian": [["loss.likelihood=gaussian", "loss.sigma=0.1", "loss.beta=2"],
+                 ["loss.likelihood=gaussian", "loss.sigma=0.3", "loss.kl_schedule=capacity", "loss.capacity_max=5",
+                  "loss.capacity_steps=4", "seed=1"]],
+    "learned_sigma_adamw": [["loss.likelihood=gaussian_learned", "loss.sigma=0.1", "optimizer=adamw"],
+                            ["loss.likelihood=gaussian_learned", "loss.sigma=0.2", "seed=1", "optimizer=adamw",
+                             "optimizer.weight_decay=0.05"]],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vmap_engine_pack_equals_its_solo_runs_within_1e_5(tmp_path, tiny, case):
+    members = CASES[case]
+    # the vmap engine computes in NCHW; a solo conv run in NHWC (channels_last) differs from one in NCHW by its
+    # kernels' summation order, which Adam amplifies as much as any packing could: compare like with like
+    extra = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=3", "trainer.channels_last=false"]
+    packed_and_solo(tmp_path, tiny, members, "vmap", extra)
     x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(5))
-    for i in range(len(MEMBERS)):
+    for i, m in enumerate(members):
         p, s = tmp_path / f"p{i}", tmp_path / f"s{i}"
         rows_p, rows_s = metric_rows(p), metric_rows(s)
         assert [r["step"] for r in rows_p] == [r["step"] for r in rows_s]
         for rp, rs in zip(rows_p, rows_s):
-            for key in ("train/loss", "train/recon_nll", "train/kl", "train/neg_elbo", "train/kl_penalised"):
+            for key in ("train/loss", "train/recon_nll", "train/kl", "train/neg_elbo", "train/kl_penalised",
+                        "train/sigma"):
                 if key in rs:
                     assert rp[key] == pytest.approx(rs[key], rel=1e-5, abs=1e-5), (rs["step"], key)
             if "train/kl_per_dim" in rs:
                 assert rp["train/kl_per_dim"] == pytest.approx(rs["train/kl_per_dim"], rel=1e-5, abs=1e-5)
         a, b = load_checkpoint(p / "checkpoints/last.pt"), load_checkpoint(s / "checkpoints/last.pt")
-        cfg = compose_cfg(tiny + extra + MEMBERS[i])
+        cfg = compose_cfg(tiny + extra + m)
         for key, value in b["model"].items():
             # conv biases in front of BatchNorm have a true gradient of zero (Adam turns rounding into steps) and
             # BN running means follow them: compared below by what they do
-            if key.endswith("running_mean") or (key.endswith(".0.bias") and "." in key[:-7]):
-                continue
-            torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-5, msg=key)
-        names = [n for n, _ in ConvVAE(1, 16, [8, 16], cfg.model.latent_dim, Bernoulli()).named_parameters()]
+            if not wanders(key):
+                torch.testing.assert_close(a["model"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+        names = [n for n, _ in model_of(cfg, b).named_parameters()]
         for k, st in b["optimizer"]["state"].items():
-            if names[k].endswith(".0.bias") and "." in names[k][:-7]:
-                continue
-            for moment in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(a["optimizer"]["state"][k][moment], st[moment], rtol=1e-5, atol=1e-5)
+            if not wanders(names[k]):
+                for moment in ("exp_avg", "exp_avg_sq"):
+                    torch.testing.assert_close(a["optimizer"]["state"][k][moment], st[moment], rtol=1e-5, atol=1e-5)
             assert float(a["optimizer"]["state"][k]["step"]) == float(st["step"]) == 3
-        models = []
-        for state in (a, b):
-            model = ConvVAE(1, 16, [8, 16], cfg.model.latent_dim, Bernoulli())
-            model.load_state_dict(state["model"])
-            models.append(bn_output(model, x))
-        for out_p, out_s in zip(*models):
+        for out_p, out_s in zip(bn_output(model_of(cfg, a), x), bn_output(model_of(cfg, b), x)):
             torch.testing.assert_close(out_p, out_s, rtol=1e-5, atol=1e-5)
+
+
+def test_a_vmap_pack_resumed_from_its_checkpoints_equals_the_pack_never_stopped(tmp_path, tiny):
+    """The vmap engine restacks parameters, BatchNorm buffers and Adam moments (and the step count) from the
+    members' solo-format checkpoints: a pack continued with a larger budget trains on exactly as if never stopped."""
+    cfgs = {steps: [compose_cfg(tiny + [f"trainer.max_steps={steps}", "trainer.eval_every=3"] + m) for m in MEMBERS]
+            for steps in (3, 6)}
+    train_pack(cfgs[6], [tmp_path / f"whole{i}" for i in range(3)], engine="vmap")
+    train_pack(cfgs[3], [tmp_path / f"cont{i}" for i in range(3)], engine="vmap")
+    summaries = train_pack(cfgs[6], [tmp_path / f"cont{i}" for i in range(3)], engine="vmap")
+    assert [s["status"] for s in summaries] == ["finished"] * 3
+    for i in range(3):
+        a, b = (load_checkpoint(tmp_path / f"{kind}{i}/checkpoints/last.pt") for kind in ("cont", "whole"))
+        assert a["step"] == b["step"] == 6
+        for key in b["model"]:
+            torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-6, atol=1e-7, msg=key)
+        for k, st in b["optimizer"]["state"].items():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(a["optimizer"]["state"][k][moment], st[moment], rtol=1e-6, atol=1e-7)
+        last = [next(r for r in metric_rows(tmp_path / f"{kind}{i}") if r["step"] == 6 and "train/loss" in r)
+                for kind in ("cont", "whole")]  # both the mean of steps 5 and 6
+        assert last[0]["train/loss"] == pytest.approx(last[1]["train/loss"], rel=1e-6)
+
+
+def test_members_that_differ_in_a_key_that_does_not_pack_are_refused_with_its_name(tmp_path, tiny):
+    cfgs = [compose_cfg(tiny + m) for m in (["model.hidden_channels=[8,16]"], ["model.hidden_channels=[4,8]"])]
+    with pytest.raises(ConfigError, match="model.hidden_channels differs between the members of a pack"):
+        train_pack(cfgs, [tmp_path / "a", tmp_path / "b"], engine="vmap")
+    for member in ("a", "b"):  # each member's own record says why, and nothing was trained
+        summary = json.loads((tmp_path / member / "summary.json").read_text())
+        assert summary["status"] == "failed" and "model.hidden_channels" in summary["error"]
+        assert not (tmp_path / member / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("free_bits", [0.0, 0.5])

@@ -227,3 +227,27 @@ def test_an_sbatch_refusal_is_one_line_naming_the_fix(cluster, tmp_path, overrid
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Launch error: sbatch refused") and reason.lower() in \
         lines[0].lower() and fix in lines[0], result.stderr
+
+
+def test_a_pack_is_one_slurm_job_and_sigusr2_requeues_every_member_exactly(cluster, member, tmp_path):
+    """hydra/launcher=packed_slurm: two members in one SLURM job; submitit's time-limit signal in the loop
+    checkpoints both at the same step, the job is requeued as a whole, and each member ends equal to its
+    uninterrupted solo run (the loop engine: bitwise a solo run)."""
+    overrides, whole = member
+    sweep = tmp_path / "sweep"
+    packed = ["hydra/launcher=packed_slurm", *SLURM[1:], "hydra.launcher.engine=loop"]
+    STARTED.append(subprocess.Popen([sys.executable, "-m", "src.train", "-m", *packed, *overrides, "loss.beta=1,4",
+                                     f"hydra.sweep.dir={sweep}"], cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}))
+    proc = STARTED[-1]
+    runs = [sweep / "0", sweep / "1"]
+    wait_until(lambda: all(steps_done(r) >= 50 and locked_pid(r) for r in runs), what="50 steps of the pack")
+    assert locked_pid(runs[0]) == locked_pid(runs[1])  # one process holds both members
+    job = job_of(runs[0])
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_until(lambda: all(status(r) == "requeued" for r in runs), what="both members requeued")
+    steps = {json.loads((r / "summary.json").read_text())["step"] for r in runs}
+    assert len(steps) == 1 and 50 <= steps.pop() < STEPS  # the same step boundary
+    ends_as_uninterrupted(proc, whole, runs[0], job, restarts=1)
+    assert json.loads((runs[1] / "summary.json").read_text())["status"] == "finished"
+    assert len(list((sweep / ".submitit").glob("*_0"))) == 1 and not list((sweep / ".submitit").glob("*_1"))
