@@ -4,6 +4,7 @@ loop (`src.train.train`, reading its perf/train_images_per_s, which times traini
     python benchmarks/throughput.py                         # CPU; plus CUDA (batch 64 and 512) if present
     python benchmarks/throughput.py --devices cuda --batches 64 512 --concurrent 4 --out results.json
     python benchmarks/throughput.py --packed 4 16 --devices cpu     # packed sweeps (docs/speed.md)
+    python benchmarks/throughput.py --packed 4 16 --devices cuda --packed-models vanilla_vae64 small_conv16
 
 Two settings:
 - `vanilla_vae_celeba64`: AntixK/PyTorch-VAE's VanillaVAE (conv 32-64-128-256-512, latent 128, 64x64x3, Adam
@@ -202,9 +203,13 @@ def side_by_side(reference, product, repeats: int) -> dict:
 
 # ------------------------------------------------------------------------------------------- packed sweeps
 
-PACKED_MODELS = {  # name -> overrides: the main job's conv (the default config) and a small one
+PACKED_MODELS = {  # name -> overrides: the main job's conv (the default config), a small one, and (for a GPU) the
+    # VanillaVAE of the headline sweep at its batch 64
     "main_conv64": ["model.hidden_channels=[16,32,64,128]", "data.image_size=64", "data.batch_size=64"],
     "small_conv16": ["model.hidden_channels=[8,16]", "data.image_size=16", "data.batch_size=32", "model.latent_dim=4"],
+    "vanilla_vae64": ["model.hidden_channels=[32,64,128,256,512]", "model.latent_dim=128", "data.channels=3",
+                      "data.image_size=64", "data.batch_size=64", "loss.likelihood=gaussian",
+                      "loss.sigma=0.7071067811865476", "optimizer.lr=0.005"],
 }
 
 
@@ -215,9 +220,10 @@ def packed_overrides(model: str, device: str, steps: int, cache: str) -> list:
             *_single_eval(steps)]
 
 
-def packed_row(model: str, members: int, device: str, steps: int, cache: str) -> dict:
+def packed_row(model: str, members: int, device: str, steps: int, cache: str, repeats: int) -> dict:
     """Aggregate training images/s of `members` members (seeds 0.., beta 1 and 4 alternating): packed (vmap and
-    loop engines, and the engine `auto` picks), one after another (each a solo run: the basic launcher), and one."""
+    loop engines, and the engine `auto` picks; each the median of `repeats` packs), one after another (each member
+    a solo run, as the basic launcher runs them), and one member (the median of those solo runs)."""
     from hydra import compose, initialize_config_dir
 
     from src.config import register_configs
@@ -231,16 +237,18 @@ def packed_row(model: str, members: int, device: str, steps: int, cache: str) ->
     row = {"members": members, "steps": steps, "batch_per_member": cfgs[0].data.batch_size}
     seconds = 0.0
     with tempfile.TemporaryDirectory() as root:
+        train(cfgs[0], run_dir=Path(root) / "warm-up")  # oneDNN builds its kernels for these shapes once per process
         rates = [train(cfg, run_dir=Path(root) / f"solo{i}")["perf/train_images_per_s"] for i, cfg in enumerate(cfgs)]
         images = steps * cfgs[0].data.batch_size  # per member, timed
         seconds = sum(images / r for r in rates)
         row["one_member_img_s"] = round(statistics.median(rates), 1)
         row["one_after_another_img_s"] = round(members * images / seconds, 1)
         for engine in ("vmap", "loop", "auto"):
-            summaries = train_pack(cfgs, [Path(root) / f"{engine}{i}" for i in range(members)], engine=engine)
-            row[f"packed_{engine}_img_s"] = round(summaries[0]["perf/pack_images_per_s"], 1)
+            packs = [train_pack(cfgs, [Path(root) / f"{engine}{r}-{i}" for i in range(members)], engine=engine)[0]
+                     for r in range(repeats)]
+            row[f"packed_{engine}_img_s"] = round(statistics.median(s["perf/pack_images_per_s"] for s in packs), 1)
             if engine == "auto":
-                row["auto_chose"] = summaries[0]["perf/pack_engine"]
+                row["auto_chose"] = sorted({s["perf/pack_engine"] for s in packs})
     for engine in ("vmap", "loop", "auto"):
         row[f"packed_{engine}_vs_one_after_another"] = round(row[f"packed_{engine}_img_s"] /
                                                              row["one_after_another_img_s"], 2)
@@ -260,7 +268,8 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for the VanillaVAE product run")
     parser.add_argument("--packed", nargs="*", type=int, default=None,
                         help="pack sizes M: M packed members against M one after another and one (then nothing else)")
-    parser.add_argument("--packed-models", nargs="+", default=list(PACKED_MODELS), choices=list(PACKED_MODELS))
+    parser.add_argument("--packed-models", nargs="+", default=["main_conv64", "small_conv16"],
+                        choices=list(PACKED_MODELS))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cache", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -280,7 +289,7 @@ def main() -> None:
                 for members in args.packed:
                     key = f"packed/{model}/{device}/M{members}"
                     results[key] = packed_row(model, members, device, args.steps or (20 if device == "cpu" else 200),
-                                              cache)
+                                              cache, args.repeats)
                     print(json.dumps({key: results[key]}), file=sys.stderr)
         args.settings = []
     if "vanilla_vae_celeba64" in args.settings:

@@ -39,14 +39,14 @@ from tqdm import tqdm
 
 from .checkpoint import rng_state
 from .config import ConfigError
-from .data import load_data, resolve_on_device
+from .data import load_data, mean_image, resolve_on_device
 from .device import autocast_for, resolve_compile, resolve_device, resolve_precision, synchronize
 from .identity import flatten
 from .lifecycle import USER_ERRORS, DivergedError, RunLifecycle, StopSignals
 from .losses import elbo_terms
 from .models import build_model
 from .rundir import RunDir, RunDirRefused, note_refused_member
-from .train import Shared, Throughput, Trainee, TrainStep, after_step, finish, start
+from .train import Shared, Throughput, Trainee, TrainStep, after_step, finish, log_finished, start
 from .validate import parse
 
 log = logging.getLogger(__name__)
@@ -420,7 +420,7 @@ def load_shared(raw_cfg) -> Shared:
     images = torch.from_numpy(np.array(data.images["train"]))
     if resolve_on_device(cfg.data.on_device, data.images["train"], device):
         images = images.to(device)
-    return Shared(data, device, images)
+    return Shared(data, device, images, mean_image(data.images["train"]))
 
 
 def member_error(e: BaseException, run_dir: Path) -> None:
@@ -570,3 +570,6 @@ def fit_pack(members: Dict[int, Trainee], engine_name: str, on, end) -> None:
             final.update({"perf/train_images_per_s": rate / len(ts), "perf/pack_images_per_s": rate})
         final.update({"perf/pack_members": len(ts), "perf/pack_engine": engine.name})
         t.run.summary.update(final)
+        with on(order[k]):
+            log_finished(t.run.summary, t.run.dir.root)
+        end(order[k], None)  # finished: a signal during another member's final eval does not touch it

@@ -302,6 +302,7 @@ class Shared:
     data: Any
     device: torch.device
     train_images: torch.Tensor
+    mean_img: torch.Tensor  # the train split's mean image, (C, H, W): a pass over the whole split, done once
 
 
 def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dict[str, Any]:
@@ -319,10 +320,13 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None) -> Dic
             return trainee
         run.summary.update(fit(trainee))
     if trainee.place.rank == 0:
-        s = run.summary
-        log.info("Finished: val/neg_elbo %.2f nats/image (%.4f bits/dim), val/kl %.2f nats; outputs in %s",
-                 s["val/neg_elbo"], s["val/bits_per_dim"], s["val/kl"], rd.root)
+        log_finished(run.summary, rd.root)
     return run.summary
+
+
+def log_finished(s: Dict[str, Any], root: Path) -> None:
+    log.info("Finished: val/neg_elbo %.2f nats/image (%.4f bits/dim), val/kl %.2f nats; outputs in %s",
+             s["val/neg_elbo"], s["val/bits_per_dim"], s["val/kl"], root)
 
 
 def start(raw_cfg: DictConfig | Config, run: RunLifecycle, shared: Optional[Shared] = None) -> Trainee | Dict[str, Any]:
@@ -400,7 +404,7 @@ def start(raw_cfg: DictConfig | Config, run: RunLifecycle, shared: Optional[Shar
     trainee.grids = FixedGrids(fixed_latents(cfg.trainer.num_samples, cfg.model.latent_dim).to(place.device),
                                x_fixed.to(place.device), cfg.eval.traversal_dims, cfg.eval.traversal_steps)
     trainee.evaluate = partial(evaluate_split, model, objective, cfg, data, device=place.device,
-                               mean_img=mean_image(data.images["train"]),
+                               mean_img=shared.mean_img if shared else mean_image(data.images["train"]),
                                autocast=autocast_for(place.device, resolve_precision(cfg.trainer.precision,
                                                                                       place.device)))
     trainee.meter = Throughput(place.device)

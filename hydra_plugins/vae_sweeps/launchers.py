@@ -6,7 +6,10 @@ killed loky worker aborts the whole batch.
 
 On SLURM a job's end is learnt from the accounting database (`sacct`), or, on a cluster without accounting, from
 the job leaving the queue (`squeue`); submitit alone would wait forever there. A requeued job (time limit,
-preemption) is still the same job: it is waited for until it ends."""
+preemption) is still the same job: it is waited for until it ends.
+
+`hydra/launcher=packed` and `packed_slurm` (`Packing`) submit one job per pack of members instead of one per
+member (src/packed.py); a pack's job that ends without a result names each of its members."""
 from __future__ import annotations
 
 import contextlib
