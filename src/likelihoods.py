@@ -31,6 +31,11 @@ class Likelihood(nn.Module):
         per batch."""
         return None
 
+    @property
+    def learned(self) -> bool:
+        """Whether training moves its scale (a learned sigma, sigma-VAE)."""
+        return any(p.requires_grad for p in self.parameters())
+
 
 def _sum_pixels(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).sum(1)

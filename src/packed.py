@@ -212,6 +212,7 @@ class VmapEngine:
                                         zip([dict(m.named_buffers())[n] for m in models], self.latents)])
                         for n, _ in template.named_buffers()}
         self.in_use = torch.stack([torch.arange(self.d_max, device=self.device) < d for d in self.latents])
+        self.free_bits = torch.tensor([m.cfg.loss.free_bits for m in members], device=self.device)
         self.alive = torch.ones(len(members), dtype=torch.bool, device=self.device)
         self.frozen: List[int] = []
         o = t.cfg.optimizer
@@ -262,9 +263,9 @@ class VmapEngine:
         beta = torch.tensor([w[0] for w in weights], **f32)
         capacity_on = torch.tensor([w[1] is not None for w in weights], device=self.device)
         capacity = torch.tensor([w[1] or 0.0 for w in weights], **f32)
-        free_bits = torch.tensor([m.cfg.loss.free_bits for m in self.members], **f32)
         with self.autocast:
-            terms = self.forward(self.params, self.buffers, x, e, self.in_use, beta, capacity_on, capacity, free_bits)
+            terms = self.forward(self.params, self.buffers, x, e, self.in_use, beta, capacity_on, capacity,
+                                 self.free_bits)
         total = torch.where(self.alive, terms["loss"], 0.0).sum()  # a frozen member's (maybe NaN) loss is left out
         grads = torch.autograd.grad(total, [self.params[n] for n in self.param_names])
         self._adam(grads)
@@ -330,7 +331,7 @@ def scratch_members(members: Sequence[Trainee]) -> List[Trainee]:
                                        or False)
         state = copy.copy(m.state)
         state.model, state.optimizer = model, optimizer
-        out.append(replace(m, state=state, objective=m.objective))
+        out.append(replace(m, state=state))
     return out
 
 

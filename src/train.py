@@ -459,7 +459,8 @@ def after_step(t: Trainee, lr: float, bar: Optional[tqdm] = None) -> None:
     if checking and t.place.world_size > 1:
         state.sums.share_divergence()
     if state.step % cfg.trainer.log_every == 0 or last:
-        t.sync()  # a learned sigma is read there
+        if t.objective.likelihood.learned:  # its sigma is read there (a packed member's lives in the pack)
+            t.sync()
         _log_train(state, t.objective, lr, logger, bar, rd)
     if t.place.rank != 0:
         if checking:
@@ -522,7 +523,7 @@ def _log_train(state: TrainState, objective: Objective, lr: float, logger: Optio
     row = {**state.sums.pop_means(), "train/beta": beta, "train/lr": lr, "epoch": state.epoch}
     if capacity is not None:
         row["train/capacity"] = capacity
-    if any(p.requires_grad for p in objective.likelihood.parameters()):  # a learned sigma (sigma-VAE)
+    if objective.likelihood.learned:  # a learned sigma (sigma-VAE)
         row["train/sigma"] = objective.likelihood.scale()
     if logger:
         logger.log(row, state.step)
