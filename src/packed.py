@@ -542,18 +542,19 @@ def fit_pack(members: Dict[int, Trainee], engine_name: str, on, end) -> None:
         step += 1
         stop.step = step
         bar.update()
+        stopping = stop.received  # read once for the step: every member checkpoints for a signal, or none yet
         for k, t in enumerate(ts):
             if not live[k]:
                 continue
             t.state.advance(terms[k])
             with on(order[k]):
                 try:
-                    after_step(t, lrs[k], None)
+                    after_step(t, lrs[k], None, stopping)
                 except DivergedError as e:  # this member stops as its solo run would; the others go on
                     live[k] = False
                     engine.freeze(k)
                     end(order[k], e)
-        if stop.received:
+        if stopping:
             stop.stop(step)
     bar.close()
     stop.defer = False

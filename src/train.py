@@ -435,9 +435,11 @@ def fit(t: Trainee) -> Dict[str, Any]:
         state.advance(terms)
         stop.step = state.step
         bar.update()
-        # 2. what is due at this step: log, eval, checkpoint; then a stop a signal asked for
-        after_step(t, lr, bar)
-        if stop.received:
+        # 2. what is due at this step: log, eval, checkpoint; then a stop a signal asked for (read once: a signal
+        # that arrives after the checkpoint's turn is acted on at the next step, never without its checkpoint)
+        stopping = stop.received
+        after_step(t, lr, bar, stopping)
+        if stopping:
             stop.stop(state.step)
     bar.close()
     if place.rank != 0:
@@ -446,10 +448,11 @@ def fit(t: Trainee) -> Dict[str, Any]:
     return finish(t)
 
 
-def after_step(t: Trainee, lr: float, bar: Optional[tqdm] = None) -> None:
+def after_step(t: Trainee, lr: float, bar: Optional[tqdm] = None, stopping: bool = False) -> None:
     """What is due once the state has advanced by a step: log the train/ means, evaluate (with the grids), and
-    write the checkpoint, also when a signal asked to stop. Raises DivergedError once a non-finite step is seen."""
-    cfg, state, rd, logger, stop = t.cfg, t.state, t.run.dir, t.run.logger, t.run.stop
+    write the checkpoint, also when `stopping` (a signal asked to stop, as the caller read it once for the step).
+    Raises DivergedError once a non-finite step is seen."""
+    cfg, state, rd, logger = t.cfg, t.state, t.run.dir, t.run.logger
     steps = t.objective.total_steps
     eval_every = cfg.trainer.eval_every or len(state.batches)
     checkpoint_every = cfg.trainer.checkpoint_every or eval_every
@@ -474,7 +477,7 @@ def after_step(t: Trainee, lr: float, bar: Optional[tqdm] = None) -> None:
         logger.log(state.val, state.step)
         logger.log_images(t.grids.save(state.model, rd.root, state.step, state.val["val/kl_per_dim"]), state.step)
         _log_eval(state, cfg)
-    if evaluating or state.step % checkpoint_every == 0 or stop.received:
+    if evaluating or state.step % checkpoint_every == 0 or stopping:
         state.raise_if_diverged(rd)  # never overwrite a good checkpoint with a diverged model
         t.sync()
         ckpt = state.state_dict()

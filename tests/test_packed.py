@@ -3,6 +3,7 @@ bitwise) or up to summation order (vmap engine, 1e-5), and keeps the solo run-di
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -219,6 +220,41 @@ def test_sigterm_a_pack_then_resume_one_member_solo_and_the_rest_as_a_pack(tmp_p
         assert metric_rows(dirs[i]) == metric_rows(tmp_path / f"s{i}")  # as if never stopped, bitwise
         a, b = (load_checkpoint(d / "checkpoints/last.pt")["model"] for d in (dirs[i], tmp_path / f"s{i}"))
         assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+class SignalAtLine(logging.Handler):
+    """Sends SIGTERM to this process when the `n`-th log line starting with `text` is emitted."""
+
+    def __init__(self, text: str, n: int):
+        super().__init__()
+        self.text, self.n, self.seen = text, n, 0
+
+    def emit(self, record):
+        if record.getMessage().startswith(self.text):
+            self.seen += 1
+            if self.seen == self.n:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_between_two_members_turns_checkpoints_every_member_at_the_same_step(tmp_path, tiny):
+    """The pack reads a signal once per step: one that arrives while the second member logs step 6 (the first has
+    had its turn) is acted on at the next step by every member, so none stops without its checkpoint."""
+    cfgs = [compose_cfg(tiny + ["trainer.max_steps=40", "trainer.max_epochs=null", "trainer.eval_every=20",
+                         "trainer.log_every=2"] + m)
+            for m in MEMBERS[:2]]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    logger = logging.getLogger("src.train")
+    handler, level = SignalAtLine("step 6/40", 2), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(Interrupted):
+            train_pack(cfgs, dirs, engine="loop")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [json.loads((d / "summary.json").read_text())["step"] for d in dirs] == [7, 7]
+    assert [load_checkpoint(d / "checkpoints/last.pt")["step"] for d in dirs] == [7, 7]
 
 
 def test_a_diverging_member_is_frozen_and_the_others_equal_their_solo_runs(tmp_path, tiny):
