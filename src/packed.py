@@ -45,6 +45,7 @@ from .identity import flatten
 from .lifecycle import USER_ERRORS, DivergedError, RunLifecycle, StopSignals
 from .losses import elbo_terms
 from .models import build_model
+from .optim import build_optimizer
 from .rundir import RunDir, RunDirRefused, note_refused_member
 from .train import Shared, Throughput, Trainee, TrainStep, after_step, finish, log_finished, start
 from .validate import parse
@@ -230,21 +231,18 @@ class VmapEngine:
 
     def _load_moments(self) -> None:
         """Adam's moments and step count from the members' optimizers (zero for a fresh pack; a resumed member's
-        from its checkpoint). Members of a pack resume from the same step, so they share the count."""
-        self.exp_avg, self.exp_avg_sq, counts = {}, {}, set()
+        from its checkpoint). fit_pack admits only members resuming from the same step, so they share the count."""
+        self.exp_avg, self.exp_avg_sq, self.count = {}, {}, 0
         for n in self.param_names:
             avg, sq = [], []
             for m, d in zip(self.members, self.latents):
                 p = dict(m.state.model.named_parameters())[n]
                 st = m.state.optimizer.state.get(p, {})
-                counts.add(float(st["step"]) if "step" in st else 0.0)
-                avg.append(self._embed(n, st["exp_avg"], d) if "exp_avg" in st else self._embed(n, torch.zeros_like(p), d))
-                sq.append(self._embed(n, st["exp_avg_sq"], d) if "exp_avg_sq" in st else
-                          self._embed(n, torch.zeros_like(p), d))
+                self.count = int(float(st.get("step", 0)))
+                avg.append(self._embed(n, st.get("exp_avg", torch.zeros_like(p)), d))
+                sq.append(self._embed(n, st.get("exp_avg_sq", torch.zeros_like(p)), d))
             self.exp_avg[n], self.exp_avg_sq[n] = torch.stack(avg).detach(), torch.stack(sq).detach()
-        if len(counts) > 1:
-            raise ConfigError(f"the members of a pack must resume from the same step; their optimizers say {counts}")
-        self.count = int(counts.pop()) if counts else 0
+        self.synced = [self.count] * len(self.members)  # the count each member's own modules were last synced at
 
     def _member(self, params, buffers, x, eps, in_use, beta, capacity_on, capacity, free_bits):
         return functional_call(self.step_fn, ({f"model.{k}": v for k, v in params.items()},
@@ -255,9 +253,9 @@ class VmapEngine:
              step: int) -> List[Optional[Dict[str, torch.Tensor]]]:
         live = next(x for x in xs if x is not None)
         x = torch.stack([live if xi is None else xi for xi in xs]).contiguous()  # (M, B, C, H, W); frozen: any batch
-        e = torch.stack([torch.zeros(len(live), self.d_max, device=self.device, dtype=ei.dtype if ei is not None else
-                                     torch.float32) if ei is None else nn.functional.pad(ei, (0, self.d_max - ei.shape[1]))
-                         for ei in eps])  # (M, B, D_max), zero in the padded dims
+        noise = next(ei for ei in eps if ei is not None)
+        e = torch.stack([noise.new_zeros((len(live), self.d_max)) if ei is None else
+                         nn.functional.pad(ei, (0, self.d_max - ei.shape[1])) for ei in eps])  # (M, B, D_max), 0 padded
         weights = [m.objective.weights(step) for m in self.members]  # (beta_t, capacity_t or None) per member
         f32 = dict(device=self.device, dtype=torch.float32)
         beta = torch.tensor([w[0] for w in weights], **f32)
@@ -303,6 +301,9 @@ class VmapEngine:
     @torch.no_grad()
     def sync(self, i: int) -> None:
         """Member i's own model and optimizer state from its slice of the pack (before its eval or checkpoint)."""
+        if self.synced[i] == self.count:  # (an eval and a checkpoint at the same step read the same state)
+            return
+        self.synced[i] = self.count
         m, d = self.members[i], self.latents[i]
         model, optimizer = m.state.model, m.state.optimizer
         fused = optimizer.param_groups[0].get("fused") or optimizer.param_groups[0].get("capturable")
@@ -322,8 +323,6 @@ class VmapEngine:
 
 def scratch_members(members: Sequence[Trainee]) -> List[Trainee]:
     """Copies of the members' models and optimizers for a trial timing, so the real ones are not stepped."""
-    from .optim import build_optimizer
-
     out = []
     for m in members:
         model = copy.deepcopy(m.state.model)

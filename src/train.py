@@ -282,7 +282,6 @@ class Trainee:
     logger, signals), and what evaluates it and draws its grids. `sync` brings `state.model` and its optimizer up
     to date before they are read (a packed member's live weights are a slice of the pack's; solo: nothing)."""
     cfg: Config
-    raw_cfg: Any
     state: TrainState
     objective: Objective
     data: Any
@@ -399,7 +398,7 @@ def start(raw_cfg: DictConfig | Config, run: RunLifecycle, shared: Optional[Shar
         truncate_metrics(rd, state.step)
         run.logger = RunLogger(rd.root, cfg.logger, config)
         state.wandb_run_id = run.logger.run_id
-    trainee = Trainee(cfg, raw_cfg, state, objective, data, place, run)
+    trainee = Trainee(cfg, state, objective, data, place, run)
     x_fixed = torch.from_numpy(np.array(data.images["val"][: cfg.trainer.num_samples])).float().div(255)
     trainee.grids = FixedGrids(fixed_latents(cfg.trainer.num_samples, cfg.model.latent_dim).to(place.device),
                                x_fixed.to(place.device), cfg.eval.traversal_dims, cfg.eval.traversal_steps)
