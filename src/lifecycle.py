@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any, Dict, Optional
 
@@ -63,6 +64,14 @@ class Requeued(BaseException):
                          "; SLURM requeues the job and it resumes from its last checkpoint")
 
 
+def _after_the_stop(unraisable: sys.UnraisableHookArgs) -> None:
+    """A stop raised outside the loop lands between any two bytecodes, e.g. inside tqdm's __init__ before it
+    sets `pos`; the half-built object's __del__ then fails as the exception unwinds and Python would print that
+    as a traceback under the one-line stop message. The run is ending and recorded, so it is a debug line."""
+    log.debug("After the stop, ignored in %r: %s: %s", unraisable.object, unraisable.exc_type.__name__,
+              unraisable.exc_value)
+
+
 class StopSignals:
     """SIGTERM (a container stop, `scancel`, a SLURM preemption) and SIGINT (Ctrl-C) end a run cleanly. In the
     training loop (`defer`), the loop finishes its step, writes a checkpoint and then stops; elsewhere the run stops
@@ -90,6 +99,7 @@ class StopSignals:
         if self.received is not None and slurm.in_job():
             return  # SLURM repeats SIGTERM at the end of a preemption's grace time: the first one is in hand
         if not self.defer:
+            sys.unraisablehook = _after_the_stop  # the stop is raised wherever the signal landed
             self.stop(self.step, signum)
         self.received = signum
 

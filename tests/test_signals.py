@@ -160,6 +160,35 @@ def test_kill_9_during_a_pooled_decode_leaves_no_lock_behind(tmp_path, base):
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
 
 
+_HALF_BUILT_BAR = """
+import os, signal, sys
+from tqdm import tqdm
+from src.lifecycle import Interrupted, StopSignals
+
+class Now:  # formatted by tqdm's __init__ after it sets `disable` and before it sets `pos`
+    def __str__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return "now"
+
+with StopSignals():
+    try:
+        tqdm(range(3), postfix={"signal": Now()})
+    except Interrupted as e:
+        print("Interrupted:", e)
+        code = e.exit_code
+sys.exit(code)  # the half-built bar is collected here, after the stop was handled, as in src.cli
+"""
+
+
+def test_a_signal_that_lands_inside_a_progress_bars_constructor_leaves_no_traceback():
+    """Outside the loop a stop is raised wherever the signal lands. Landing in tqdm's __init__ (CI caught it in a
+    data decode's bar) left a half-built bar whose __del__ printed a traceback under the one-line stop message."""
+    proc = subprocess.run([sys.executable, "-c", _HALF_BUILT_BAR], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert proc.returncode == 143 and "Interrupted: interrupted by SIGTERM" in proc.stdout
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+
+
 def test_sigterm_while_a_run_with_a_damaged_checkpoint_starts_is_one_line(tmp_path, base):
     """The stop message names the checkpoint to resume from; a damaged one is named as damaged (it was a
     CheckpointError traceback and exit 1 instead of 143)."""
