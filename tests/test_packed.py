@@ -277,7 +277,7 @@ def test_packed_launcher_packs_by_architecture_and_keeps_each_members_contract(t
     sweep = tmp_path / "sweep"
     args = ["-m", "hydra/launcher=packed", *tiny_overrides(cache_dir), "model.hidden_channels=[8,16],[4,8]",
             "loss.beta=1,4", "seed=0,1", "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={sweep}"]
-    proc = run_cli(args, real_process=True)
+    proc = run_cli(args)  # the driver in this process; each pack is its own process, as submitit starts it
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pack 0: members 0, 1, 2, 3" in proc.stdout and "pack 1: members 4, 5, 6, 7" in proc.stdout
     contract = {".hydra", "checkpoints", "metrics.jsonl", "summary.json", "train.log", "trained_with.yaml",
@@ -295,14 +295,14 @@ def test_packed_launcher_packs_by_architecture_and_keeps_each_members_contract(t
         header = json.dumps(leet(runs[0]))
         beta, seed = (1, 4)[member // 2 % 2], member % 2
         assert f"beta={beta} seed={seed}" in header and str(sweep.name) in header
-    again = run_cli(args, real_process=True)
+    again = run_cli(args)
     assert again.returncode == 0 and again.stdout.count("finished already; skipped") == 8
 
 
 def test_a_bad_member_is_refused_without_stopping_its_pack(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "hydra/launcher=packed", *tiny_overrides(cache_dir), "loss.beta=1,-1,4",
-                    f"hydra.sweep.dir={sweep}"], real_process=True)
+                    f"hydra.sweep.dir={sweep}"])
     assert proc.returncode == 1
     assert "member 1 runs on its own" in proc.stdout and "pack 0: members 0, 2" in proc.stdout
     assert "member 1 failed" in proc.stdout and "loss.beta" in proc.stdout
