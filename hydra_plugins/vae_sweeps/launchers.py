@@ -16,6 +16,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -96,7 +97,8 @@ class KeepGoing:
         """Each member one job (a packing launcher groups them); and the members with a result already."""
         return [Unit(self, [(list(o), idx)], packed=False) for idx, o in enumerate(job_overrides, start=first)], {}
 
-    POLL_S = 2.0
+    POLL_S = 2.0  # how often the scheduler is asked which jobs ended (those without a result: lost members)
+    RESULT_POLL_S = 0.5  # how often the result files are looked for (a file check: a finished job is seen at once)
     RESULT_GRACE_S = 0.0  # how long a job that ended may take to show its result file
 
     def _collect(self, jobs: List[Any], units: List[Unit], sweep: SweepDir,
@@ -104,14 +106,17 @@ class KeepGoing:
         """Wait for every job; the members of a job that ended without a result are recorded as lost."""
         pending = dict(enumerate(jobs))
         returns: Dict[int, JobReturn] = dict(done)
+        ended: Dict[str, str] = {}
+        asked = -math.inf
         while pending:
-            ended = self._ended(list(pending.values()))
+            if time.monotonic() - asked >= self.POLL_S:
+                ended, asked = self._ended(list(pending.values())), time.monotonic()
             for k, job in list(pending.items()):
                 if job.paths.result_pickle.exists() or job.job_id in ended:
                     returns.update(zip(units[k].indices, self._results(job, units[k], sweep, ended.get(job.job_id))))
                     del pending[k]
             if pending:
-                time.sleep(self.POLL_S)
+                time.sleep(self.RESULT_POLL_S)
         return [returns[idx] for idx in sorted(returns)]
 
     def _ended(self, jobs: List[Any]) -> Dict[str, str]:
