@@ -52,6 +52,10 @@ class Interrupted(BaseException):
         self.exit_code = 128 + signum  # 143 for SIGTERM, 130 for SIGINT, as a shell reports them
         super().__init__(f"interrupted by {signal.Signals(signum).name}" + (f" at step {step}" if step else ""))
 
+    def at(self, step: Optional[int]) -> "Interrupted":
+        """The same stop for a run at another step (a pack's member that waited its turn)."""
+        return Interrupted(self.signum, step)
+
 
 class Requeued(BaseException):
     """SLURM requeues this run's job; it stopped at training step `step` with a checkpoint and resumes from it.
@@ -59,9 +63,12 @@ class Requeued(BaseException):
     requeued the job already)."""
 
     def __init__(self, step: Optional[int], how: str, wait: bool):
-        self.step, self.wait = step, wait
+        self.step, self.how, self.wait = step, how, wait
         super().__init__(f"{how}" + (f" at step {step}" if step is not None else "") +
                          "; SLURM requeues the job and it resumes from its last checkpoint")
+
+    def at(self, step: Optional[int]) -> "Requeued":
+        return Requeued(step, self.how, self.wait)
 
 
 def _after_the_stop(unraisable: sys.UnraisableHookArgs) -> None:

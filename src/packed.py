@@ -42,7 +42,7 @@ from .config import ConfigError
 from .data import load_data, mean_image, resolve_on_device
 from .device import autocast_for, resolve_compile, resolve_device, resolve_precision, synchronize
 from .identity import flatten
-from .lifecycle import USER_ERRORS, DivergedError, RunLifecycle, StopSignals
+from .lifecycle import USER_ERRORS, DivergedError, Interrupted, Requeued, RunLifecycle, StopSignals
 from .losses import elbo_terms
 from .models import build_model
 from .optim import build_optimizer
@@ -491,15 +491,27 @@ def train_pack(cfgs: Sequence[Any], run_dirs: Sequence[str | Path], engine: str 
                     trainee.state.get_rng, trainee.state.set_rng = rng.get, rng.set
                     trainee.rng = rng
                     members[i] = trainee
-            if members:
-                fit_pack(members, engine, on, end)
+            for group in by_resume_step(members):
+                fit_pack(group, engine, on, end)
             for i in list(open_runs):
                 end(i, None)
         except BaseException as e:  # a signal (or a failure of the pack itself): every member still open records it
-            for i in list(open_runs):
-                end(i, e)
+            for i in list(open_runs):  # (a member that waited for its group's turn, at its own step)
+                end(i, e.at(members[i].state.step) if isinstance(e, (Interrupted, Requeued)) and i in members else e)
             raise
     return summaries
+
+
+def by_resume_step(members: Dict[int, Trainee]) -> List[Dict[int, Trainee]]:
+    """The members grouped by the step they resume from, earliest first; each group trains as a pack, one after
+    another. One group, but for a pack stopped between two members' checkpoint writes (kill -9, a node failure)
+    and then run again as it was (SLURM requeues the same job; a rerun of the sweep re-plans them instead)."""
+    steps = sorted({t.state.step for t in members.values()})
+    if len(steps) > 1:
+        log.warning("The pack's members resume from different steps (%s); they train as %d packs, one after another",
+                    ", ".join(f"member {t.run.dir.root.name} from {t.state.step}" for t in members.values()),
+                    len(steps))
+    return [{i: t for i, t in members.items() if t.state.step == s} for s in steps]
 
 
 def fit_pack(members: Dict[int, Trainee], engine_name: str, on, end) -> None:
@@ -510,9 +522,7 @@ def fit_pack(members: Dict[int, Trainee], engine_name: str, on, end) -> None:
     first = ts[0]
     steps, stop = first.objective.total_steps, first.run.stop
     refuse_unpackable([t.state.config for t in ts])
-    if len({t.state.step for t in ts}) > 1:
-        raise ConfigError(f"the members of a pack must resume from the same step; their checkpoints are at steps "
-                          f"{sorted({t.state.step for t in ts})}")
+    assert len({t.state.step for t in ts}) == 1, "a pack's members share one step (by_resume_step groups them)"
     engine = choose_engine(engine_name, ts)
     for k, t in enumerate(ts):
         t.sync = lambda k=k: engine.sync(k)

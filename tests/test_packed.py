@@ -257,6 +257,45 @@ def test_a_signal_between_two_members_turns_checkpoints_every_member_at_the_same
     assert [load_checkpoint(d / "checkpoints/last.pt")["step"] for d in dirs] == [7, 7]
 
 
+def signal_at(text: str, n: int, fn, *args):
+    """fn(*args), with SIGTERM sent at the n-th log line of src.train that starts with `text`."""
+    logger = logging.getLogger("src.train")
+    handler, level = SignalAtLine(text, n), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with pytest.raises(Interrupted):
+            fn(*args)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_members_at_different_steps_train_in_groups_and_each_equals_its_solo_run(tmp_path, tiny):
+    """A pack stopped between two members' checkpoint writes (kill -9, a node failure) is run again as it was when
+    SLURM requeues its job: the members resume from their own steps, a group per step, one after another. It used to
+    refuse ("must resume from the same step"). A stop while one group trains leaves a waiting member at its step."""
+    cfgs = [compose_cfg(tiny + ["trainer.max_steps=16", "trainer.max_epochs=null", "trainer.eval_every=8",
+                                "trainer.log_every=2"] + m) for m in MEMBERS]
+    dirs = [tmp_path / f"p{i}" for i in range(3)]
+    signal_at("step 4/16", 1, train, cfgs[1], dirs[1])  # member 1 alone reached step 5 and stopped there
+    assert load_checkpoint(dirs[1] / "checkpoints/last.pt")["step"] == 5
+
+    signal_at("step 10/16", 2, train_pack, cfgs, dirs, "loop")  # members 0 and 2 first, from step 0
+    steps = [json.loads((d / "summary.json").read_text())["step"] for d in dirs]
+    assert steps == [11, 5, 11]  # member 1 waited for its turn: still at its own step, and says so
+    assert [load_checkpoint(d / "checkpoints/last.pt")["step"] for d in dirs] == steps
+
+    summaries = train_pack(cfgs, dirs, engine="loop")
+    assert [s["status"] for s in summaries] == ["finished"] * 3
+    assert [s["perf/pack_members"] for s in summaries] == [2, 1, 2]
+    for i, cfg in enumerate(cfgs):
+        train(cfg, tmp_path / f"s{i}")
+        assert metric_rows(dirs[i]) == metric_rows(tmp_path / f"s{i}")  # as if never stopped, bitwise
+        a, b = (load_checkpoint(d / "checkpoints/last.pt")["model"] for d in (dirs[i], tmp_path / f"s{i}"))
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_a_diverging_member_is_frozen_and_the_others_equal_their_solo_runs(tmp_path, tiny):
     extra = ["trainer.max_steps=6", "trainer.log_every=1", "trainer.eval_every=3"]
     members = [MEMBERS[0], ["optimizer.lr=1e3", "loss.beta=4", "seed=3"], MEMBERS[2]]
