@@ -296,6 +296,23 @@ def test_members_at_different_steps_train_in_groups_and_each_equals_its_solo_run
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_a_signal_during_the_packs_final_evals_keeps_the_finished_and_a_rerun_finishes_the_rest(tmp_path, tiny):
+    """After the loop each member's final eval runs in turn; a SIGTERM there (here as member 1 logs its end) stops
+    the pack at once: member 0 stays finished, members 1 and 2 are interrupted at the last step, and the same pack
+    again redoes only their final evals, each then equal to its solo run."""
+    cfgs = [compose_cfg(tiny + ["trainer.max_steps=8", "trainer.log_every=2"] + m) for m in MEMBERS]
+    dirs = [tmp_path / f"p{i}" for i in range(3)]
+    signal_at("Finished:", 2, train_pack, cfgs, dirs, "loop")
+    stopped = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    assert [(s["status"], s["step"]) for s in stopped] == [("finished", 8), ("interrupted", 8), ("interrupted", 8)]
+    summaries = train_pack(cfgs, dirs, engine="loop")
+    assert [s["status"] for s in summaries] == ["finished"] * 3
+    for i, cfg in enumerate(cfgs):
+        solo = train(cfg, tmp_path / f"s{i}")
+        assert results(summaries[i]) == results(solo), i
+        assert metric_rows(dirs[i]) == metric_rows(tmp_path / f"s{i}"), i  # the test row once
+
+
 def test_a_diverging_member_is_frozen_and_the_others_equal_their_solo_runs(tmp_path, tiny):
     extra = ["trainer.max_steps=6", "trainer.log_every=1", "trainer.eval_every=3"]
     members = [MEMBERS[0], ["optimizer.lr=1e3", "loss.beta=4", "seed=3"], MEMBERS[2]]
