@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 from urllib.parse import urlparse
 
 from .config import LoggerConfig
@@ -50,6 +50,23 @@ def _has_credentials() -> bool:
         return False
 
 
+def wandb_base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+
+
+# After W&B could not be used online, the runs this process starts in the next OFFLINE_MEMORY_S go offline at once:
+# the members of a pack (or of a sweep run in one process) would otherwise each wait logger.init_timeout for the
+# same silent server before training. Keyed by server; the time is the failure's, so the server is asked again later.
+OFFLINE_MEMORY_S = 600.0
+_went_offline: Dict[str, Tuple[float, str]] = {}
+
+
+def _offline_lately(base: str) -> Optional[str]:
+    when, reason = _went_offline.get(base, (-OFFLINE_MEMORY_S, ""))
+    ago = time.monotonic() - when
+    return f"{reason}; as for this process's run {ago:.0f} s ago" if ago < OFFLINE_MEMORY_S else None
+
+
 def wandb_unreachable(timeout: float) -> Optional[str]:
     """Why the W&B server cannot be used now (refused, timed out, an HTTP error, a page that is not the API), or
     None when it answers. One small GraphQL request, bounded by `timeout` seconds in all (a socket timeout bounds
@@ -60,13 +77,12 @@ def wandb_unreachable(timeout: float) -> Optional[str]:
     probe.start()
     probe.join(timeout)
     if "reason" not in answer:
-        base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
-        return f"{base} gave no whole answer within {timeout:g} s"
+        return f"{wandb_base_url()} gave no whole answer within {timeout:g} s"
     return answer["reason"]
 
 
 def _probe(timeout: float) -> Optional[str]:
-    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").rstrip("/")
+    base = wandb_base_url()
     request = urllib.request.Request(f"{base}/graphql", data=b'{"query": "{ viewer { id } }"}',
                                      headers={"Content-Type": "application/json"})
     try:
@@ -101,8 +117,9 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
                   group=group, job_type=job_type, config=config, tags=tags,
                   settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off", silent=quiet),
                   reinit="create_new")  # the members of a pack each hold a run of their own in one process
-    started = time.monotonic()
-    reason = wandb_unreachable(cfg.init_timeout) if mode == "online" else None
+    started, base = time.monotonic(), wandb_base_url()
+    lately = _offline_lately(base) if mode == "online" else None
+    reason = lately or (wandb_unreachable(cfg.init_timeout) if mode == "online" else None)
     run = None
     if mode == "offline" or reason is None:
         try:
@@ -113,6 +130,8 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
             reason = str(e).splitlines()[0][:160]
             wandb.teardown()  # forget the half-started online run, or the offline one is refused as "in use"
     if run is None:
+        if lately is None:
+            _went_offline[base] = (time.monotonic(), reason)
         log.warning("W&B unreachable (%s) after %.1f s; logging offline in %s, upload later with `wandb sync`",
                     reason, time.monotonic() - started, run_dir / "wandb")
         os.environ["WANDB_ERROR_REPORTING"] = "false"  # W&B's own telemetry would wait on the same server at exit

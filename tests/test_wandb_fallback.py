@@ -155,3 +155,24 @@ def test_a_requeued_run_is_marked_preempting_on_wandb_not_just_failed(tmp_path, 
     records = leet(tmp_path / "wandb")
     assert any(r["type"] == "preempting" for r in records) == (status == "requeued")
     assert {"status": status, "step": 1}.items() <= leet(tmp_path / "wandb", summary=True)["summary"].items()
+
+
+def test_a_pack_waits_for_a_silent_wandb_server_once_not_once_per_member(tmp_path, tiny, servers):
+    """The members of a pack start one after another in one process: the first waits logger.init_timeout for the
+    silent server and goes offline, the others go offline at once for the same reason (they used to wait in turn:
+    16 members, 8 minutes before the first step)."""
+    sweep = tmp_path / "sweep"
+    env = {"WANDB_MODE": None, "WANDB_API_KEY": SECRET, "WANDB_BASE_URL": servers["silent"]}
+    proc = run_cli(["-m", "hydra/launcher=packed", "hydra.launcher.engine=loop", *tiny, "trainer.max_steps=2",
+                    "loss.beta=1,2,4", "logger=wandb", f"logger.init_timeout={TIMEOUT}", f"hydra.sweep.dir={sweep}"],
+                   env=env)  # the driver here; the pack is its own process, with this environment
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    waited = []
+    for member in range(3):
+        rd = sweep / str(member)
+        [line] = [line for line in (rd / "train.log").read_text().splitlines() if "W&B unreachable" in line]
+        waited.append(float(re.search(r"after ([0-9.]+) s", line).group(1)))
+        assert "gave no whole answer" in line, line
+        assert json.loads((rd / "summary.json").read_text())["status"] == "finished"
+        assert len(list((rd / "wandb").glob("offline-run-*"))) == 1
+    assert TIMEOUT - 0.5 <= waited[0] <= TIMEOUT + 0.5 and max(waited[1:]) < 1.0, waited
