@@ -400,6 +400,11 @@ class MemberLogs:
             logging.getLogger().removeHandler(h)
             h.close()
 
+    def drop(self, i: int) -> None:
+        """Member i's dir is another process's: after its refusal line, nothing more of the pack's goes there."""
+        logging.getLogger().removeHandler(self.handlers[i])
+        self.handlers[i].close()
+
     @contextmanager
     def member(self, i: int) -> Iterator[None]:
         before, self.current = self.current, i
@@ -476,7 +481,13 @@ def train_pack(cfgs: Sequence[Any], run_dirs: Sequence[str | Path], engine: str 
             for i, (cfg, rd) in enumerate(zip(cfgs, run_dirs)):  # 1. each member starts as a solo run would
                 with on(i):
                     run = RunLifecycle(RunDir(rd), cfg, stop=stop)
-                    open_runs[i] = run.__enter__()
+                    try:
+                        open_runs[i] = run.__enter__()
+                    except RunDirRefused as e:  # another process holds its dir: left as it was, as a solo run's
+                        member_error(e, Path(rd))
+                        logs.drop(i)
+                        summaries[i] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                        continue
                     try:
                         shared = shared or load_shared(cfg)
                         trainee = start(cfg, run, shared)

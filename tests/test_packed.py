@@ -19,6 +19,7 @@ from src.lifecycle import Interrupted
 from src.likelihoods import Bernoulli, build_likelihood
 from src.losses import elbo_terms
 from src.models import ConvVAE, build_model
+from src.rundir import RunDir, RunDirLock
 from src.packed import _MemberStep, pad_latent, train_pack, unpad_latent
 from src.train import train
 
@@ -311,6 +312,25 @@ def test_a_signal_during_the_packs_final_evals_keeps_the_finished_and_a_rerun_fi
         solo = train(cfg, tmp_path / f"s{i}")
         assert results(summaries[i]) == results(solo), i
         assert metric_rows(dirs[i]) == metric_rows(tmp_path / f"s{i}"), i  # the test row once
+
+
+def test_a_member_whose_run_dir_is_in_use_is_refused_and_the_others_train(tmp_path, tiny):
+    """Another process holds member 1's run dir (a solo run the user started there): member 1 is refused with the
+    solo line and its dir left as it was; the other members train as a pack of two."""
+    cfgs = [compose_cfg(tiny + m) for m in MEMBERS]
+    dirs = [tmp_path / f"p{i}" for i in range(3)]
+    dirs[1].mkdir()
+    holder = RunDirLock(RunDir(dirs[1]))  # (flock: a second open file in this process is refused as another's)
+    try:
+        summaries = train_pack(cfgs, dirs, engine="loop")
+    finally:
+        holder.release()
+    assert [s["status"] for s in summaries] == ["finished", "failed", "finished"]
+    assert "is in use by pid" in summaries[1]["error"]
+    assert [s["perf/pack_members"] for s in (summaries[0], summaries[2])] == [2, 2]
+    assert {x.name for x in dirs[1].iterdir()} == {".lock", "train.log"}  # nothing of the pack's but its refusal
+    [line] = (dirs[1] / "train.log").read_text().splitlines()  # (a refused solo run appends the same line)
+    assert "Refused: run dir" in line and "is in use by pid" in line
 
 
 def test_a_diverging_member_is_frozen_and_the_others_equal_their_solo_runs(tmp_path, tiny):
