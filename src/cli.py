@@ -214,6 +214,9 @@ def hydra_error_line(e: BaseException) -> str:
             if isinstance(known, DictConfig):
                 where = f"a key of {section}" if section else "a config key"
                 return f"{key} is not {where}{did_you_mean(name, list(known.keys()), section + '.' if section else '')}"
+    ours = next((cause for cause in chain if isinstance(cause, ConfigError)), None)
+    if ours is not None:  # our launcher's own check (hydra.launcher.engine=...), raised inside Hydra's instantiate
+        return str(ours)
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     lines = lines[: next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))]
     if len(chain) > 1 and isinstance(chain[1], OmegaConfBaseException):

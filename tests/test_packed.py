@@ -385,3 +385,13 @@ def test_a_bad_member_is_refused_without_stopping_its_pack(tmp_path, cache_dir):
     for member in (0, 2):
         assert json.loads((sweep / str(member) / "summary.json").read_text())["status"] == "finished"
     assert "loss.beta" in json.loads((sweep / "1" / "summary.json").read_text())["error"]
+
+
+@pytest.mark.parametrize("override, line", [
+    ("hydra.launcher.engine=fast", "hydra.launcher.engine='fast' is not allowed; choose one of auto, loop, vmap"),
+    ("hydra.launcher.max_members=0", "hydra.launcher.max_members=0 and min_members=2 must be >= 1"),
+])
+def test_a_bad_launcher_knob_is_one_line_naming_it(tmp_path, tiny, override, line):
+    proc = run_cli(["-m", "hydra/launcher=packed", override, *tiny, "loss.beta=1,2", f"hydra.sweep.dir={tmp_path}"])
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"Config error: {line}"], proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
