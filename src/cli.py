@@ -128,7 +128,10 @@ class SweepReport(Callback):
 
         def job(member: str) -> str:
             note = lost.get(member)
-            return f" (job {note['job']}, state {note.get('state', 'unknown')})" if note else ""
+            if note is None:
+                return ""
+            state = note.get("state", "unknown")  # "": a local job, whose state says nothing
+            return f" (job {note['job']}" + (f", state {state})" if state else ")")
 
         for member in sweep.members():
             if size is not None and int(member.name) >= size:

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import ROOT, run_cli, tiny_overrides
 
 
 def test_a_member_killed_by_the_system_is_named_and_the_others_finish(tmp_path):
@@ -67,3 +67,33 @@ def test_a_member_killed_before_it_makes_its_folder_is_named(tmp_path):
     member = re.search(r"member (\d) ended without a result \(job", out).group(1)
     assert not (sweep / member / "summary.json").exists()
     assert json.loads((sweep / str(1 - int(member)) / "summary.json").read_text())["status"] == "finished"
+
+
+def test_a_killed_pack_names_each_of_its_members_and_a_rerun_resumes_them(tmp_path):
+    """hydra/launcher=packed: the out-of-memory killer ends the pack's one process; the sweep ends with exit 1
+    naming each of its members, and the same command again resumes them from their checkpoints to the end."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=packed", "hydra.launcher.engine=loop", *tiny_overrides(tmp_path / "cache"),
+            "logger=none", "trainer.max_steps=120", "trainer.max_epochs=null", "trainer.eval_every=120",
+            "trainer.checkpoint_every=10", "trainer.log_every=10", "loss.beta=1,2,4", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    last = sweep / "2" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not last.is_file():
+        time.sleep(0.01)  # every member has checkpointed (at step 10) and the pack trains on
+    os.kill(int((sweep / "0" / ".lock").read_text().split()[1]), signal.SIGKILL)  # one process holds all three
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    job = re.search(r"member 0 ended without a summary \(job (\d+)\)", out)
+    assert job, out[-3000:]  # (no "state FINISHED": submitit says that of a killed local job too)
+    for member in range(3):  # one job, every member of it named
+        assert f"member {member} ended without a summary (job {job.group(1)}): killed by the system" in out
+    assert "3 member(s)" in out, out[-3000:]
+
+    again = run_cli(args)  # the driver in this process, the pack again its own
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for member in range(3):
+        rd = sweep / str(member)
+        assert json.loads((rd / "summary.json").read_text())["status"] == "finished"
+        assert "Resuming from" in (rd / "train.log").read_text()

@@ -120,8 +120,9 @@ class KeepGoing:
         return [returns[idx] for idx in sorted(returns)]
 
     def _ended(self, jobs: List[Any]) -> Dict[str, str]:
-        """The jobs among `jobs` that ended, with their state. Local jobs: their process."""
-        return {job.job_id: job.state for job in jobs if job.done()}
+        """The jobs among `jobs` that ended, with their state. Local jobs: their process, whose state submitit calls
+        FINISHED however its task ended (its controller exits 0 after a kill -9 too): no state to tell, then."""
+        return {job.job_id: "" if job.state == "FINISHED" else job.state for job in jobs if job.done()}
 
     def _refusal(self, error: str) -> str:
         return error.strip().splitlines()[-1]
@@ -141,9 +142,10 @@ class KeepGoing:
             for idx in unit.indices:
                 summary = read_summary(RunDir(sweep.root / str(idx)))
                 own = f"; its summary: {summary.get('status')}: {summary.get('error')}" if summary else ""
-                log.error("member %d (job %s, state %s) ended without a result%s; the other members go on",
-                          idx, job.job_id, state or "unknown", own)
-                sweep.note(sweep.lost, member=idx, job=str(job.job_id), state=state or "unknown")
+                state = "unknown" if state is None else state
+                log.error("member %d (job %s%s) ended without a result%s; the other members go on",
+                          idx, job.job_id, f", state {state}" if state else "", own)
+                sweep.note(sweep.lost, member=idx, job=str(job.job_id), state=state)
                 lost.append(job_return(None, float("nan")))
             return lost
 
