@@ -62,7 +62,9 @@ _went_offline: Dict[str, Tuple[float, str]] = {}
 
 
 def _offline_lately(base: str) -> Optional[str]:
-    when, reason = _went_offline.get(base, (-OFFLINE_MEMORY_S, ""))
+    if base not in _went_offline:
+        return None
+    when, reason = _went_offline[base]
     ago = time.monotonic() - when
     return f"{reason}; as for this process's run {ago:.0f} s ago" if ago < OFFLINE_MEMORY_S else None
 

@@ -16,7 +16,6 @@ import contextlib
 import copy
 import io
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -107,10 +106,10 @@ class KeepGoing:
         pending = dict(enumerate(jobs))
         returns: Dict[int, JobReturn] = dict(done)
         ended: Dict[str, str] = {}
-        asked = -math.inf
+        next_ask = time.monotonic()
         while pending:
-            if time.monotonic() - asked >= self.POLL_S:
-                ended, asked = self._ended(list(pending.values())), time.monotonic()
+            if time.monotonic() >= next_ask:
+                ended, next_ask = self._ended(list(pending.values())), time.monotonic() + self.POLL_S
             for k, job in list(pending.items()):
                 if job.paths.result_pickle.exists() or job.job_id in ended:
                     returns.update(zip(units[k].indices, self._results(job, units[k], sweep, ended.get(job.job_id))))
