@@ -33,7 +33,7 @@ from .naming import sweep_size
 from .rundir import RunDir, RunDirRefused, SweepDir, note_refused_member, read_summary, write_text
 from .slurm import SubmitRefused
 from .train import train
-from .validate import did_you_mean
+from .config_check import did_you_mean
 
 log = logging.getLogger(__name__)
 

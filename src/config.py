@@ -1,7 +1,7 @@
 """Typed config schemas and their defaults, registered with Hydra (every default has its one home here).
 
 A leaf: this module imports nothing from `src`. Hydra checks types and key names when it composes `conf/`
-against these dataclasses; `src.validate.parse()` then checks values, names and cross-field rules.
+against these dataclasses; `src.config_check.parse()` then checks values, names and cross-field rules.
 """
 from __future__ import annotations
 

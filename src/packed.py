@@ -48,7 +48,7 @@ from .models import build_model
 from .optim import build_optimizer
 from .rundir import RunDir, RunDirRefused, note_refused_member
 from .train import Shared, Throughput, Trainee, TrainStep, after_step, finish, log_finished, start
-from .validate import parse
+from .config_check import parse
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from .metrics import evaluate_split
 from .models import build_model
 from .optim import build_optimizer
 from .rundir import RunDir, finished_summary, write_hydra_files
-from .validate import parse
+from .config_check import parse
 from .visuals import FixedGrids, fixed_latents
 
 log = logging.getLogger(__name__)

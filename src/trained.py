@@ -20,7 +20,7 @@ from .models import VAE, build_model
 from .sources import IMAGE_SUFFIXES, fit_image
 from .device import missing_device, resolve_device
 from .rundir import RunDir
-from .validate import parse
+from .config_check import parse
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from src.config import Config, ConfigError
-from src.validate import parse
+from src.config_check import parse
 
 from .conftest import CONF, compose_cfg, run_cli
 

@@ -14,7 +14,7 @@ from torchvision.transforms.functional import gaussian_blur
 from src.data import cache_folder, load_data
 from src.judge import JUDGE_VERSION, features, frechet_distance, judge_for, load_or_train
 from src.sources import ImageData
-from src.validate import parse
+from src.config_check import parse
 
 from .conftest import compose_cfg
 

@@ -15,7 +15,7 @@ from src.comparison import collect
 from src.identity import record_config
 from src.report import display_table, render
 from src.rundir import RunDir, write_json
-from src.validate import parse
+from src.config_check import parse
 
 from .conftest import compose_cfg, run_cli, tiny_overrides
 

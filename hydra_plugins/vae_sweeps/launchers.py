@@ -202,7 +202,7 @@ class Packing:
         from src.identity import check_rerun
         from src.packed import pack_signature
         from src.rundir import finished_summary
-        from src.validate import parse
+        from src.config_check import parse
 
         try:
             parsed = parse(task_config(cfg))
