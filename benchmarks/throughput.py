@@ -227,8 +227,7 @@ def packed_row(model: str, members: int, device: str, steps: int, cache: str, re
     from hydra import compose, initialize_config_dir
 
     from src.config import register_configs
-    from src.packed import train_pack
-    from src.train import train
+    from src.train import train, train_pack
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -35,11 +35,11 @@ class UnsafePickle(CheckpointError):
     """A file that holds more than tensors and plain types: unpickling it could run code."""
 
 
-def load_weights_only(path: Path, map_location: Any = "cpu") -> Any:
+def load_weights_only(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """`torch.load(weights_only=True)`, the one way this project unpickles a file it did not just write: anything
     but tensors and plain types raises UnsafePickle, never executed; a damaged file raises CheckpointError."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and _zip_format(path))
     except pickle.UnpicklingError:
         raise UnsafePickle(f"{path} holds more than tensors and plain types (unpickling it could run code) and "
                            "was refused unloaded") from None
@@ -47,9 +47,15 @@ def load_weights_only(path: Path, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path} is damaged or truncated ({type(e).__name__})") from None
 
 
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
+def _zip_format(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"  # torch's zip format (torch.save's since 1.6), which can be memory-mapped
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
     """Load with `weights_only=True`: anything but tensors and plain types is refused, never executed; a file
-    that is not a checkpoint of this tool (a bare state_dict, an image, text) is named as such."""
+    that is not a checkpoint of this tool (a bare state_dict, an image, text) is named as such. `mmap`: tensors are
+    read from the file only when touched."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -59,7 +65,7 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
         raise CheckpointError(f"{path} is not a torch checkpoint; give a checkpoints/last.pt or best.pt written by "
                               "python -m src.train, or the run dir holding it")
     try:
-        state = load_weights_only(path, map_location)
+        state = load_weights_only(path, map_location, mmap)
     except UnsafePickle as e:
         raise CheckpointError(f"checkpoint {e}; use a checkpoint written by python -m src.train") from None
     except CheckpointError as e:
@@ -72,6 +78,11 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
                               "optimizer, step and config of a run); give a checkpoints/last.pt or best.pt written "
                               "by python -m src.train")
     return state
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was written at, without reading its tensors (the file is memory-mapped)."""
+    return int(load_checkpoint(path, mmap=True)["step"])
 
 
 def saved_config(state: Dict[str, Any]) -> Dict[str, Any]:

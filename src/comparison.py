@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .identity import RecordError, changes_results, flatten, recorded_config, result_overrides
+from .identity import DEFAULTS, RecordError, changes_results, flatten, recorded_config, result_overrides
 from .naming import short_names, swept_keys
 from .rundir import RunDir, read_summary
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 SPLIT = "test"  # the final numbers, on the official test split
 SEED = "seed"  # the key whose values are replicates of one setting
-COLLAPSE_NATS = 0.1  # eval.collapse_nats of a run recorded before the key existed
+COLLAPSE_NATS = DEFAULTS["eval.collapse_nats"]  # of a run recorded before the key existed: its default
 # what a likelihood's NLL is: a probability of the 8-bit image (>= 0 nats) or a density (any sign); NLLs of the
 # two kinds do not compare
 DISCRETE = {"bernoulli"}

@@ -1,5 +1,6 @@
 """What makes two runs "the same experiment", defined once: the rerun check (skip, resume, continue with a
-larger budget, or refuse), the resume-from-a-checkpoint check, W&B names and `src.compare`'s labels all use it.
+larger budget, or refuse), the resume-from-a-checkpoint check, W&B names and `src.compare`'s labels all use it; and
+what members must share to train as one pack (`PACKABLE`, `pack_signature`).
 
 Two configs are the same experiment when they agree on every key that can change results. Keys that cannot
 (NOT_RESULTS: where files live, progress bars, logging, how to resume) are ignored; a key missing from an older
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import Config, ConfigError
-from .rundir import RunDir, RunDirRefused, write_text
+from .rundir import RunDir, RunDirRefused, finished_summary, write_text
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,35 @@ def check_rerun(run_dir: RunDir, current: Dict[str, Any]) -> str:
     return verdict
 
 
+@dataclass
+class RerunPlan:
+    """What a run into a run dir does: "finished" (skipped; its summary), "resume" from `checkpoint`, or "fresh".
+    Another experiment's dir is refused (RunDirRefused) before a plan is made."""
+    kind: str
+    checkpoint: Optional[Path] = None
+    summary: Optional[Dict[str, Any]] = None
+
+    @property
+    def step(self) -> int:
+        """The step it resumes from: read from the checkpoint alone (memory-mapped: not its tensors) when asked."""
+        from .checkpoint import checkpoint_step  # torch: not for src.compare's readers
+
+        return checkpoint_step(self.checkpoint) if self.checkpoint is not None else 0
+
+
+def plan_rerun(run_dir: RunDir, current: Dict[str, Any], resume: str) -> RerunPlan:
+    """The one rerun decision, for a run's set-up and for the packed launcher's plan: skip a finished run (unless
+    trainer.resume=never), resume or continue an unfinished one from the checkpoint `resume` names, refuse another
+    experiment, or start fresh."""
+    from .checkpoint import find_resume_checkpoint
+
+    verdict = "new" if resume == "never" else check_rerun(run_dir, current)
+    if verdict == "same" and (finished := finished_summary(run_dir)) is not None:
+        return RerunPlan("finished", summary=finished)
+    checkpoint = find_resume_checkpoint(resume, run_dir)
+    return RerunPlan("fresh") if checkpoint is None else RerunPlan("resume", checkpoint)
+
+
 def check_checkpoint(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
     """A checkpoint named by trainer.resume=<path> must be of the same experiment; its budget may differ."""
     as_saved = {**current, "trainer": {**current["trainer"], **{k.split(".")[1]: flatten(saved).get(k, DEFAULTS[k])
@@ -147,3 +177,32 @@ def result_overrides(overrides: List[str]) -> Dict[str, Any]:
     return {o.key_or_group: o for o in parsed
             if not o.key_or_group.startswith("hydra.") and changes_results(o.key_or_group)
             and o.key_or_group != "logger"}
+
+
+# ------------------------------------------------------------------------------------------- packs
+
+# the keys whose values may differ inside a pack (docs/sweeps.md lists them, and a test keeps the two equal); any
+# other difference (architecture, data, batch size, likelihood kind, precision, budget, ...) splits packs
+PACKABLE = ("loss.beta", "loss.kl_schedule", "loss.warmup_steps", "loss.cycles", "loss.cycle_ratio",
+            "loss.capacity_max", "loss.capacity_steps", "loss.free_bits", "loss.sigma", "optimizer.lr",
+            "optimizer.weight_decay", "optimizer.gamma", "seed", "model.latent_dim")
+
+
+def _shared_keys(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The resolved config less the packable keys and the logger (each member keeps its own)."""
+    return {k: v for k, v in flatten(config).items() if k not in PACKABLE and not k.startswith("logger.")}
+
+
+def pack_signature(config: Dict[str, Any], resume_step: int) -> str:
+    """What members must share to train as one pack: `_shared_keys`, and the step they resume from."""
+    return repr(sorted(_shared_keys(config).items())) + f" step={resume_step}"
+
+
+def refuse_unpackable(configs: List[Dict[str, Any]]) -> None:
+    """ConfigError naming the first key outside PACKABLE on which two members differ."""
+    first = _shared_keys(configs[0])
+    for config in configs[1:]:
+        for key, value in _shared_keys(config).items():
+            if first.get(key) != value:
+                raise ConfigError(f"{key} differs between the members of a pack ({first.get(key)!r} and {value!r}); "
+                                  f"only {', '.join(PACKABLE)} may (hydra/launcher=packed groups members by it)")

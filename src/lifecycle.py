@@ -138,8 +138,10 @@ class RunLifecycle:
     `run.logger` once the logger starts. Exceptions pass through, recorded: status finished, failed, diverged,
     interrupted or requeued."""
 
-    def __init__(self, run_dir: RunDir, raw_cfg: DictConfig | Config, stop: Optional[StopSignals] = None):
+    def __init__(self, run_dir: RunDir, raw_cfg: DictConfig | Config, stop: Optional[StopSignals] = None,
+                 hydra_cfg: Optional[DictConfig] = None):
         self.dir, self.raw_cfg = run_dir, raw_cfg
+        self.hydra_cfg = hydra_cfg  # the run's Hydra config (its `hydra` node), for .hydra/ and W&B; None from Python
         self.rank = int(os.environ.get("RANK", "0"))
         self.summary: Dict[str, Any] = {"status": "failed"}
         self.logger: Optional[RunLogger] = None
@@ -207,6 +209,6 @@ class RunLifecycle:
             if not fresh:
                 return
             self.writing = True
-            write_hydra_files(self.dir, as_given)
+            write_hydra_files(self.dir, as_given, self.hydra_cfg)
         if self.logger is None:
-            record_failure(as_given, self.dir.root, self.summary)
+            record_failure(as_given, self.dir.root, self.summary, self.hydra_cfg)

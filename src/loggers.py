@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 import netrc
 import os
 import secrets
@@ -12,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 from .config import LoggerConfig
@@ -100,7 +101,7 @@ def _probe(timeout: float) -> Optional[str]:
 
 
 def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: Optional[str] = None,
-                group: Optional[str] = None, job_type: str = "train", quiet: bool = False):
+                group: Optional[str] = None, job_type: str = "train", quiet: bool = False, hydra_cfg: Any = None):
     """wandb.init with the files in the run dir; the run id is kept there so a resume continues the run.
 
     If the server cannot be used online (unreachable, refusing, erroring, silent), the run goes on offline
@@ -113,8 +114,8 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
         return None
     run_id = wandb_run_id(Path(run_dir))
     if name is None:
-        name, group = run_identity(run_dir, cfg.group)
-    tags = run_tags(config) if job_type == "train" else None
+        name, group = run_identity(run_dir, cfg.group, hydra_cfg)
+    tags = run_tags(config, hydra_cfg) if job_type == "train" else None
     kwargs = dict(project=cfg.project, entity=cfg.entity, dir=str(run_dir), id=run_id, resume="allow", name=name,
                   group=group, job_type=job_type, config=config, tags=tags,
                   settings=wandb.Settings(init_timeout=cfg.init_timeout, console="off", silent=quiet),
@@ -145,7 +146,7 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
     return run
 
 
-def record_failure(raw_cfg: Any, run_dir: Path, summary: Dict[str, Any]) -> None:
+def record_failure(raw_cfg: Any, run_dir: Path, summary: Dict[str, Any], hydra_cfg: Any = None) -> None:
     """A run that failed before its logger started (a bad value, unreadable data) still gets a W&B run, marked
     failed with its error, when the logger section itself is usable. Best effort: never masks the real error.
 
@@ -157,7 +158,8 @@ def record_failure(raw_cfg: Any, run_dir: Path, summary: Dict[str, Any]) -> None
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoggerConfig), raw_cfg.get("logger") or {}))
         if cfg.name != "wandb":
             return
-        run = start_wandb(cfg, Path(run_dir), OmegaConf.to_container(raw_cfg), quiet=True)  # the error is the news
+        run = start_wandb(cfg, Path(run_dir), OmegaConf.to_container(raw_cfg), quiet=True,  # the error is the news
+                          hydra_cfg=hydra_cfg)
         if run is not None:
             run.summary.update({k: plain(v) for k, v in summary.items()})
             run.finish(exit_code=1)
@@ -185,12 +187,14 @@ def wandb_run_id(run_dir: Path) -> str:
 class RunLogger:
     """Appends one flat JSON line per call to `<run_dir>/metrics.jsonl`, and mirrors it to W&B when on."""
 
-    def __init__(self, run_dir: Path, cfg: Optional[LoggerConfig] = None, config: Optional[Dict[str, Any]] = None):
+    def __init__(self, run_dir: Path, cfg: Optional[LoggerConfig] = None, config: Optional[Dict[str, Any]] = None,
+                 hydra_cfg: Any = None):
         self.path = RunDir(run_dir).metrics
         self.file = open(self.path, "a", buffering=1)
         self.wandb = None
         if cfg is not None and cfg.name == "wandb":
-            self._guarded("start", lambda: setattr(self, "wandb", start_wandb(cfg, Path(run_dir), config or {})))
+            self._guarded("start", lambda: setattr(self, "wandb", start_wandb(cfg, Path(run_dir), config or {},
+                                                                               hydra_cfg=hydra_cfg)))
         self.run_id = self.wandb.id if self.wandb is not None else None
 
     def _guarded(self, what: str, call) -> None:
@@ -247,3 +251,47 @@ def _wandb_values(metrics: Dict[str, Any]) -> Dict[str, Any]:
         else:
             out[k] = plain(v)
     return out
+
+
+# ------------------------------------------------------------------------------------------- train.log
+
+
+class MemberLogs:
+    """Each member's train.log in its run dir, for several members trained in one process (a pack): the lines logged
+    while the loop works on a member go to that member's file, the lines it logs for all of them to every file."""
+
+    FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job log format
+
+    def __init__(self, run_dirs: Sequence[Path], log_name: str = "train.log"):
+        self.current: Optional[Path] = None
+        self.handlers: Dict[Path, logging.Handler] = {}
+        for rd in map(Path, run_dirs):
+            rd.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(rd / log_name)
+            handler.setFormatter(logging.Formatter(self.FORMAT))
+            handler.addFilter(lambda record, rd=rd: self.current in (None, rd))
+            self.handlers[rd] = handler
+
+    def __enter__(self) -> "MemberLogs":
+        for h in self.handlers.values():
+            logging.getLogger().addHandler(h)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handlers.values():
+            logging.getLogger().removeHandler(h)
+            h.close()
+
+    def drop(self, run_dir: Path) -> None:
+        """The member's dir is another process's: after its refusal line, nothing more of the pack's goes there."""
+        handler = self.handlers[Path(run_dir)]
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+    @contextmanager
+    def member(self, run_dir: Path) -> Iterator[None]:
+        before, self.current = self.current, Path(run_dir)
+        try:
+            yield
+        finally:
+            self.current = before

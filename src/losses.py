@@ -49,32 +49,23 @@ def kl_weight(cfg: LossConfig, step: int, total_steps: int) -> Tuple[float, Opti
     return KL_SCHEDULES[cfg.kl_schedule](cfg, step, total_steps)
 
 
-def elbo_terms(nll: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float | torch.Tensor,
-               capacity: Optional[float | Tuple[torch.Tensor, torch.Tensor]] = None,
-               free_bits: float | torch.Tensor = 0.0, in_use: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+def elbo_terms(nll: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: torch.Tensor,
+               capacity_on: torch.Tensor, capacity: torch.Tensor, free_bits: torch.Tensor,
+               in_use: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Batch-mean terms in nats per image from the per-image NLL (B,) and the posterior (B, D).
 
-    `kl_per_dim` (D,) is each latent dim's batch-mean KL before free bits; `kl_penalised` is after them.
-    A packed member (src/packed.py, under vmap) passes its settings as tensors: beta, free_bits, capacity as the
-    pair (on, capacity_t), and `in_use` (D,) marking its own dims of the padded latent (the rest are zero).
-    Both forms give the same numbers for the same settings.
+    The KL settings are 0-d tensors (`Objective.settings`; under vmap, each member's): beta_t, whether the capacity
+    form is on and its C_t, and free bits. `in_use` (D,) marks a packed member's own dims of a padded latent (the
+    rest are zero). `kl_per_dim` (D,) is each latent dim's batch-mean KL before free bits; `kl_penalised` after them.
     """
     recon = nll.mean()
     kl_dims = kl_divergence(mu, logvar).mean(0)  # (D,)
     kl = kl_dims.sum()
     # free bits: dims below the floor get no gradient towards the prior (Kingma et al. 2016)
-    if isinstance(free_bits, torch.Tensor):
-        floored = torch.where(free_bits > 0, kl_dims.clamp_min(free_bits), kl_dims)
-        kl_penalised = (floored if in_use is None else torch.where(in_use, floored, 0.0)).sum()
-    else:
-        kl_penalised = kl_dims.clamp_min(free_bits).sum() if free_bits > 0 else kl
-    if isinstance(capacity, tuple):  # (on, capacity_t): the capacity form where on, the plain one elsewhere
-        on, target = capacity
-        loss = recon + beta * torch.where(on, (kl_penalised - target).abs(), kl_penalised)
-    elif capacity is not None:
-        loss = recon + beta * (kl_penalised - capacity).abs()
-    else:
-        loss = recon + beta * kl_penalised
+    floored = torch.where(free_bits > 0, kl_dims.clamp_min(free_bits), kl_dims)
+    kl_penalised = (floored if in_use is None else torch.where(in_use, floored, 0.0)).sum()
+    # capacity (Burgess et al. 2018): |KL - C_t| where on, the plain KL term elsewhere
+    loss = recon + beta * torch.where(capacity_on, (kl_penalised - capacity).abs(), kl_penalised)
     return {"loss": loss, "recon_nll": recon, "kl": kl, "neg_elbo": recon + kl, "kl_per_dim": kl_dims,
             "kl_penalised": kl_penalised}
 
@@ -88,6 +79,7 @@ class Objective:
         self.total_steps = total_steps
         # the model decodes into this likelihood (build_model takes it); a trained model brings its own
         self.likelihood = likelihood if likelihood is not None else build_likelihood(cfg.likelihood, cfg.sigma)
+        self._cached: Optional[tuple] = None
 
     def schedule_warning(self) -> Optional[str]:
         """A line saying so when the KL warm-up or capacity ramp is longer than the run, else None."""
@@ -106,11 +98,25 @@ class Objective:
         """(beta_t, capacity_t) in force at `step`."""
         return kl_weight(self.cfg, step, self.total_steps)
 
+    def settings(self, step: int) -> Tuple[float, bool, float, float]:
+        """(beta_t, capacity on, capacity_t, free bits) at `step`: what elbo_terms takes, as plain numbers."""
+        beta, capacity = self.weights(step)
+        return beta, capacity is not None, capacity or 0.0, self.cfg.free_bits
+
+    def _settings_on(self, step: int, device: torch.device) -> Tuple[torch.Tensor, ...]:
+        """`settings(step)` as 0-d tensors on `device`, made anew only when they change (a schedule moves them)."""
+        values = self.settings(step)
+        if self._cached is None or self._cached[0] != (values, device):
+            beta, on, capacity, free_bits = values
+            f32 = dict(dtype=torch.float32, device=device)
+            self._cached = ((values, device), (torch.tensor(beta, **f32), torch.tensor(on, device=device),
+                                               torch.tensor(capacity, **f32), torch.tensor(free_bits, **f32)))
+        return self._cached[1]
+
     def __call__(self, params: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
                  step: int) -> Dict[str, torch.Tensor]:
         """Terms for decoder output `params` on batch x (B, C, H, W) and posterior (mu, logvar) (B, D)."""
-        beta, capacity = self.weights(step)
-        return elbo_terms(self.likelihood.nll(params, x), mu, logvar, beta, capacity, self.cfg.free_bits)
+        return elbo_terms(self.likelihood.nll(params, x), mu, logvar, *self._settings_on(step, x.device))
 
 
 def bits_per_dim(nats_per_image: float, num_dims: int) -> float:

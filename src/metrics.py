@@ -22,7 +22,6 @@ from .visuals import fixed_latents
 
 EVAL_SEED = 0  # eval's own RNG: its numbers do not depend on how far training's RNG has moved
 ACTIVE_THRESHOLD = 0.01  # Burda et al. 2015
-KL_ACTIVE_NATS = 0.1  # eval.collapse_nats' default: a dim carrying more KL than this (nats per image) is in use
 MI_CAP_MARGIN = 0.05  # nats: an MI estimate this close to its ceiling log N is reported as capped
 LOG_2PI = math.log(2 * math.pi)
 
@@ -181,7 +180,7 @@ def evaluate(
     mi_images: int = 2000,
     autocast: Optional[ContextManager] = None,
     progress: Optional[str] = None,
-    collapse_nats: float = KL_ACTIVE_NATS,
+    collapse_nats: float,
     iwae_images: Optional[int] = None,
 ) -> Dict[str, object]:
     """Every metric of the design's list over all images of a split, in nats per image where it is one; IWAE

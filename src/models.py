@@ -1,7 +1,7 @@
 """VAE models: encode(x) -> (mu, logvar), reparameterize, decode(z) -> likelihood parameters."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,12 @@ class VAE(nn.Module):
     def forward(self, x: torch.Tensor, eps: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mu, logvar = self.encode(x)
         return self.decode(self.reparameterize(mu, logvar, eps)), mu, logvar
+
+    def latent_layout(self) -> Dict[str, str]:
+        """The parameters whose shape follows latent_dim, and along what: "rows" for the encoder's last Linear
+        ((2 * latent_dim, ...): rows [mu | logvar]), "columns" for the decoder's first Linear weight ((F, latent_dim))."""
+        head = f"encoder.{len(self.encoder) - 1}"
+        return {f"{head}.weight": "rows", f"{head}.bias": "rows", "decoder.0.weight": "columns"}
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor) -> torch.Tensor:

@@ -56,16 +56,16 @@ def group_name(folder: Path) -> str:
     return folder.name
 
 
-def run_identity(run_dir: Path, group: Optional[str] = None) -> Tuple[str, str]:
+def run_identity(run_dir: Path, group: Optional[str] = None, hydra_cfg: Any = None) -> Tuple[str, str]:
     """(name, group) of a run on W&B: its swept keys and their values ("beta=4 latent_dim=16"), grouped under
-    `logger.group` or the sweep folder's name; a lone run is named by its overrides and grouped by its folder."""
-    from hydra.core.hydra_config import HydraConfig
+    `logger.group` or the sweep folder's name; a lone run is named by its overrides and grouped by its folder.
+    `hydra_cfg`: the run's Hydra config (its `hydra` node); without one (a run started from Python), the folder."""
     from hydra.types import RunMode
 
     group = group or os.environ.get("WANDB_RUN_GROUP")
-    if not HydraConfig.initialized():
+    if hydra_cfg is None:
         return run_dir.name, group or group_name(run_dir)
-    hc = HydraConfig.get()
+    hc = hydra_cfg
     given = {k: o.get_value_element_as_str() for k, o in result_overrides(hc.overrides.task).items()}
     multirun = hc.mode == RunMode.MULTIRUN
     keys = [k for k in swept_keys(hc.sweep.dir) if k in given] if multirun else list(given)
@@ -78,15 +78,14 @@ TAG_KEYS = {"data.name": "data", "data.image_size": "image_size", "model.name": 
             "loss.kl_schedule": "kl_schedule"}  # the settings a W&B user filters runs by, and their tags' names
 
 
-def run_tags(config: Dict[str, Any]) -> List[str]:
+def run_tags(config: Dict[str, Any], hydra_cfg: Any = None) -> List[str]:
     """W&B tags of a training run: its main settings that its sweep does not vary ("data=shapes",
     "likelihood=bernoulli"), so runs of many sweeps can be filtered by what they share."""
-    from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     swept = []
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        swept = swept_keys(HydraConfig.get().sweep.dir)
+    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+        swept = swept_keys(hydra_cfg.sweep.dir)
     tags = []
     for key, tag in TAG_KEYS.items():
         section, _, name = key.partition(".")

@@ -136,14 +136,12 @@ def remove_stale_temps(run_dir: RunDir) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def write_hydra_files(run_dir: RunDir, task_cfg: Any) -> None:
+def write_hydra_files(run_dir: RunDir, task_cfg: Any, hydra_cfg: Any) -> None:
     """`.hydra/` (config.yaml, hydra.yaml, overrides.yaml) as Hydra would write it, but only once the rerun check
-    has passed: Hydra itself is told not to (hydra.output_subdir: null), so a refused rerun changes nothing."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
+    has passed: Hydra itself is told not to (hydra.output_subdir: null), so a refused rerun changes nothing.
+    `hydra_cfg`: the run's Hydra config (its `hydra` node); None for a run started from Python, which has none."""
+    if hydra_cfg is None:
         return
-    hydra_cfg = HydraConfig.get()
     run_dir.hydra.mkdir(exist_ok=True)
     OmegaConf.save(task_cfg, run_dir.hydra / "config.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), run_dir.hydra / "hydra.yaml")

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -90,8 +91,9 @@ def run_in_process(args: List[str], cwd: Path = ROOT, module: str = "src.train",
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 if module == "src.train":
-                    from src.cli import run
-                    run()
+                    from src.exits import run
+                    from src.train import main
+                    run(main)
                 elif module == "src.compare":
                     from src.compare import main
                     sys.exit(main())
@@ -146,6 +148,26 @@ def assert_same_as_uninterrupted(whole: Path, resumed: Path) -> None:
         for key, value in ra.items():
             if isinstance(value, (int, float)):
                 assert rb[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (ra["step"], key)
+
+
+@contextlib.contextmanager
+def signal_when(event: str, run_dir: Path, step: Optional[int] = None, signum: int = signal.SIGTERM):
+    """Within the block, `signum` is sent to this process once, right after the training loop tells `event`
+    ("logged", "evaluated", "checkpointed", "finished"; src.loop.WATCHERS) for the run in `run_dir` (at `step`)."""
+    from src.loop import WATCHERS
+
+    sent = []
+
+    def watcher(seen: str, member, at: int) -> None:
+        if not sent and seen == event and member.run.dir.root == Path(run_dir) and step in (None, at):
+            sent.append(at)
+            os.kill(os.getpid(), signum)
+
+    WATCHERS.append(watcher)
+    try:
+        yield sent
+    finally:
+        WATCHERS.remove(watcher)
 
 
 def leet(path: Path, summary: bool = False):

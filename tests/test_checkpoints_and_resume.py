@@ -56,17 +56,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 # Run the real entrypoint, but SIGKILL the process right after it writes last.pt at one step: a kill that lands
 # exactly at an epoch boundary or after a new-best eval, which a timed kill from outside cannot aim at.
 KILL_AFTER_CHECKPOINT = """
-import os, signal, sys
-import src.train as trainer
+import os, signal
+from src.exits import run
+from src.loop import WATCHERS
+from src.train import main
 target = int(os.environ["KILL_AFTER_CHECKPOINT_AT"])
-save = trainer.save_checkpoint
-def save_then_die(state, path):
-    save(state, path)
-    if path.name == "last.pt" and state["step"] == target:
+def die(event, member, step):
+    if event == "checkpointed" and step == target:
         os.kill(os.getpid(), signal.SIGKILL)
-trainer.save_checkpoint = save_then_die
-import src.cli
-src.cli.main()
+WATCHERS.append(die)
+run(main)
 """
 
 

@@ -37,7 +37,8 @@ def test_cuda_resume_at_an_epoch_boundary_matches_an_uninterrupted_run(tmp_path)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     proc = run_cli([*_cuda_epochs(tmp_path / "cache"), f"hydra.run.dir={whole}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "precision bf16, compile reduce-overhead" in proc.stderr + proc.stdout
+    ran = json.loads((whole / "summary.json").read_text())
+    assert (ran["precision"], ran["compile"]) == ("bf16", "reduce-overhead")
     script = tmp_path / "kill_after_checkpoint.py"
     script.write_text(KILL_AFTER_CHECKPOINT)
     overrides = [*_cuda_epochs(tmp_path / "cache"), f"hydra.run.dir={killed}"]

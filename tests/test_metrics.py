@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch import distributions as D
 from torchvision.transforms.v2 import functional as TF
 
-from src.config import DataConfig, LossConfig
+from src.config import DataConfig, EvalConfig, LossConfig
 from src.likelihoods import Bernoulli, Gaussian
 from src.losses import Objective
 from src.metrics import (BLUR_WINDOW, active_units, blur_effect, evaluate, iwae_log_weights, laplacian_variance,
@@ -115,7 +115,7 @@ def _evaluate(model, images, factors=None):
     objective = Objective(LossConfig(), 1, likelihood=model.likelihood)
     return evaluate(model, objective, images, step=0, device=torch.device("cpu"), batch_size=64,
                     mean_img=torch.full((1, 8, 8), 0.5), iwae_k=3, z_samples=torch.randn(32, model.latent_dim),
-                    factors=factors)
+                    factors=factors, collapse_nats=EvalConfig().collapse_nats)
 
 
 def test_active_units_counts_an_encoder_that_ignores_some_dims(images):

@@ -1,9 +1,8 @@
-"""Packed sweeps (src/packed.py, hydra/launcher=packed): a packed member is its solo run, exactly (loop engine,
-bitwise) or up to summation order (vmap engine, 1e-5), and keeps the solo run-dir contract."""
+"""Packed sweeps (src/train.py's train_pack, src/engines.py, hydra/launcher=packed): a packed member is its solo run,
+exactly (loop engine, bitwise) or up to summation order (vmap engine, 1e-5), and keeps the solo run-dir contract."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import threading
@@ -17,13 +16,13 @@ from src.checkpoint import load_checkpoint
 from src.config import ConfigError
 from src.lifecycle import Interrupted
 from src.likelihoods import Bernoulli, build_likelihood
+from src.engines import MemberStep, pad_latent, unpad_latent
 from src.losses import elbo_terms
 from src.models import ConvVAE, build_model
 from src.rundir import RunDir, RunDirLock
-from src.packed import _MemberStep, pad_latent, train_pack, unpad_latent
-from src.train import train
+from src.train import train, train_pack
 
-from .conftest import compose_cfg, leet, metric_rows, run_cli, tiny_overrides
+from .conftest import compose_cfg, leet, metric_rows, run_cli, signal_when, tiny_overrides
 
 # members that differ in every packable way the tests can tell apart: beta, latent_dim, lr, seed, KL schedule,
 # free bits, weight decay
@@ -173,17 +172,19 @@ def test_a_padded_member_is_exactly_the_small_model(free_bits):
     torch.manual_seed(0)
     small = ConvVAE(1, 16, [8, 16], 2, Bernoulli())
     big = ConvVAE(1, 16, [8, 16], 8, Bernoulli())
-    padded = {n: pad_latent(big, n, p.detach(), 2, 8).requires_grad_() for n, p in small.named_parameters()}
+    layout = big.latent_layout()
+    padded = {n: pad_latent(layout.get(n), p.detach(), 2, 8).requires_grad_() for n, p in small.named_parameters()}
     buffers = {n: b.clone() for n, b in small.named_buffers()}
     x = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     eps = torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
     in_use = torch.arange(8) < 2
     terms = torch.func.functional_call(
-        _MemberStep(big), ({f"model.{n}": p for n, p in padded.items()}, {f"model.{n}": b for n, b in buffers.items()}),
+        MemberStep(big), ({f"model.{n}": p for n, p in padded.items()}, {f"model.{n}": b for n, b in buffers.items()}),
         (x, torch.nn.functional.pad(eps, (0, 6)), in_use, torch.tensor(4.0), torch.tensor(False), torch.tensor(0.0),
          torch.tensor(free_bits)))
     params, mu, logvar = small(x, eps)
-    expected = elbo_terms(small.likelihood.nll(params, x), mu, logvar, 4.0, None, free_bits)
+    expected = elbo_terms(small.likelihood.nll(params, x), mu, logvar, torch.tensor(4.0), torch.tensor(False),
+                          torch.tensor(0.0), torch.tensor(free_bits))
     assert torch.all(terms["kl_per_dim"][2:] == 0)
     torch.testing.assert_close(terms["kl_per_dim"][:2], expected["kl_per_dim"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(terms["loss"], expected["loss"], rtol=1e-6, atol=1e-5)
@@ -193,7 +194,7 @@ def test_a_padded_member_is_exactly_the_small_model(free_bits):
     assert torch.all(grads["decoder.0.weight"][:, 2:] == 0)  # dead decoder columns
     expected["loss"].backward()
     for n, p in small.named_parameters():
-        torch.testing.assert_close(unpad_latent(big, n, grads[n], 2, 8), p.grad, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(unpad_latent(layout.get(n), grads[n], 2, 8), p.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_sigterm_a_pack_then_resume_one_member_solo_and_the_rest_as_a_pack(tmp_path, tiny):
@@ -223,20 +224,6 @@ def test_sigterm_a_pack_then_resume_one_member_solo_and_the_rest_as_a_pack(tmp_p
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-class SignalAtLine(logging.Handler):
-    """Sends SIGTERM to this process when the `n`-th log line starting with `text` is emitted."""
-
-    def __init__(self, text: str, n: int):
-        super().__init__()
-        self.text, self.n, self.seen = text, n, 0
-
-    def emit(self, record):
-        if record.getMessage().startswith(self.text):
-            self.seen += 1
-            if self.seen == self.n:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-
 def test_a_signal_between_two_members_turns_checkpoints_every_member_at_the_same_step(tmp_path, tiny):
     """The pack reads a signal once per step: one that arrives while the second member logs step 6 (the first has
     had its turn) is acted on at the next step by every member, so none stops without its checkpoint."""
@@ -244,32 +231,10 @@ def test_a_signal_between_two_members_turns_checkpoints_every_member_at_the_same
                          "trainer.log_every=2"] + m)
             for m in MEMBERS[:2]]
     dirs = [tmp_path / "a", tmp_path / "b"]
-    logger = logging.getLogger("src.train")
-    handler, level = SignalAtLine("step 6/40", 2), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        with pytest.raises(Interrupted):
-            train_pack(cfgs, dirs, engine="loop")
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    with signal_when("logged", dirs[1], step=6), pytest.raises(Interrupted):
+        train_pack(cfgs, dirs, engine="loop")
     assert [json.loads((d / "summary.json").read_text())["step"] for d in dirs] == [7, 7]
     assert [load_checkpoint(d / "checkpoints/last.pt")["step"] for d in dirs] == [7, 7]
-
-
-def signal_at(text: str, n: int, fn, *args):
-    """fn(*args), with SIGTERM sent at the n-th log line of src.train that starts with `text`."""
-    logger = logging.getLogger("src.train")
-    handler, level = SignalAtLine(text, n), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        with pytest.raises(Interrupted):
-            fn(*args)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def test_members_at_different_steps_train_in_groups_and_each_equals_its_solo_run(tmp_path, tiny):
@@ -279,10 +244,12 @@ def test_members_at_different_steps_train_in_groups_and_each_equals_its_solo_run
     cfgs = [compose_cfg(tiny + ["trainer.max_steps=16", "trainer.max_epochs=null", "trainer.eval_every=8",
                                 "trainer.log_every=2"] + m) for m in MEMBERS]
     dirs = [tmp_path / f"p{i}" for i in range(3)]
-    signal_at("step 4/16", 1, train, cfgs[1], dirs[1])  # member 1 alone reached step 5 and stopped there
+    with signal_when("logged", dirs[1], step=4), pytest.raises(Interrupted):  # member 1 alone stops at step 5
+        train(cfgs[1], dirs[1])
     assert load_checkpoint(dirs[1] / "checkpoints/last.pt")["step"] == 5
 
-    signal_at("step 10/16", 2, train_pack, cfgs, dirs, "loop")  # members 0 and 2 first, from step 0
+    with signal_when("logged", dirs[2], step=10), pytest.raises(Interrupted):  # members 0 and 2 first, from step 0
+        train_pack(cfgs, dirs, engine="loop")
     steps = [json.loads((d / "summary.json").read_text())["step"] for d in dirs]
     assert steps == [11, 5, 11]  # member 1 waited for its turn: still at its own step, and says so
     assert [load_checkpoint(d / "checkpoints/last.pt")["step"] for d in dirs] == steps
@@ -303,7 +270,8 @@ def test_a_signal_during_the_packs_final_evals_keeps_the_finished_and_a_rerun_fi
     again redoes only their final evals, each then equal to its solo run."""
     cfgs = [compose_cfg(tiny + ["trainer.max_steps=8", "trainer.log_every=2"] + m) for m in MEMBERS]
     dirs = [tmp_path / f"p{i}" for i in range(3)]
-    signal_at("Finished:", 2, train_pack, cfgs, dirs, "loop")
+    with signal_when("finished", dirs[1]), pytest.raises(Interrupted):
+        train_pack(cfgs, dirs, engine="loop")
     stopped = [json.loads((d / "summary.json").read_text()) for d in dirs]
     assert [(s["status"], s["step"]) for s in stopped] == [("finished", 8), ("interrupted", 8), ("interrupted", 8)]
     summaries = train_pack(cfgs, dirs, engine="loop")

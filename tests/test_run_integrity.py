@@ -102,16 +102,15 @@ def test_a_second_process_into_the_same_run_dir_is_refused_naming_the_holder(tmp
 
 KILL_AT_LOG = """
 import os, signal
-import src.train as trainer
+from src.exits import run
+from src.loop import WATCHERS
+from src.train import main
 target = int(os.environ["KILL_AT_LOG_STEP"])
-log = trainer.RunLogger.log
-def log_then_die(self, metrics, step):
-    log(self, metrics, step)
-    if step == target:
+def die(event, member, step):
+    if event == "logged" and step == target:
         os.kill(os.getpid(), signal.SIGKILL)
-trainer.RunLogger.log = log_then_die
-import src.cli
-src.cli.main()
+WATCHERS.append(die)
+run(main)
 """
 
 

@@ -176,7 +176,7 @@ with StopSignals():
     except Interrupted as e:
         print("Interrupted:", e)
         code = e.exit_code
-sys.exit(code)  # the half-built bar is collected here, after the stop was handled, as in src.cli
+sys.exit(code)  # the half-built bar is collected here, after the stop was handled, as in src.exits
 """
 
 

@@ -1,6 +1,7 @@
-"""The schemas of `hydra/launcher=packed` and `packed_slurm`: Hydra's submitit launcher configs plus the packing
-knobs. (No `from __future__ import annotations` here: Hydra imports plugin modules in a way that leaves string
-annotations of a dataclass unresolvable.)"""
+"""The schemas of this project's launchers, `hydra/launcher=parallel|slurm|packed|packed_slurm`: Hydra's submitit
+launcher configs with this project's values, and the packing knobs. Every value has its one home here; the YAMLs in
+conf/hydra/launcher/ only pick a schema. (No `from __future__ import annotations` here: Hydra imports plugin modules
+in a way that leaves string annotations of a dataclass unresolvable.)"""
 from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
@@ -8,24 +9,44 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 
 
 @dataclass
-class PackedConf(LocalQueueConf):
-    _target_: str = "hydra_plugins.vae_sweeps.launchers.PackedLauncher"
-    timeout_min: int = 1440
-    max_members: int = 16  # members in one pack at most; a larger group is split
-    min_members: int = 2  # a smaller group runs the ordinary way
-    engine: str = "auto"  # auto (a short timing of both at start) | vmap | loop (src/packed.py)
+class ParallelConf(LocalQueueConf):
+    _target_: str = "hydra_plugins.vae_sweeps.launchers.ParallelLauncher"
+    timeout_min: int = 1440  # a day: a local member is not stopped for time
 
 
 @dataclass
-class PackedSlurmConf(SlurmQueueConf):
+class SlurmConf(SlurmQueueConf):
+    _target_: str = "hydra_plugins.vae_sweeps.launchers.KeepGoingSlurmLauncher"
+    # a member that reaches timeout_min or is preempted gets SIGUSR2 signal_delay_s (120) before the end: it writes a
+    # checkpoint, submitit requeues it (up to max_num_timeout times) and it resumes from that checkpoint
+    max_num_timeout: int = 3
+    partition: str = "gpu"
+    gpus_per_node: int = 1  # per task; 0 on a partition without GPUs
+    cpus_per_task: int = 8
+    mem_gb: int = 32
+    timeout_min: int = 120
+    array_parallelism: int = 16  # members (or packs) running at once
+
+
+@dataclass
+class Packing:
+    max_members: int = 16  # members in one pack at most; a larger group is split
+    min_members: int = 2  # a smaller group runs the ordinary way, one process per member
+    engine: str = "auto"  # auto (a short timing of both at start) | vmap | loop (src/engines.py)
+
+
+@dataclass
+class PackedConf(Packing, ParallelConf):
+    _target_: str = "hydra_plugins.vae_sweeps.launchers.PackedLauncher"
+
+
+@dataclass
+class PackedSlurmConf(Packing, SlurmConf):
     _target_: str = "hydra_plugins.vae_sweeps.launchers.PackedSlurmLauncher"
-    max_members: int = 16
-    min_members: int = 2
-    engine: str = "auto"
 
 
-# the schemas behind conf/hydra/launcher/packed.yaml and packed_slurm.yaml (Hydra imports this module when it looks
-# for plugins, before it composes the config)
-ConfigStore.instance().store(group="hydra/launcher", name="packed_base", node=PackedConf, provider="vae_sweeps")
-ConfigStore.instance().store(group="hydra/launcher", name="packed_slurm_base", node=PackedSlurmConf,
-                             provider="vae_sweeps")
+# the schemas behind conf/hydra/launcher/*.yaml (Hydra imports this module when it looks for plugins, before it
+# composes the config)
+for name, node in (("parallel_base", ParallelConf), ("slurm_base", SlurmConf), ("packed_base", PackedConf),
+                   ("packed_slurm_base", PackedSlurmConf)):
+    ConfigStore.instance().store(group="hydra/launcher", name=name, node=node, provider="vae_sweeps")

@@ -9,7 +9,7 @@ the job leaving the queue (`squeue`); submitit alone would wait forever there. A
 preemption) is still the same job: it is waited for until it ends.
 
 `hydra/launcher=packed` and `packed_slurm` (`Packing`) submit one job per pack of members instead of one per
-member (src/packed.py); a pack's job that ends without a result names each of its members."""
+member (src.train.pack_main); a pack's job that ends without a result names each of its members."""
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 class Unit:
     """What one submitit job runs: one member the ordinary way (Hydra's run_job, as the submitit launchers do), or a
-    pack of members (src.cli.pack_main). Returns the members' JobReturns, in order."""
+    pack of members (src.train.pack_main). Returns the members' JobReturns, in order."""
 
     def __init__(self, launcher: "KeepGoing", members: List[Tuple[List[str], int]], packed: bool):
         self.launcher, self.members, self.packed = launcher, members, packed
@@ -170,16 +170,15 @@ def task_config(cfg: DictConfig) -> DictConfig:
 
 class Packing:
     """`hydra/launcher=packed` (local) and `packed_slurm`: the members of a batch that share a pack signature
-    (src.packed.pack_signature: the resolved config less the packable keys, and the resume step) train as one
+    (src.identity.pack_signature: the resolved config less the packable keys, and the resume step) train as one
     job, at most `max_members` to a pack; groups under `min_members`, and members that cannot pack (a bad value,
     a refused run dir, DDP) run the ordinary way, where they fail exactly as in any other sweep; a finished member
-    is skipped. Each member keeps the solo contract (src/packed.py)."""
+    is skipped. Each member keeps the solo contract (src/train.py)."""
 
-    def __init__(self, max_members: int = 16, min_members: int = 2, engine: str = "auto", **params: Any):
-        from src.packed import ENGINES
+    def __init__(self, max_members: int, min_members: int, engine: str, **params: Any):
+        from src.engines import check_engine_name
 
-        if engine not in ENGINES:
-            raise ConfigError(f"hydra.launcher.engine={engine!r} is not allowed; choose one of {', '.join(ENGINES)}")
+        check_engine_name(engine)
         if max_members < 1 or min_members < 1:
             raise ConfigError(f"hydra.launcher.max_members={max_members} and min_members={min_members} must be >= 1")
         self.max_members, self.min_members, self.engine = max_members, min_members, engine
@@ -197,27 +196,22 @@ class Packing:
         return cfg
 
     def _plan(self, cfg: DictConfig) -> Tuple[str, Any]:
-        """("pack", signature), ("done", its JobReturn) for a finished member, or ("solo", why)."""
-        from src.checkpoint import find_resume_checkpoint, load_checkpoint
-        from src.identity import check_rerun
-        from src.packed import pack_signature
-        from src.rundir import finished_summary
+        """("pack", signature), ("done", its JobReturn) for a finished member, or ("solo", why): the rerun plan a
+        member's own set-up makes (src.identity.plan_rerun), reading only its checkpoint's step."""
         from src.config_check import parse
+        from src.identity import pack_signature, plan_rerun
 
         try:
             parsed = parse(task_config(cfg))
             config = OmegaConf.to_container(OmegaConf.structured(parsed))
-            rd = RunDir(cfg.hydra.runtime.output_dir)
             if parsed.trainer.strategy != "none":
                 return "solo", f"trainer.strategy={parsed.trainer.strategy}"
-            verdict = "new" if parsed.trainer.resume == "never" else check_rerun(rd, config)
-            if verdict == "same" and (finished := finished_summary(rd)) is not None:
-                return "done", job_return(cfg, finished.get("val/neg_elbo", float("nan")))
-            checkpoint = find_resume_checkpoint(parsed.trainer.resume, rd)
-            step = load_checkpoint(checkpoint)["step"] if checkpoint is not None else 0
+            plan = plan_rerun(RunDir(cfg.hydra.runtime.output_dir), config, parsed.trainer.resume)
         except Exception as e:  # it runs the ordinary way, where it fails with its one line as in any sweep
             return "solo", str(e).splitlines()[0] if str(e) else type(e).__name__
-        return "pack", pack_signature(config, step)
+        if plan.kind == "finished":
+            return "done", job_return(cfg, plan.summary.get("val/neg_elbo", float("nan")))
+        return "pack", pack_signature(config, plan.step)
 
     def _units(self, job_overrides: Sequence[Sequence[str]], first: int) -> Tuple[List[Unit], Dict[int, JobReturn]]:
         overrides = {idx: list(o) for idx, o in enumerate(job_overrides, start=first)}
@@ -250,7 +244,7 @@ class Packing:
         import submitit
         from hydra.core.utils import setup_globals
 
-        from src.cli import pack_main
+        from src.train import pack_main
 
         Singleton.set_state(singleton_state)
         setup_globals()

@@ -1,6 +1,6 @@
-"""The command line of `python -m src.train`: Hydra's entry point, exit codes, the one-line form of Hydra's own
-errors, and the report at the end of a multirun. Training itself is `src.train.train(cfg)`; what happens around
-it as a process (lock, signals, summary on every exit) is `src.lifecycle`.
+"""How a command ends: exit codes, the one line a user's error gets (Hydra's own errors too), the report at the end
+of a multirun, and the wait for SLURM after a preemption. `python -m src.train` (src/train.py) and a pack's job hand
+their bodies to `run_member` and `run_pack`; this module imports no trainer.
 
 Exit codes: 0 finished (or already finished); 2 bad input (a config value, a refused rerun, unreadable data or
 checkpoint, an unwritable output dir); 3 diverged; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM);
@@ -16,60 +16,80 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import Config, ConfigError, register_configs
+from .checkpoint import CheckpointError, checkpoint_step
+from .config import Config, ConfigError
+from .config_check import did_you_mean
 from .lifecycle import USER_ERRORS, DivergedError, Interrupted, Requeued
 from .naming import sweep_size
 from .rundir import RunDir, RunDirRefused, SweepDir, note_refused_member, read_summary, write_text
 from .slurm import SubmitRefused
-from .train import train
-from .config_check import did_you_mean
 
 log = logging.getLogger(__name__)
 
-register_configs()
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: found however the module is run
 REQUEUED_EXIT = 255  # as submitit's own requeue handler exits (sys.exit(-1))
 PREEMPTION_WAIT_S = 600  # at most this long for SLURM to end a preempted job (GraceTime, then KillWait)
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # a full or read-only disk
+NAN = float("nan")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Hydra entrypoint: returns val/neg_elbo (nats per image), the objective sweepers minimise.
+def failure_line(e: BaseException, run_dir: Optional[Path] = None) -> Optional[str]:
+    """The one line an error that is the user's input gets (a value, a run dir, a file, a full disk), or None for
+    one that is not (a bug: its traceback is the report)."""
+    label = next((text for cls, text in USER_ERRORS.items() if isinstance(e, cls)), None)
+    if label is not None:
+        return f"{label}: {e}"
+    if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
+        return (f"Output error: cannot write {e.filename or run_dir} ({e.strerror}); free space or choose a writable "
+                "hydra.run.dir")
+    return None
 
-    A single run that fails on bad input or diverges exits non-zero with one line, no traceback. In a multirun
-    a failing member is recorded (its summary.json and train.log, or for a refused member a line in the sweep
-    dir) and returns NaN, so the other members go on; SweepReport names the failures when the sweep ends.
-    A signal stops the whole process, multirun or not, with 128 + the signal's number.
-    """
-    hydra_cfg = HydraConfig.get()
+
+def report_failure(e: BaseException, run_dir: Path, multirun: bool) -> None:
+    """A run that could not start or go on: its one line (or, for a bug, its traceback), in its own train.log; in a
+    multirun a refused member, whose dir is left untouched, is noted in the sweep dir for the sweep report."""
+    line = failure_line(e, run_dir)
+    if line is None:
+        log.error("Member failed: %s: %s", type(e).__name__, e, exc_info=e)
+        return
+    log.error(line)
+    if multirun and isinstance(e, RunDirRefused):
+        note_refused_member(run_dir, str(e))
+
+
+def end_requeued(e: Requeued, what: str = "") -> NoReturn:
+    log.warning("Requeued: %s%s", e, what)
+    if e.wait:  # a preempted job that exits on its own ends FAILED and is not requeued: SLURM ends it
+        wait_for_slurm()
+    sys.exit(REQUEUED_EXIT)
+
+
+def run_member(train: Callable[[], Dict[str, Any]], hydra_cfg: DictConfig) -> float:
+    """A member of `python -m src.train` (a single run or a multirun's member): `train()`'s val/neg_elbo (nats per
+    image), the objective sweepers minimise, or how it ended. A single run that fails on bad input or diverges exits
+    non-zero with one line, no traceback. In a multirun a failing member is recorded (its summary.json and train.log,
+    or for a refused member a line in the sweep dir) and returns NaN, so the other members go on; SweepReport names
+    the failures when the sweep ends. A signal stops the whole process, multirun or not, with 128 + its number."""
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         study = hydra_cfg.runtime.choices.get("sweep")
         if study and not multirun:  # a named study is a multirun; without -m it would train one default run
             raise ConfigError(f"sweep={study} is not allowed without -m; run python -m src.train -m sweep={study}")
-        return train(cfg).get("val/neg_elbo", float("nan"))
+        return train().get("val/neg_elbo", NAN)
     except Requeued as e:
-        log.warning("Requeued: %s", e)
-        if e.wait:  # a preempted job that exits on its own ends FAILED and is not requeued: SLURM ends it
-            wait_for_slurm()
-        sys.exit(REQUEUED_EXIT)
+        end_requeued(e)
     except Interrupted as e:
         last = RunDir(run_dir).last
         try:
-            saved = f"checkpoint {last} (step {load_checkpoint(last)['step']})" if last.is_file() else "no checkpoint yet"
+            saved = f"checkpoint {last} (step {checkpoint_step(last)})" if last.is_file() else "no checkpoint yet"
         except CheckpointError as damaged:
             saved = str(damaged)
         # the member alone: a named study's `sweep=...` only chose the sweep's values (a single run refuses it)
@@ -77,25 +97,30 @@ def main(cfg: DictConfig) -> float:
         command = " ".join(["python -m src.train", *map(shlex.quote, task), f"hydra.run.dir={shlex.quote(str(run_dir))}"])
         log.error("Interrupted: %s; %s; resume with: %s", e, saved, command)
         sys.exit(e.exit_code)
-    except tuple(USER_ERRORS) as e:
-        label = next(text for cls, text in USER_ERRORS.items() if isinstance(e, cls))
-        log.error("%s: %s", label, e)
-        if isinstance(e, RunDirRefused) and multirun:
-            note_refused_member(run_dir, str(e))
+    except Exception as e:
+        if not multirun and failure_line(e, run_dir) is None:
+            raise
+        report_failure(e, run_dir, multirun)
         if not multirun:
             sys.exit(3 if isinstance(e, DivergedError) else 2)
-    except OSError as e:
-        if e.errno not in OUTPUT_ERRNOS:
-            raise
-        log.error("Output error: cannot write %s (%s); free space or choose a writable hydra.run.dir",
-                  e.filename or run_dir, e.strerror)
-        if not multirun:
-            sys.exit(2)
+    return NAN
+
+
+def run_pack(train: Callable[[], List[Optional[Dict[str, Any]]]], members: int) -> List[float]:
+    """A pack's job (`hydra/launcher=packed`), its members trained as one program, with a multirun member's endings:
+    a signal stops every member after its checkpoint and the job exits 128 + N (255 when SLURM requeues it); a member
+    that fails alone was recorded in its run dir and returns NaN; the others return val/neg_elbo (nats per image)."""
+    try:
+        summaries = train()
+    except Requeued as e:
+        end_requeued(e, " (every member of the pack)")
+    except Interrupted as e:
+        log.error("Interrupted: %s; every member of the pack wrote its checkpoint; rerun the sweep to resume them", e)
+        sys.exit(e.exit_code)
     except Exception:
-        if not multirun:
-            raise
-        log.exception("Member failed")  # the traceback goes to this member's train.log
-    return float("nan")
+        log.exception("The pack failed; its members' summaries say where")
+        return [NAN] * members
+    return [s.get("val/neg_elbo", NAN) if s and s.get("status") == "finished" else NAN for s in summaries]
 
 
 class SweepReport(Callback):
@@ -158,38 +183,6 @@ class SweepReport(Callback):
             log.error("%d member(s) of the sweep in %s did not finish", len(failed), sweep.root)
             sys.exit(1)
         log.info("Sweep finished: every member in %s", sweep.root)
-
-
-def pack_main(cfgs: List[DictConfig], engine: str) -> List[float]:
-    """A pack's job (`hydra/launcher=packed`): its members (each a full Hydra config) trained as one program, with
-    a solo member's endings: a signal stops every member after its checkpoint and the job exits 128 + N (255 when
-    SLURM requeues it); a member that fails alone is recorded in its run dir and returns NaN; the others return
-    val/neg_elbo (nats per image)."""
-    from .packed import MemberLogs, train_pack
-
-    logging.basicConfig(level=logging.INFO, format=MemberLogs.FORMAT, force=True)  # the pack's own log (submitit's)
-    tasks = []
-    for cfg in cfgs:
-        task = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-        with open_dict(task):
-            del task["hydra"]
-        tasks.append(task)
-    try:
-        summaries = train_pack(tasks, [c.hydra.runtime.output_dir for c in cfgs], engine, hydra_cfgs=cfgs,
-                               log_name=f"{cfgs[0].hydra.job.name}.log")
-    except Requeued as e:
-        log.warning("Requeued: %s (every member of the pack)", e)
-        if e.wait:
-            wait_for_slurm()
-        sys.exit(REQUEUED_EXIT)
-    except Interrupted as e:
-        log.error("Interrupted: %s; every member of the pack wrote its checkpoint; rerun the sweep to resume them", e)
-        sys.exit(e.exit_code)
-    except Exception:
-        log.exception("The pack failed; its members' summaries say where")
-        return [float("nan")] * len(cfgs)
-    return [s.get("val/neg_elbo", float("nan")) if s and s.get("status") == "finished" else float("nan")
-            for s in summaries]
 
 
 def wait_for_slurm() -> None:
@@ -263,8 +256,8 @@ def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
     return report
 
 
-def run() -> None:
-    """`python -m src.train`: Hydra's main, with its errors in one line."""
+def run(main: Callable[[], Any]) -> None:
+    """A `@hydra.main` function run as its command: Hydra's errors in one line."""
     import hydra._internal.utils as hydra_utils
 
     if not getattr(hydra_utils.run_and_report, "one_line", False):

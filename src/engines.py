@@ -1,0 +1,344 @@
+"""How the loop's training step is taken for the members it holds (src/loop.py; a solo run is a loop of one member).
+
+- `loop` (`DenseEngine`): each member's own model and torch.optim optimizer, one after another, through `TrainStep`
+  (compiled where asked, under DDP where a run has several ranks). A solo run is this engine with one member; a
+  pack's members trained this way are bitwise their solo runs.
+- `vmap` (`VmapEngine`): the members' parameters stacked (M, ...) and one `torch.func.vmap` of the model over them
+  (convolutions become grouped ones, linears batched matmuls, BatchNorm keeps per-member statistics), then one
+  Adam/AdamW over the stacked tensors with per-member lr and weight decay, in torch.optim's order. A member with a
+  smaller `model.latent_dim` is padded to the largest and masked: its extra dims have mu = logvar = 0 and zero
+  noise, so they carry exactly zero KL, feed zero into the decoder and get zero gradient.
+
+Every engine draws each member's noise from that member's own generator (`state.rng`), so a member's numbers do not
+depend on who shares its loop. Every operation of the vmap engine is block-diagonal over members: it differs from
+a member's solo run only by summation order (docs/sweeps.md says by how much).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, vmap
+
+from .config import ConfigError
+from .device import autocast_for, resolve_compile, resolve_precision, synchronize
+from .losses import Objective, elbo_terms
+from .models import build_model
+from .optim import build_optimizer
+from .state import MemberRNG, MetricSums
+
+if TYPE_CHECKING:
+    from .member import Member
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "loop", "vmap")  # hydra.launcher.engine
+Terms = Dict[str, torch.Tensor]
+
+
+def check_engine_name(name: str) -> None:
+    if name not in ENGINES:
+        raise ConfigError(f"hydra.launcher.engine={name!r} is not allowed; choose one of {', '.join(ENGINES)}")
+
+
+def noise_dtype(precision: str) -> torch.dtype:
+    """The dtype of a step's noise: that of the encoder's output under the precision's autocast."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+class TrainStep:
+    """One member's optimisation step, through the compiled model when asked. A compiler that fails on the first
+    step must not cost the run: it falls back to eager with a warning (`compile_mode` then says off)."""
+
+    def __init__(self, model, objective: Objective, optimizer, scaler, autocast, compile_mode, world_size: int):
+        self.eager = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        self.net = torch.compile(self.eager, mode=compile_mode) if compile_mode else self.eager
+        self.objective, self.optimizer, self.scaler, self.autocast = objective, optimizer, scaler, autocast
+        self.compile_mode, self.taken = compile_mode, 0
+
+    def __call__(self, x: torch.Tensor, eps: torch.Tensor, step: int) -> Terms:
+        """Batch x (B, C, H, W) and noise eps (B, latent_dim) at `step` -> the terms, still on the device."""
+        try:
+            terms = self._step(x, eps, step)
+        except Exception as e:
+            if self.net is self.eager or self.taken:
+                raise
+            log.warning("trainer.compile=%s failed on the first step (%s); training eagerly", self.compile_mode,
+                        str(e).splitlines()[0][:200])
+            self.net, self.compile_mode = self.eager, False
+            terms = self._step(x, eps, step)
+        self.taken += 1
+        return terms
+
+    def _step(self, x: torch.Tensor, eps: torch.Tensor, step: int) -> Terms:
+        if self.compile_mode == "reduce-overhead":  # each graph's outputs are read before the next replay
+            torch.compiler.cudagraph_mark_step_begin()
+        with self.autocast:
+            params, mu, logvar = self.net(x, eps)
+            terms = self.objective(params, x, mu, logvar, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return terms
+
+
+class DenseEngine:
+    """Each member's own dense step, one after another (engine `loop`; a solo run's, with compile and DDP)."""
+
+    name = "loop"
+
+    def __init__(self, members: Sequence["Member"]):
+        first = members[0]
+        device, world_size = first.place.device, first.place.world_size
+        self.precision = resolve_precision(first.cfg.trainer.precision, device)
+        mode = resolve_compile(first.cfg.trainer.compile, device, world_size)
+        self.members = list(members)
+        self.steps = [TrainStep(m.state.model, m.objective, m.state.optimizer, m.state.scaler,
+                                autocast_for(device, self.precision), mode, world_size) for m in members]
+
+    @property
+    def compile_mode(self) -> str:
+        """The compile mode the steps run with (after any fallback to eager): off, default or reduce-overhead."""
+        return self.steps[0].compile_mode or "off"
+
+    def step(self, xs: List[Optional[torch.Tensor]], step: int) -> List[Optional[Terms]]:
+        dtype = noise_dtype(self.precision)
+        return [None if x is None else take(x, m.state.rng.draw(len(x), m.cfg.model.latent_dim, dtype), step)
+                for take, m, x in zip(self.steps, self.members, xs)]
+
+    def sync(self, i: int) -> None:
+        """The members' own modules are the live ones."""
+
+    def freeze(self, i: int) -> None:
+        """A frozen member is no longer stepped (its batch is None)."""
+
+
+def pad_latent(kind: Optional[str], t: torch.Tensor, d: int, d_max: int) -> torch.Tensor:
+    """A latent-d member's tensor as it sits in a pack of latent d_max (`kind` from VAE.latent_layout): "rows" puts
+    mu rows at [0, d) and logvar rows at [d_max, d_max + d); "columns" puts decoder columns at [0, d); zero
+    elsewhere. Other tensors (kind None) are as they are."""
+    if d == d_max or kind is None:
+        return t
+    if kind == "rows":
+        out = t.new_zeros((2 * d_max, *t.shape[1:]))
+        out[:d], out[d_max:d_max + d] = t[:d], t[d:]
+        return out
+    out = t.new_zeros((t.shape[0], d_max))
+    out[:, :d] = t
+    return out
+
+
+def unpad_latent(kind: Optional[str], t: torch.Tensor, d: int, d_max: int) -> torch.Tensor:
+    """The inverse of pad_latent: the member's own tensor."""
+    if d == d_max or kind is None:
+        return t
+    return torch.cat([t[:d], t[d_max:d_max + d]]) if kind == "rows" else t[:, :d]
+
+
+class MemberStep(nn.Module):
+    """One member's forward pass and ELBO terms, written for vmap: its settings come as tensors."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, eps, in_use, beta, capacity_on, capacity, free_bits):
+        mu, logvar = self.model.encode(x)  # (B, D_max) each
+        mu, logvar = torch.where(in_use, mu, 0.0), torch.where(in_use, logvar, 0.0)  # padded dims: KL 0 exactly
+        params = self.model.decode(self.model.reparameterize(mu, logvar, eps))  # padded dims: z = 0 + 1 * 0
+        return elbo_terms(self.model.likelihood.nll(params, x), mu, logvar, beta, capacity_on, capacity, free_bits,
+                          in_use)
+
+
+class VmapEngine:
+    """The members' parameters, buffers and Adam moments stacked (M, ...), one vmapped step for all of them.
+    The members' own modules and optimizers are brought up to date (`sync`) only when they are read."""
+
+    name = "vmap"
+    compile_mode = "off"
+
+    def __init__(self, members: Sequence["Member"]):
+        first = members[0]
+        self.members, self.device = list(members), first.place.device
+        self.latents = [m.cfg.model.latent_dim for m in members]
+        self.d_max = max(self.latents)
+        self.precision = resolve_precision(first.cfg.trainer.precision, self.device)
+        self.autocast = autocast_for(self.device, self.precision)
+        template = build_model(replace(first.cfg.model, latent_dim=self.d_max), first.cfg.data,
+                               copy.deepcopy(first.objective.likelihood)).to(self.device).train()
+        self.layout = template.latent_layout()
+        self.step_fn = MemberStep(template)
+        models = [m.state.model for m in members]
+        self.param_names = [n for n, _ in template.named_parameters()]
+        self.params = {n: torch.stack([self._embed(n, dict(m.named_parameters())[n].detach(), d)
+                                       for m, d in zip(models, self.latents)]).requires_grad_()
+                       for n in self.param_names}
+        self.buffers = {n: torch.stack([self._embed(n, dict(m.named_buffers())[n], d)
+                                        for m, d in zip(models, self.latents)])
+                        for n, _ in template.named_buffers()}
+        self.in_use = torch.stack([torch.arange(self.d_max, device=self.device) < d for d in self.latents])
+        self.alive = torch.ones(len(members), dtype=torch.bool, device=self.device)
+        self.frozen: List[int] = []
+        o = first.cfg.optimizer
+        self.decoupled, self.betas, self.adam_eps = o.name == "adamw", tuple(o.betas), 1e-8  # torch's default eps
+        self.weight_decay = torch.tensor([m.cfg.optimizer.weight_decay for m in members], device=self.device)
+        self.lr_values: List[float] = []
+        self._load_moments()
+        self.forward = vmap(self._member, randomness="error")
+
+    def _embed(self, name: str, t: torch.Tensor, d: int) -> torch.Tensor:
+        return pad_latent(self.layout.get(name), t, d, self.d_max)
+
+    def _extract(self, name: str, t: torch.Tensor, d: int) -> torch.Tensor:
+        return unpad_latent(self.layout.get(name), t, d, self.d_max)
+
+    def _load_moments(self) -> None:
+        """Adam's moments and step count from the members' optimizers (zero for a fresh pack; a resumed member's
+        from its checkpoint). The loop admits only members at one step, so they share the count."""
+        self.exp_avg, self.exp_avg_sq, self.count = {}, {}, 0
+        for n in self.param_names:
+            avg, sq = [], []
+            for m, d in zip(self.members, self.latents):
+                p = dict(m.state.model.named_parameters())[n]
+                st = m.state.optimizer.state.get(p, {})
+                self.count = int(float(st.get("step", 0)))
+                avg.append(self._embed(n, st.get("exp_avg", torch.zeros_like(p)), d))
+                sq.append(self._embed(n, st.get("exp_avg_sq", torch.zeros_like(p)), d))
+            self.exp_avg[n], self.exp_avg_sq[n] = torch.stack(avg).detach(), torch.stack(sq).detach()
+        self.synced = [self.count] * len(self.members)  # the count each member's own modules were last synced at
+
+    def _member(self, params, buffers, x, eps, in_use, beta, capacity_on, capacity, free_bits):
+        return functional_call(self.step_fn, ({f"model.{k}": v for k, v in params.items()},
+                                              {f"model.{k}": v for k, v in buffers.items()}),
+                               (x, eps, in_use, beta, capacity_on, capacity, free_bits))
+
+    def step(self, xs: List[Optional[torch.Tensor]], step: int) -> List[Optional[Terms]]:
+        live = next(x for x in xs if x is not None)
+        dtype = noise_dtype(self.precision)
+        x = torch.stack([live if xi is None else xi for xi in xs]).contiguous()  # (M, B, C, H, W); frozen: any batch
+        e = torch.stack([live.new_zeros((len(live), self.d_max), dtype=dtype) if xi is None else  # (M, B, D_max)
+                         nn.functional.pad(m.state.rng.draw(len(xi), d, dtype), (0, self.d_max - d))
+                         for m, xi, d in zip(self.members, xs, self.latents)])
+        settings = [m.objective.settings(step) for m in self.members]  # (beta_t, capacity on, C_t, free bits) each
+        beta, on, capacity, free_bits = (torch.tensor(v, device=self.device) for v in zip(*settings))
+        with self.autocast:
+            terms = self.forward(self.params, self.buffers, x, e, self.in_use, beta, on, capacity, free_bits)
+        total = torch.where(self.alive, terms["loss"], 0.0).sum()  # a frozen member's (maybe NaN) loss is left out
+        grads = torch.autograd.grad(total, [self.params[n] for n in self.param_names])
+        self._adam(grads)
+        return [None if xi is None else {**{k: terms[k][i] for k in MetricSums.NAMES},
+                                         "kl_per_dim": terms["kl_per_dim"][i, :d]}
+                for i, (xi, d) in enumerate(zip(xs, self.latents))]
+
+    @torch.no_grad()
+    def _adam(self, grads) -> None:
+        """Adam (L2 weight decay) or AdamW (decoupled) over the stacked tensors, in torch.optim's single-tensor
+        order; lr and weight decay per member (M, 1, ...); frozen members keep their values."""
+        lrs = [m.state.optimizer.param_groups[0]["lr"] for m in self.members]  # each member's LR schedule
+        if lrs != self.lr_values:
+            self.lr_values, self.lr = lrs, torch.tensor(lrs, device=self.device)
+        self.count += 1
+        beta1, beta2 = self.betas
+        bias1, bias2_sqrt = 1 - beta1 ** self.count, math.sqrt(1 - beta2 ** self.count)
+        for n, g in zip(self.param_names, grads):
+            p, avg, sq = self.params[n], self.exp_avg[n], self.exp_avg_sq[n]
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr, wd = self.lr.view(shape), self.weight_decay.view(shape)
+            kept = (p.clone(), avg.clone(), sq.clone()) if self.frozen else None
+            if self.decoupled:
+                p.mul_(1 - lr * wd)
+            else:
+                g = g + wd * p
+            avg.lerp_(g, 1 - beta1)
+            sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (sq.sqrt() / bias2_sqrt).add_(self.adam_eps)
+            p.sub_((lr / bias1) * avg / denom)
+            if kept is not None:
+                alive = self.alive.view(shape)
+                for now, before in zip((p, avg, sq), kept):
+                    now.copy_(torch.where(alive, now, before))
+
+    @torch.no_grad()
+    def sync(self, i: int) -> None:
+        """Member i's own model and optimizer state from its slice of the pack (before its eval or checkpoint)."""
+        if self.synced[i] == self.count:  # (an eval and a checkpoint at the same step read the same state)
+            return
+        self.synced[i] = self.count
+        m, d = self.members[i], self.latents[i]
+        model, optimizer = m.state.model, m.state.optimizer
+        fused = optimizer.param_groups[0].get("fused") or optimizer.param_groups[0].get("capturable")
+        for n, p in model.named_parameters():
+            p.copy_(self._extract(n, self.params[n][i], d))
+            optimizer.state[p] = {
+                "step": torch.tensor(float(self.count), dtype=torch.float32, device=p.device if fused else "cpu"),
+                "exp_avg": self._extract(n, self.exp_avg[n][i], d).clone(),
+                "exp_avg_sq": self._extract(n, self.exp_avg_sq[n][i], d).clone()}
+        for n, b in model.named_buffers():
+            b.copy_(self._extract(n, self.buffers[n][i], d))
+
+    def freeze(self, i: int) -> None:
+        self.alive[i] = False
+        self.frozen.append(i)
+
+
+# ---------------------------------------------------------------------------------------------- choosing one
+
+
+def _scratch(members: Sequence["Member"]) -> List["Member"]:
+    """Copies of the members' models, optimizers and RNGs for a trial timing, so the real ones are not touched."""
+    out = []
+    for m in members:
+        model = copy.deepcopy(m.state.model)
+        optimizer, _ = build_optimizer(m.cfg.optimizer, model, fused=m.state.optimizer.param_groups[0].get("fused")
+                                       or False)
+        state = copy.copy(m.state)
+        state.model, state.optimizer, state.rng = model, optimizer, MemberRNG(m.place.device, m.state.rng.get())
+        out.append(replace(m, state=state))
+    return out
+
+
+def time_engine(engine_cls, members: Sequence["Member"], steps: int = 3, warmup: int = 2) -> float:
+    """Median seconds per step of all members with `engine_cls`, on copies of the members and random batches."""
+    engine = engine_cls(_scratch(members))
+    first = members[0]
+    d = first.cfg.data
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.rand((d.batch_size, d.channels, d.image_size, d.image_size), generator=gen).to(first.place.device)
+          for _ in members]
+    times = []
+    for i in range(warmup + steps):
+        synchronize(first.place.device)
+        started = time.perf_counter()
+        engine.step(xs, i)
+        synchronize(first.place.device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[warmup:])
+
+
+def choose_engine(name: str, members: Sequence["Member"]) -> Any:
+    """The engine `name` asks for; `auto` times a few steps of each on copies of the members and takes the faster
+    (grouped kernels win for small models and lose for large ones on some devices: measure, never assume). One
+    member, or fp16 (the vmap engine has no per-member grad scaler), is always the dense engine."""
+    check_engine_name(name)
+    precision = resolve_precision(members[0].cfg.trainer.precision, members[0].place.device)
+    if name == "loop" or len(members) == 1:
+        return DenseEngine(members)
+    if precision == "fp16":
+        if name == "vmap":
+            log.warning("engine vmap does not train fp16 (a grad scaler per member); using loop")
+        return DenseEngine(members)
+    if name == "vmap":
+        return VmapEngine(members)
+    seconds = {cls.name: time_engine(cls, members) for cls in (VmapEngine, DenseEngine)}
+    chosen = min(seconds, key=seconds.get)
+    log.info("Pack engine auto: vmap %.1f ms, loop %.1f ms per step of all %d members -> %s",
+             1e3 * seconds["vmap"], 1e3 * seconds["loop"], len(members), chosen)
+    return VmapEngine(members) if chosen == "vmap" else DenseEngine(members)
