@@ -25,6 +25,7 @@ def _resume_overrides(cache):
             "data.hflip=true", "logger=none"]
 
 
+@pytest.mark.slow  # real processes: kill -9, torchrun
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     overrides = _resume_overrides(tmp_path / "cache")
     whole = tmp_path / "whole"
@@ -86,6 +87,7 @@ def uninterrupted(tmp_path_factory):
     return root, run
 
 
+@pytest.mark.slow  # real processes: kill -9, torchrun
 @pytest.mark.parametrize("kill_at", [8, 16], ids=["end_of_epoch_1", "end_of_epoch_2_new_best"])
 def test_resume_at_an_epoch_boundary_matches_an_uninterrupted_run(uninterrupted, kill_at):
     root, whole = uninterrupted
@@ -193,6 +195,7 @@ def test_resume_into_a_run_dir_of_another_experiment_is_refused(tmp_path, tiny):
     assert proc.returncode == 2 and "model.latent_dim=6" in proc.stdout and "trainer.resume=never" in proc.stdout
 
 
+@pytest.mark.slow  # real processes: kill -9, torchrun
 def test_ddp_two_processes_with_gloo(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -206,6 +209,7 @@ def test_ddp_two_processes_with_gloo(tmp_path):
     assert proc.stdout.count("Finished: val/neg_elbo") == 1  # only rank 0 reports
 
 
+@pytest.mark.slow  # real processes: kill -9, torchrun
 def test_under_ddp_every_rank_stops_together_when_one_diverges(tmp_path):
     """Rank 0 finds the divergence at an eval (no log step in between): rank 1 stops with it, naming it, instead of
     waiting in the next all-reduce and dying on gloo's closed connection."""

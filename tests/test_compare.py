@@ -95,6 +95,7 @@ def test_wandb_names_a_member_by_its_swept_keys_and_groups_it_by_the_sweep_folde
     assert evals and all(f"val/kl_per_dim/{d}" in evals[-1] for d in range(4))
 
 
+@pytest.mark.slow  # real processes with W&B
 def test_logger_group_names_the_group_and_a_lone_run_is_named_by_its_overrides(tmp_path):
     run = tmp_path / "2026-11-26" / "10-42-07-123456"  # the layout of Hydra's default folders here
     proc = run_cli([*tiny_overrides(tmp_path / "cache"), "trainer.max_steps=2", "loss.beta=2", "logger=wandb",
@@ -111,6 +112,7 @@ def test_logger_group_names_the_group_and_a_lone_run_is_named_by_its_overrides(t
     assert next(r["run"] for r in leet(grouped / "wandb") if r["type"] == "run")["run_group"] == "my_study"
 
 
+@pytest.mark.slow  # real processes with W&B
 def test_compare_wandb_logs_one_summary_run_into_the_sweeps_group(sweep):
     folder, _ = sweep
     proc = run_cli([str(folder), "--wandb"], module="src.compare", real_process=True)

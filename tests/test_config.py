@@ -183,6 +183,7 @@ def test_a_full_disk_is_one_line_naming_the_run_dir(tmp_path, tiny):
     assert len(errors) == 1 and "No space left on device" in errors[0] and str(run) in errors[0]
 
 
+@pytest.mark.slow  # a real process with W&B's service
 def test_a_bad_value_with_wandb_on_is_still_one_line(tmp_path):
     """The failure is recorded as a W&B run too, without W&B's banner around the one line."""
     run = tmp_path / "run"

@@ -124,6 +124,7 @@ def test_mnist_idx_in_both_layouts(tmp_path, folder, gz):
         np.testing.assert_array_equal(data.labels[split], images[:, 0, 0, 0] % 10)
 
 
+@pytest.mark.slow  # a real data set, or the VanillaVAE's size
 def test_fashion_mnist_torchvision_layout_resized(tmp_path):
     make_idx(tmp_path / "root", "FashionMNIST", gz=True)
     data = load_data(_cfg(tmp_path, name="fashion_mnist", root=str(tmp_path / "root"), image_size=32, channels=3,
@@ -416,6 +417,7 @@ def test_train_on_cifar_fixture_via_cli(tmp_path):
     assert (summary["status"], summary["data/train_size"], summary["data/test_size"]) == ("finished", 64, 16)
 
 
+@pytest.mark.slow  # a real data set, or the VanillaVAE's size
 def test_real_fashion_mnist_end_to_end(tmp_path):
     if not FASHION.is_dir():
         if os.environ.get("CI"):
@@ -432,6 +434,7 @@ def test_real_fashion_mnist_end_to_end(tmp_path):
     assert summary["val/mse"] < summary["val/mse_mean_image"]  # 200 steps already beat the mean image
 
 
+@pytest.mark.slow  # a real data set, or the VanillaVAE's size
 def test_vanilla_vae_preset_trains_on_celeba_fixture(tmp_path):
     make_celeba(tmp_path / "root", "kaggle", n=12)
     run = tmp_path / "run"

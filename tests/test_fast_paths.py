@@ -45,6 +45,7 @@ def test_bf16_losses_are_close_to_fp32(tmp_path, tiny, eager):
     assert all(b["train/loss"] != a["train/loss"] for a, b in zip(eager[1], rows))
 
 
+@pytest.mark.slow  # inductor compiles the model: about a minute
 def test_compiled_run_is_close_to_eager_and_writes_the_contract(tmp_path, tiny, eager, caplog):
     with caplog.at_level(logging.WARNING, logger="src"):
         summary, rows = _train_losses(tmp_path / "compiled", tiny, "trainer.precision=fp32", "trainer.compile=default")

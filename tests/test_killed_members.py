@@ -3,6 +3,8 @@ folder: `hydra/launcher=parallel` lets the others finish and ends the sweep nami
 real kill -9."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import re
@@ -13,6 +15,8 @@ import time
 from pathlib import Path
 
 from .conftest import ROOT, run_cli, tiny_overrides
+
+pytestmark = pytest.mark.slow  # real launchers' processes, killed
 
 
 def test_a_member_killed_by_the_system_is_named_and_the_others_finish(tmp_path):

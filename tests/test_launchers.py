@@ -8,6 +8,8 @@ import pytest
 
 from .conftest import run_cli, tiny_overrides
 
+pytestmark = pytest.mark.slow  # real launchers' processes
+
 
 @pytest.mark.parametrize("launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
                                       ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"],

@@ -315,6 +315,7 @@ def test_a_diverging_member_is_frozen_and_the_others_equal_their_solo_runs(tmp_p
                 assert rp["train/loss"] == pytest.approx(rs["train/loss"], rel=1e-5), rs["step"]
 
 
+@pytest.mark.slow  # the packed launcher's real processes
 def test_packed_launcher_packs_by_architecture_and_keeps_each_members_contract(tmp_path, cache_dir):
     """A 2 x 2 x 2 multirun where hidden_channels differs: two packs, every member a complete run with its own W&B
     run; a rerun skips them all."""
@@ -343,6 +344,7 @@ def test_packed_launcher_packs_by_architecture_and_keeps_each_members_contract(t
     assert again.returncode == 0 and again.stdout.count("finished already; skipped") == 8
 
 
+@pytest.mark.slow  # the packed launcher's real processes
 def test_a_bad_member_is_refused_without_stopping_its_pack(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "hydra/launcher=packed", *tiny_overrides(cache_dir), "loss.beta=1,-1,4",

@@ -78,6 +78,7 @@ def test_a_larger_budget_continues_from_last_and_equals_one_longer_run(tmp_path,
     assert_same_as_uninterrupted(whole, grown)  # the first run's test row went with its end
 
 
+@pytest.mark.slow  # real processes: a lock held, kill -9, a signal
 def test_a_second_process_into_the_same_run_dir_is_refused_naming_the_holder(tmp_path, base):
     run = tmp_path / "run"
     slow = [*base, "trainer.max_steps=100000", "trainer.max_epochs=null", "trainer.eval_every=100000",
@@ -114,6 +115,7 @@ run(main)
 """
 
 
+@pytest.mark.slow  # real processes: a lock held, kill -9, a signal
 def test_a_kill_before_the_first_checkpoint_leaves_each_step_once(tmp_path, base):
     run, whole = tmp_path / "run", tmp_path / "whole"
     args = [*base, "trainer.max_steps=8", "trainer.eval_every=8", "trainer.log_every=1"]
@@ -196,6 +198,7 @@ def test_a_record_of_an_earlier_version_lacking_newer_keys_is_the_same_experimen
     assert (longer["status"], longer["step"]) == ("finished", 6)
 
 
+@pytest.mark.slow  # real processes: a lock held, kill -9, a signal
 def test_an_interrupted_budget_extension_is_never_reported_finished(tmp_path, base):
     """Train to 4 steps, continue to 8 and kill -9 at step 6: the rerun resumes to 8 (it used to say 'already
     finished' and keep the 4-step summary under the 8-step record)."""

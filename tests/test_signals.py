@@ -21,6 +21,8 @@ from src.train import train
 
 from .conftest import ROOT, assert_same_as_uninterrupted, compose_cfg, run_cli, tiny_overrides
 
+pytestmark = pytest.mark.slow  # real processes, signalled
+
 
 @pytest.fixture
 def base(cache_dir):

@@ -21,6 +21,8 @@ import pytest
 
 from .conftest import ROOT, assert_same_as_uninterrupted, metric_steps, run_cli, tiny_overrides
 
+pytestmark = pytest.mark.slow  # a real SLURM cluster's jobs (pytest -m 'not slow' leaves them out)
+
 SCRIPT = ROOT / "scripts" / "slurm_cluster.sh"
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]

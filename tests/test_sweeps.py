@@ -69,6 +69,7 @@ def test_wandb_sweep_spec_and_hydra_named_sweep_are_the_same_study(name):
         {k: str(v).split(",") for k, v in named.items()}
 
 
+@pytest.mark.slow  # a real `wandb agent` process
 def test_a_wandb_agent_command_trains_the_member_it_names(tmp_path, tiny):
     """The command an agent runs for one member of sweeps/beta.yaml, as W&B expands it, trains that member."""
     spec = yaml.safe_load((ROOT / "sweeps" / "beta.yaml").read_text())

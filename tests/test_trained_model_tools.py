@@ -54,6 +54,7 @@ def test_sample_is_deterministic_for_a_seed(run_dir, tmp_path):
     assert default.returncode == 0 and (run_dir / "generated" / "samples_n4_t1_seed0.png").is_file()
 
 
+@pytest.mark.slow  # each tool's real-process smoke test
 def test_reconstruct_own_images_with_the_runs_preprocessing(run_dir, pictures, tmp_path):
     out = tmp_path / "rec.png"
     proc = run_cli([str(run_dir), str(pictures / "a.png"), str(pictures), f"out={out}"], module="src.reconstruct",
@@ -96,6 +97,7 @@ def test_evaluate_reproduces_the_summary_at_the_same_k(run_dir):
     assert "test/iwae_nll" in proc.stdout
 
 
+@pytest.mark.slow  # each tool's real-process smoke test
 def test_evaluate_with_more_samples_is_tighter(run_dir):
     proc = run_cli([str(run_dir), "split=val", "iwae_k=200"], module="src.evaluate", real_process=True)  # smoke
     assert proc.returncode == 0, proc.stderr

@@ -69,6 +69,7 @@ def servers():
         server.server_close()
 
 
+@pytest.mark.slow  # real processes against a real or a broken W&B server
 @pytest.mark.parametrize("kind", ["closed", "500", "html", "silent", "trickle"])
 def test_a_broken_wandb_server_sends_the_run_offline_and_a_rerun_works(tmp_path, tiny, servers, kind):
     run = tmp_path / "run"
@@ -90,6 +91,7 @@ def test_a_broken_wandb_server_sends_the_run_offline_and_a_rerun_works(tmp_path,
             assert SECRET.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow  # real processes against a real or a broken W&B server
 def test_an_empty_wandb_mode_is_unset_not_a_crash(tmp_path, tiny):
     """WANDB_MODE="" (as env files and CI templates leave it) means unset: the run trains, offline without a key."""
     run = tmp_path / "run"
@@ -125,6 +127,7 @@ def test_wandb_failing_after_its_start_turns_wandb_off_and_never_the_run(tmp_pat
     assert [r["step"] for r in rows] == [1, 2]
 
 
+@pytest.mark.slow  # real processes against a real or a broken W&B server
 def test_a_copied_run_dir_gets_a_wandb_run_of_its_own(tmp_path, tiny):
     """A rerun into the same dir continues its W&B run; a copy of the dir, continued, starts another run instead of
     writing over the original's."""
@@ -157,6 +160,7 @@ def test_a_requeued_run_is_marked_preempting_on_wandb_not_just_failed(tmp_path, 
     assert {"status": status, "step": 1}.items() <= leet(tmp_path / "wandb", summary=True)["summary"].items()
 
 
+@pytest.mark.slow  # real processes against a real or a broken W&B server
 def test_a_pack_waits_for_a_silent_wandb_server_once_not_once_per_member(tmp_path, tiny, servers):
     """The members of a pack start one after another in one process: the first waits logger.init_timeout for the
     silent server and goes offline, the others go offline at once for the same reason (they used to wait in turn:
