@@ -5,7 +5,7 @@ against these dataclasses; `src.config_check.parse()` then checks values, names 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -124,6 +124,11 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
+
+
+def as_dict(cfg: Config) -> dict:
+    """The config as nested plain dicts (what trained_with.yaml and a checkpoint's "config" hold)."""
+    return asdict(cfg)
 
 
 def register_configs() -> None:

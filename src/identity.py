@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, as_dict
 from .rundir import RunDir, RunDirRefused, finished_summary, write_text
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def changes_results(key: str) -> bool:
     return not key.startswith(NOT_RESULTS)
 
 
-DEFAULTS = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
+DEFAULTS = flatten(as_dict(Config()))
 
 
 @dataclass

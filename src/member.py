@@ -20,7 +20,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import load_checkpoint, truncate_metrics
-from .config import Config, ConfigError, TrainerConfig, total_steps
+from .config import Config, ConfigError, TrainerConfig, as_dict, total_steps
 from .config_check import parse
 from .data import TrainBatches, load_data, mean_image, resolve_on_device
 from .device import autocast_for, resolve_device, resolve_precision, setup_backends
@@ -109,7 +109,7 @@ def build_member(raw_cfg: DictConfig | Config, run: RunLifecycle, shared: Shared
     (a pack's members share it); None: this run's own (its device, DDP under torchrun)."""
     rd = run.dir
     cfg = parse(raw_cfg)
-    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    config = as_dict(cfg)
     # 1. the run dir: skip a finished run, resume or continue an unfinished one, refuse another experiment
     plan = plan_rerun(rd, config, cfg.trainer.resume)
     if plan.kind == "finished":

@@ -22,7 +22,7 @@ from .conftest import leet, run_cli, tiny_overrides
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     proc = run_cli(["-m", *tiny_overrides(root / "cache"), "trainer.max_steps=60", "trainer.eval_every=60", "loss.beta=0.5,4,-1",
-                    "logger=wandb", f"hydra.sweep.dir={root / 'sweep'}"], real_process=True)
+                    "logger=wandb", f"hydra.sweep.dir={root / 'sweep'}"])
     return root / "sweep", proc
 
 

@@ -16,7 +16,7 @@ def beta_sweep(tmp_path_factory):
     """The named beta sweep (4 members), tiny, with W&B on (offline)."""
     root = tmp_path_factory.mktemp("beta")
     proc = run_cli(["-m", "sweep=beta", *tiny_overrides(root / "cache"), "logger=wandb", "trainer.max_steps=4",
-                    f"hydra.sweep.dir={root / 'sweep'}"], real_process=True)
+                    f"hydra.sweep.dir={root / 'sweep'}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root / "sweep"
 

@@ -44,8 +44,7 @@ def test_load_run_rebuilds_the_model_in_eval_mode(run_dir):
 def test_sample_is_deterministic_for_a_seed(run_dir, tmp_path):
     outs = [tmp_path / f"{i}.png" for i in range(3)]
     for out, seed in zip(outs, (3, 3, 4)):
-        proc = run_cli([str(run_dir), "n=9", f"seed={seed}", f"out={out}", "individual=true"], module="src.sample",
-                       real_process=out == outs[0])  # the smoke test of the command
+        proc = run_cli([str(run_dir), "n=9", f"seed={seed}", f"out={out}", "individual=true"], module="src.sample")
         assert proc.returncode == 0, proc.stderr
     assert outs[0].read_bytes() == outs[1].read_bytes() != outs[2].read_bytes()
     assert Image.open(outs[0]).size == (3 * 18 + 2, 3 * 18 + 2)  # 3x3 grid of 16 px images, 2 px padding
@@ -54,11 +53,9 @@ def test_sample_is_deterministic_for_a_seed(run_dir, tmp_path):
     assert default.returncode == 0 and (run_dir / "generated" / "samples_n4_t1_seed0.png").is_file()
 
 
-@pytest.mark.slow  # each tool's real-process smoke test
 def test_reconstruct_own_images_with_the_runs_preprocessing(run_dir, pictures, tmp_path):
     out = tmp_path / "rec.png"
-    proc = run_cli([str(run_dir), str(pictures / "a.png"), str(pictures), f"out={out}"], module="src.reconstruct",
-                   real_process=True)  # the smoke test of the command
+    proc = run_cli([str(run_dir), str(pictures / "a.png"), str(pictures), f"out={out}"], module="src.reconstruct")
     assert proc.returncode == 0, proc.stderr
     # 4 images (a, then a b c from the folder), one row of inputs over one row of reconstructions
     assert Image.open(out).size == (4 * 18 + 2, 2 * 18 + 2)
@@ -68,7 +65,7 @@ def test_interpolate_writes_a_strip(run_dir, pictures, tmp_path):
     for method in ("slerp", "lerp"):
         out = tmp_path / f"{method}.png"
         proc = run_cli([str(run_dir), str(pictures / "a.png"), str(pictures / "b.jpg"), "steps=5", f"method={method}",
-                        f"out={out}"], module="src.interpolate", real_process=method == "slerp")  # smoke test
+                        f"out={out}"], module="src.interpolate")
         assert proc.returncode == 0, proc.stderr
         assert Image.open(out).size == (5 * 18 + 2, 18 + 2)
 
@@ -97,15 +94,30 @@ def test_evaluate_reproduces_the_summary_at_the_same_k(run_dir):
     assert "test/iwae_nll" in proc.stdout
 
 
-@pytest.mark.slow  # each tool's real-process smoke test
 def test_evaluate_with_more_samples_is_tighter(run_dir):
-    proc = run_cli([str(run_dir), "split=val", "iwae_k=200"], module="src.evaluate", real_process=True)  # smoke
+    proc = run_cli([str(run_dir), "split=val", "iwae_k=200"], module="src.evaluate")
     assert proc.returncode == 0, proc.stderr
     evaluated = json.loads((run_dir / "eval_val_k200.json").read_text())
     assert evaluated["val/iwae_k"] == 200 and evaluated["val/iwae_nll"] < evaluated["val/neg_elbo"]
     proc = run_cli([str(run_dir), "split=val", "iwae_k=2"], module="src.evaluate")  # another k: its own file
     assert proc.returncode == 0 and json.loads((run_dir / "eval_val_k200.json").read_text()) == evaluated
     assert json.loads((run_dir / "eval_val_k2.json").read_text())["val/iwae_k"] == 2
+
+
+@pytest.mark.slow  # four real processes
+def test_each_tool_runs_as_a_real_process(run_dir, pictures, tmp_path):
+    """The smoke test of each command as a user types it (the tests above run them in this process)."""
+    commands = {"src.sample": [str(run_dir), "n=4", f"out={tmp_path / 's.png'}"],
+                "src.reconstruct": [str(run_dir), str(pictures), f"out={tmp_path / 'r.png'}"],
+                "src.interpolate": [str(run_dir), str(pictures / "a.png"), str(pictures / "b.jpg"), "steps=3",
+                                    f"out={tmp_path / 'i.png'}"],
+                "src.evaluate": [str(run_dir), "split=val", "iwae_k=3"]}
+    for module, args in commands.items():
+        proc = run_cli(args, module=module, real_process=True)
+        assert proc.returncode == 0, (module, proc.stderr[-2000:])
+    for made in ("s.png", "r.png", "i.png"):
+        assert Image.open(tmp_path / made).size[0] > 0, made
+    assert json.loads((run_dir / "eval_val_k3.json").read_text())["val/iwae_k"] == 3
 
 
 def _one_error_line(proc, *needles):

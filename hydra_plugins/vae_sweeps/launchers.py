@@ -198,12 +198,13 @@ class Packing:
     def _plan(self, cfg: DictConfig) -> Tuple[str, Any]:
         """("pack", signature), ("done", its JobReturn) for a finished member, or ("solo", why): the rerun plan a
         member's own set-up makes (src.identity.plan_rerun), reading only its checkpoint's step."""
+        from src.config import as_dict
         from src.config_check import parse
         from src.identity import pack_signature, plan_rerun
 
         try:
             parsed = parse(task_config(cfg))
-            config = OmegaConf.to_container(OmegaConf.structured(parsed))
+            config = as_dict(parsed)
             if parsed.trainer.strategy != "none":
                 return "solo", f"trainer.strategy={parsed.trainer.strategy}"
             plan = plan_rerun(RunDir(cfg.hydra.runtime.output_dir), config, parsed.trainer.resume)
