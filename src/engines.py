@@ -18,8 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import statistics
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
@@ -28,11 +26,10 @@ import torch.nn as nn
 from torch.func import functional_call, vmap
 
 from .config import ConfigError
-from .device import autocast_for, resolve_compile, resolve_precision, synchronize
+from .device import autocast_for, resolve_compile, resolve_precision
 from .losses import Objective, elbo_terms
 from .models import build_model
-from .optim import build_optimizer
-from .state import MemberRNG, MetricSums
+from .state import MetricSums
 
 if TYPE_CHECKING:
     from .member import Member
@@ -109,16 +106,29 @@ class DenseEngine:
         """The compile mode the steps run with (after any fallback to eager): off, default or reduce-overhead."""
         return self.steps[0].compile_mode or "off"
 
-    def step(self, xs: List[Optional[torch.Tensor]], step: int) -> List[Optional[Terms]]:
+    def step(self, xs: List[Optional[torch.Tensor]], step: int) -> Terms:
+        """One step of each member with a batch (a frozen member's is None); the terms stacked over members."""
         dtype = noise_dtype(self.precision)
-        return [None if x is None else take(x, m.state.rng.draw(len(x), m.cfg.model.latent_dim, dtype), step)
-                for take, m, x in zip(self.steps, self.members, xs)]
+        terms = [None if x is None else take(x, m.state.rng.draw(len(x), m.cfg.model.latent_dim, dtype), step)
+                 for take, m, x in zip(self.steps, self.members, xs)]
+        return stack_terms(terms, max(m.cfg.model.latent_dim for m in self.members))
 
     def sync(self, i: int) -> None:
         """The members' own modules are the live ones."""
 
     def freeze(self, i: int) -> None:
         """A frozen member is no longer stepped (its batch is None)."""
+
+
+def stack_terms(terms: List[Optional[Terms]], d_max: int) -> Terms:
+    """Members' terms as the loop adds them: (M,) each, kl_per_dim (M, d_max) zero-padded; a member without terms
+    (frozen) has zeros."""
+    some = next(t for t in terms if t is not None)
+    zero = {k: torch.zeros_like(some[k]) for k in MetricSums.NAMES}
+    out = {k: torch.stack([(t or zero)[k] for t in terms]) for k in MetricSums.NAMES}
+    out["kl_per_dim"] = torch.stack([nn.functional.pad(t["kl_per_dim"], (0, d_max - len(t["kl_per_dim"])))
+                                     if t is not None else some["kl_per_dim"].new_zeros(d_max) for t in terms])
+    return out
 
 
 def pad_latent(kind: Optional[str], t: torch.Tensor, d: int, d_max: int) -> torch.Tensor:
@@ -191,6 +201,7 @@ class VmapEngine:
         self.decoupled, self.betas, self.adam_eps = o.name == "adamw", tuple(o.betas), 1e-8  # torch's default eps
         self.weight_decay = torch.tensor([m.cfg.optimizer.weight_decay for m in members], device=self.device)
         self.lr_values: List[float] = []
+        self.settings_values: List[tuple] = []
         self._load_moments()
         self.forward = vmap(self._member, randomness="error")
 
@@ -220,23 +231,30 @@ class VmapEngine:
                                               {f"model.{k}": v for k, v in buffers.items()}),
                                (x, eps, in_use, beta, capacity_on, capacity, free_bits))
 
-    def step(self, xs: List[Optional[torch.Tensor]], step: int) -> List[Optional[Terms]]:
+    def step(self, xs: List[Optional[torch.Tensor]], step: int) -> Terms:
+        """One vmapped step of all members (a frozen member's batch is None: it is fed any batch and left out of
+        the loss and the update); the terms stacked over members."""
         live = next(x for x in xs if x is not None)
         dtype = noise_dtype(self.precision)
         x = torch.stack([live if xi is None else xi for xi in xs]).contiguous()  # (M, B, C, H, W); frozen: any batch
         e = torch.stack([live.new_zeros((len(live), self.d_max), dtype=dtype) if xi is None else  # (M, B, D_max)
                          nn.functional.pad(m.state.rng.draw(len(xi), d, dtype), (0, self.d_max - d))
                          for m, xi, d in zip(self.members, xs, self.latents)])
-        settings = [m.objective.settings(step) for m in self.members]  # (beta_t, capacity on, C_t, free bits) each
-        beta, on, capacity, free_bits = (torch.tensor(v, device=self.device) for v in zip(*settings))
         with self.autocast:
-            terms = self.forward(self.params, self.buffers, x, e, self.in_use, beta, on, capacity, free_bits)
+            terms = self.forward(self.params, self.buffers, x, e, self.in_use, *self._settings(step))
         total = torch.where(self.alive, terms["loss"], 0.0).sum()  # a frozen member's (maybe NaN) loss is left out
         grads = torch.autograd.grad(total, [self.params[n] for n in self.param_names])
         self._adam(grads)
-        return [None if xi is None else {**{k: terms[k][i] for k in MetricSums.NAMES},
-                                         "kl_per_dim": terms["kl_per_dim"][i, :d]}
-                for i, (xi, d) in enumerate(zip(xs, self.latents))]
+        return {k: terms[k] for k in (*MetricSums.NAMES, "kl_per_dim")}
+
+    def _settings(self, step: int) -> List[torch.Tensor]:
+        """Each member's (beta_t, capacity on, C_t, free bits) at `step`, as (M,) tensors, made anew only when a
+        schedule moves them."""
+        settings = [m.objective.settings(step) for m in self.members]
+        if settings != self.settings_values:
+            self.settings_values = settings
+            self.settings_tensors = [torch.tensor(v, device=self.device) for v in zip(*settings)]
+        return self.settings_tensors
 
     @torch.no_grad()
     def _adam(self, grads) -> None:
@@ -292,53 +310,49 @@ class VmapEngine:
 # ---------------------------------------------------------------------------------------------- choosing one
 
 
-def _scratch(members: Sequence["Member"]) -> List["Member"]:
-    """Copies of the members' models, optimizers and RNGs for a trial timing, so the real ones are not touched."""
-    out = []
-    for m in members:
-        model = copy.deepcopy(m.state.model)
-        optimizer, _ = build_optimizer(m.cfg.optimizer, model, fused=m.state.optimizer.param_groups[0].get("fused")
-                                       or False)
-        state = copy.copy(m.state)
-        state.model, state.optimizer, state.rng = model, optimizer, MemberRNG(m.place.device, m.state.rng.get())
-        out.append(replace(m, state=state))
-    return out
+CPU_VMAP_MAX_FLOPS = 0.5e6  # forward FLOPs per image per member up to which vmap wins on a CPU (docs/speed.md)
 
 
-def time_engine(engine_cls, members: Sequence["Member"], steps: int = 3, warmup: int = 2) -> float:
-    """Median seconds per step of all members with `engine_cls`, on copies of the members and random batches."""
-    engine = engine_cls(_scratch(members))
-    first = members[0]
-    d = first.cfg.data
-    gen = torch.Generator().manual_seed(0)
-    xs = [torch.rand((d.batch_size, d.channels, d.image_size, d.image_size), generator=gen).to(first.place.device)
-          for _ in members]
-    times = []
-    for i in range(warmup + steps):
-        synchronize(first.place.device)
-        started = time.perf_counter()
-        engine.step(xs, i)
-        synchronize(first.place.device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[warmup:])
+def forward_flops(member: "Member") -> float:
+    """FLOPs of one image's forward pass through the member's model (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    d = member.cfg.data
+    model = copy.deepcopy(member.state.model).cpu().eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.rand(1, d.channels, d.image_size, d.image_size), torch.zeros(1, member.cfg.model.latent_dim))
+    return float(counter.get_total_flops())
+
+
+def decide_engine(name: str, members: Sequence["Member"]) -> tuple:
+    """(engine name, why) for a loop of `members`: the one asked for; for `auto`, the one the members' checkpoints
+    record (a resumed pack keeps its engine, so its numbers are those it would have given unstopped), else a rule
+    by device, precision and model size, measured (docs/speed.md), never a race: the same command gives the same
+    engine, and the same numbers."""
+    check_engine_name(name)
+    precision = resolve_precision(members[0].cfg.trainer.precision, members[0].place.device)
+    if len(members) == 1:
+        return "loop", "one member"
+    if precision == "fp16" and name != "loop":  # the vmap engine has no per-member grad scaler
+        return "loop", "fp16 needs a grad scaler per member"
+    if name != "auto":
+        return name, "asked for"
+    recorded = {m.state.engine for m in members}
+    if len(recorded) == 1 and None not in recorded:
+        return recorded.pop(), "as the members' checkpoints record"
+    device = members[0].place.device
+    if device.type == "cuda":
+        return "vmap", "CUDA: one grouped kernel for every member"
+    flops = forward_flops(members[0])
+    if flops <= CPU_VMAP_MAX_FLOPS:
+        return "vmap", f"{device.type}, {flops / 1e6:.2f} MFLOP per image per member (at most {CPU_VMAP_MAX_FLOPS / 1e6:g})"
+    return "loop", f"{device.type}, {flops / 1e6:.2f} MFLOP per image per member: grouped kernels lose above " \
+                   f"{CPU_VMAP_MAX_FLOPS / 1e6:g}"
 
 
 def choose_engine(name: str, members: Sequence["Member"]) -> Any:
-    """The engine `name` asks for; `auto` times a few steps of each on copies of the members and takes the faster
-    (grouped kernels win for small models and lose for large ones on some devices: measure, never assume). One
-    member, or fp16 (the vmap engine has no per-member grad scaler), is always the dense engine."""
-    check_engine_name(name)
-    precision = resolve_precision(members[0].cfg.trainer.precision, members[0].place.device)
-    if name == "loop" or len(members) == 1:
-        return DenseEngine(members)
-    if precision == "fp16":
-        if name == "vmap":
-            log.warning("engine vmap does not train fp16 (a grad scaler per member); using loop")
-        return DenseEngine(members)
-    if name == "vmap":
-        return VmapEngine(members)
-    seconds = {cls.name: time_engine(cls, members) for cls in (VmapEngine, DenseEngine)}
-    chosen = min(seconds, key=seconds.get)
-    log.info("Pack engine auto: vmap %.1f ms, loop %.1f ms per step of all %d members -> %s",
-             1e3 * seconds["vmap"], 1e3 * seconds["loop"], len(members), chosen)
+    """The engine of a loop of `members` (decide_engine), logged with its reason."""
+    chosen, why = decide_engine(name, members)
+    if len(members) > 1:
+        log.info("Pack engine %s (%s)", chosen, why)
     return VmapEngine(members) if chosen == "vmap" else DenseEngine(members)

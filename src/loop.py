@@ -1,9 +1,10 @@
 """The training loop, written once for any number of members: a solo run is a loop of one member; a packed sweep's
 members share one loop, and an engine (src/engines.py) takes the step of all of them.
 
-fit() reads: the engine -> each step: every live member's batch, one engine step, each member's state advanced ->
-the signal read once -> what is due for each member (log, eval, checkpoint) -> a stop, once every member has its
-checkpoint -> after the last step, each member's final test eval. The loop owns two policies:
+fit() reads: the engine -> each step: every live member's batch, one engine step, the terms of all members added
+at once -> each member's state advanced -> the signal read once -> what is due (log, eval, checkpoint), for each
+member, only at the steps where something is -> a stop, once every member has its checkpoint -> after the last
+step, each member's final test eval. The loop owns two policies:
 - divergence: a member whose terms go non-finite is ended `diverged` at the check its solo run would make and frozen;
   the others go on (a solo run has no others, so it stops).
 - signals: a stop request is read once per step, before any member's checkpoint turn, so every member checkpoints at
@@ -28,6 +29,7 @@ from .identity import refuse_unpackable
 from .judge import content_metrics, judge_for
 from .data import cache_folder
 from .lifecycle import DivergedError, StopSignals
+from .state import LoopSums
 from .loggers import MemberLogs
 from .member import Member
 from .visuals import fixed_latents
@@ -91,6 +93,8 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
     total, place = first.objective.total_steps, first.place
     refuse_unpackable([m.state.config for m in members])
     engine = choose_engine(engine_name, members)
+    for m in members:  # recorded in each member's checkpoints and summary
+        m.state.engine = engine.name
     def on(m: Member):
         return logs.member(m.run.dir.root) if logs is not None else nullcontext()
 
@@ -99,6 +103,8 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
     log.info("Training %s from step %d of %d: precision %s, compile %s, channels_last %s", what, first.state.step,
              total, engine.precision, engine.compile_mode, first.state.batches.memory_format == torch.channels_last)
     meter = Throughput(place.device)
+    cadence = Cadence(first.cfg, len(first.state.batches), total)
+    sums = LoopSums([m.state.sums for m in members])  # from here each member's sums are a row of these
     streams = [m.state.batches_from_here() for m in members]
     live = [True] * len(members)
     for m in members:
@@ -110,28 +116,34 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
                desc="train" if len(members) == 1 else f"pack of {len(members)}")
     step = first.state.step
     while step < total and any(live):
-        # 1. one step of every live member, then each member's state moves on (its epoch and LR schedule with it)
+        # 1. one step of every live member, its terms added for all members at once
         xs = [next(s) if ok else None for s, ok in zip(streams, live)]
         meter.before_step()
         terms = engine.step(xs, step)
-        lrs = [m.state.optimizer.param_groups[0]["lr"] for m in members]  # the rates this step used
         meter.after_step(place.world_size * sum(len(x) for x in xs if x is not None))
         step += 1
         stop.step = step
+        sums.add(terms, step)
         bar.update()
-        # 2. what is due at this step for each member, then a stop a signal asked for (read once: a signal that
-        # arrives during a member's turn is acted on at the next step, by every member, never without a checkpoint)
+        # 2. each member's state moves on (its epoch and LR schedule with it); what is due at this step, for each
+        # member, then a stop a signal asked for (read once: a signal that arrives during a member's turn is acted
+        # on at the next step, by every member, never without a checkpoint). Nothing due: no member is touched.
         stopping = stop.received
+        due = cadence.any(step) or stopping
+        lrs = [m.state.optimizer.param_groups[0]["lr"] for m in members] if due else []  # the rates this step used
         for k, m in enumerate(members):
-            if not live[k]:
+            if live[k]:
+                m.state.advance()
+        for k, m in enumerate(members):
+            if not (due and live[k]):
                 continue
-            m.state.advance(terms[k])
             with on(m):
                 try:
-                    row = after_step(m, lrs[k], stopping, lambda k=k: engine.sync(k), meter)
+                    row = after_step(m, cadence, lrs[k], stopping, lambda k=k: engine.sync(k), meter)
                 except DivergedError as e:  # this member stops as its solo run would; the others go on
                     live[k] = False
                     engine.freeze(k)
+                    sums.freeze(k)
                     end(m, e)
                     continue
             if row is not None and len(members) == 1:
@@ -165,28 +177,46 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
 # ---------------------------------------------------------------------------------------------- one member
 
 
-def after_step(m: Member, lr: float, stopping: bool, sync: Callable[[], None], meter: Throughput) -> Optional[Dict]:
-    """What is due for member m once its state has advanced by a step: log the train/ means, evaluate (with the
-    grids), and write the checkpoint, also when `stopping` (a signal asked to stop, as the loop read it for the
-    step). `sync` brings m's own modules up to date before they are read (a packed member's live weights are the
-    engine's). Raises DivergedError once a non-finite step is seen. Returns the train/ row it logged, if any."""
+class Cadence:
+    """When a log, an eval and a checkpoint are due: the same for every member of a loop (trainer.* and the data,
+    which decide them, split packs)."""
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, total: int):
+        self.total, self.log_every = total, cfg.trainer.log_every
+        self.eval_every = cfg.trainer.eval_every or steps_per_epoch
+        self.checkpoint_every = cfg.trainer.checkpoint_every or self.eval_every
+
+    def log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total
+
+    def eval(self, step: int) -> bool:
+        return step % self.eval_every == 0 or step == self.total
+
+    def checkpoint(self, step: int) -> bool:
+        return self.eval(step) or step % self.checkpoint_every == 0
+
+    def any(self, step: int) -> bool:
+        return self.log(step) or self.checkpoint(step)
+
+
+def after_step(m: Member, cadence: Cadence, lr: float, stopping: bool, sync: Callable[[], None],
+               meter: Throughput) -> Optional[Dict]:
+    """What is due for member m at its step: log the train/ means, evaluate (with the grids), and write the
+    checkpoint, also when `stopping` (a signal asked to stop, as the loop read it for the step). `sync` brings m's
+    own modules up to date before they are read (a packed member's live weights are the engine's). Raises
+    DivergedError once a non-finite step is seen. Returns the train/ row it logged, if any."""
     cfg, state, rd, logger = m.cfg, m.state, m.run.dir, m.run.logger
-    last = state.step == m.objective.total_steps
-    eval_every = cfg.trainer.eval_every or len(state.batches)
-    checkpoint_every = cfg.trainer.checkpoint_every or eval_every
-    evaluating = state.step % eval_every == 0 or last
-    logging_now = state.step % cfg.trainer.log_every == 0 or last
-    checking = evaluating or logging_now or state.step % checkpoint_every == 0
-    if checking and m.place.world_size > 1:
-        state.sums.share_divergence()
+    evaluating, logging_now = cadence.eval(state.step), cadence.log(state.step)
+    checkpointing = cadence.checkpoint(state.step) or stopping
+    if m.place.world_size > 1 and cadence.any(state.step):  # a collective: at the cadence's steps, which every rank
+        state.sums.share_divergence()  # shares (a signal may reach one rank only)
     row = None
     if logging_now:
         if m.objective.likelihood.learned:  # its sigma is read there
             sync()
         row = _log_train(m, lr)
     if m.place.rank != 0:
-        if checking:
-            _raise_if_diverged(m)
+        _raise_if_diverged(m)
         return row
     if evaluating:
         _raise_if_diverged(m)
@@ -197,7 +227,7 @@ def after_step(m: Member, lr: float, stopping: bool, sync: Callable[[], None], m
         logger.log_images(m.grids.save(state.model, rd.root, state.step, state.val["val/kl_per_dim"]), state.step)
         _log_eval(m)
         _tell("evaluated", m, state.step)
-    if evaluating or state.step % checkpoint_every == 0 or stopping:
+    if checkpointing:
         _raise_if_diverged(m)  # never overwrite a good checkpoint with a diverged model
         sync()
         ckpt = state.state_dict()

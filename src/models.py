@@ -39,6 +39,10 @@ class VAE(nn.Module):
         mu, logvar = self.encode(x)
         return self.decode(self.reparameterize(mu, logvar, eps)), mu, logvar
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's, and a state dict of an earlier version loads too (fold_bn_biases)."""
+        return super().load_state_dict(fold_bn_biases(state_dict)[0], strict, assign)
+
     def latent_layout(self) -> Dict[str, str]:
         """The parameters whose shape follows latent_dim, and along what: "rows" for the encoder's last Linear
         ((2 * latent_dim, ...): rows [mu | logvar]), "columns" for the decoder's first Linear weight ((F, latent_dim))."""
@@ -56,16 +60,37 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decode(self.encode(x)[0]))
 
 
+# A conv straight into BatchNorm has no bias: BatchNorm subtracts the batch mean, so such a bias has a true
+# gradient of exactly zero, and Adam would turn the rounding noise of that zero into full-size steps (a random walk
+# that BatchNorm's running mean follows, so eval numbers differ between any two implementations). BatchNorm's own
+# shift is that parameter. Checkpoints of earlier versions, which had the bias, load through fold_bn_biases.
 def _down(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU())
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.LeakyReLU())
 
 
 def _up(c_in: int, c_out: int, output_padding: int = 1) -> nn.Sequential:
     """Doubles the size (output_padding 1) or doubles it less one (0), undoing a _down of an odd size."""
     return nn.Sequential(
-        nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=output_padding),
+        nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=output_padding, bias=False),
         nn.BatchNorm2d(c_out), nn.LeakyReLU(),
     )
+
+
+def fold_bn_biases(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """A model state dict of an earlier version, whose convs before BatchNorm had a bias b, in this version's form:
+    b folded into the BatchNorm's running mean (eval: BN(y + b) with mean m is BN(y) with mean m - b; train: BN
+    subtracts the batch mean, so b never counted). Returns the new state dict and the keys of the biases folded."""
+    folded, out = [], dict(state)
+    for key in state:
+        if not key.endswith(".0.bias"):
+            continue
+        stage = key[: -len(".0.bias")]
+        if f"{stage}.1.running_mean" in state:  # (B, C) conv bias into BatchNorm2d(C): a _down or _up stage
+            out[f"{stage}.1.running_mean"] = state[f"{stage}.1.running_mean"] - state[key]
+            del out[key]
+            folded.append(key)
+    return out, folded
 
 
 def conv_sizes(image_size: int, stages: int) -> List[int]:

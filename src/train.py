@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import exits
-from .config import Config, register_configs
+from .config import Config, ConfigError, register_configs
 from .engines import check_engine_name
 from .lifecycle import Interrupted, Requeued, RunLifecycle, StopSignals
 from .loggers import MemberLogs
@@ -54,6 +54,8 @@ def train(cfg: DictConfig | Config, run_dir: Optional[str | Path] = None,
     if hydra_cfg is None and HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
     if run_dir is None:
+        if hydra_cfg is None:
+            raise ConfigError("train(cfg) outside a Hydra app needs run_dir=<folder> for the run's files")
         run_dir = hydra_cfg.runtime.output_dir
     [(summary, error)] = _train_members([cfg], [run_dir], "loop", [hydra_cfg], log_name=None)
     if error is not None:

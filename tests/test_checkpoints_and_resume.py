@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +14,12 @@ import pytest
 import torch
 
 from src.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from src.likelihoods import build_likelihood
+from src.models import build_model
+from src.train import train
 
-from .conftest import ROOT, assert_same_as_uninterrupted, metric_rows, run_cli, tiny_overrides
+from .conftest import ROOT, assert_same_as_uninterrupted, compose_cfg, metric_rows, run_cli, tiny_overrides
+from .test_models import with_conv_biases
 
 
 
@@ -233,3 +238,36 @@ def test_divergence_before_any_checkpoint_does_not_claim_one_is_kept(tmp_path, t
     assert proc.returncode == 3 and "at step 2" in error
     assert "no checkpoint was written" in error and "kept" not in error
     assert not (run / "checkpoints" / "last.pt").exists()
+
+
+def test_a_run_of_an_earlier_version_with_conv_biases_resumes_as_the_same_run(tmp_path, tiny):
+    """A checkpoint written while the convs in front of BatchNorm had a bias (and Adam moments for it): the bias is
+    folded into the running mean and its moments dropped, every other parameter's moments renumbered, so a larger
+    budget continues it exactly as it continues the same run written by this version."""
+    steps = [*tiny, "trainer.max_steps=4", "trainer.eval_every=4", "trainer.log_every=1"]
+    train(compose_cfg(steps), tmp_path / "new")
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    ckpt = load_checkpoint(tmp_path / "new" / "checkpoints" / "last.pt")
+    cfg = compose_cfg(steps)
+    model = build_model(cfg.model, cfg.data, build_likelihood(cfg.loss.likelihood, cfg.loss.sigma))
+    model.load_state_dict(ckpt["model"])
+    names = [n for n, _ in model.named_parameters()]
+    old = with_conv_biases(model, same_eval=True)  # the same model, in the earlier layout
+    old_names = [n for n, _ in old.named_parameters()]
+    moments = {names[i]: st for i, st in ckpt["optimizer"]["state"].items()}
+    old_state = {i: moments.get(n, {**moments["encoder.0.0.weight"], "exp_avg": torch.rand(p.shape),
+                                    "exp_avg_sq": torch.rand(p.shape)}) for i, (n, p) in
+                 enumerate(old.named_parameters())}
+    assert len(old_names) > len(names)  # the biases, with moments of their own
+    groups = [{**ckpt["optimizer"]["param_groups"][0], "params": list(range(len(old_names)))}]
+    save_checkpoint({**ckpt, "model": old.state_dict(), "optimizer": {"state": old_state, "param_groups": groups}},
+                    tmp_path / "old" / "checkpoints" / "last.pt")
+    longer = [*steps, "trainer.max_steps=8"]
+    for run in ("new", "old"):
+        assert train(compose_cfg(longer), tmp_path / run)["status"] == "finished"
+    rows = {run: [r for r in metric_rows(tmp_path / run) if r["step"] > 4] for run in ("new", "old")}
+    assert [r["step"] for r in rows["old"]] == [r["step"] for r in rows["new"]]
+    for a, b in zip(rows["new"], rows["old"]):  # (y + b) - its batch mean: y's, up to rounding
+        for key in ("train/loss", "val/neg_elbo", "test/neg_elbo"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)

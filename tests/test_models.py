@@ -47,3 +47,63 @@ def test_mlp_is_the_canonical_784_400_20_vae():
     assert widths == [(784, 400), (400, 40), (20, 400), (400, 784)]
     params, mu, _ = model(torch.rand(2, 1, 28, 28))
     assert params.shape == (2, 1, 28, 28) and mu.shape == (2, 20)
+
+
+def _conv_stages(model):
+    """The (conv, BatchNorm, activation) stages of a conv VAE, by name."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Sequential) and len(m) == 3 and isinstance(m[1], torch.nn.BatchNorm2d)]
+
+
+def with_conv_biases(model, seed: int = 0, same_eval: bool = False):
+    """The model as an earlier version built it: a bias on every conv in front of BatchNorm (random), and running
+    means of its own (random; `same_eval`: shifted by the bias, so it evaluates as `model` did)."""
+    g = torch.Generator().manual_seed(seed)
+    for _, stage in _conv_stages(model):
+        conv = stage[0]
+        biased = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                            **({"output_padding": conv.output_padding} if hasattr(conv, "output_padding") and
+                               isinstance(conv, torch.nn.ConvTranspose2d) else {}), bias=True)
+        with torch.no_grad():
+            biased.weight.copy_(conv.weight)
+            biased.bias.copy_(torch.randn(conv.out_channels, generator=g))
+            if same_eval:
+                stage[1].running_mean.add_(biased.bias)
+            else:
+                stage[1].running_mean.copy_(torch.randn(conv.out_channels, generator=g))
+        stage[0] = biased
+    return model
+
+
+@pytest.mark.parametrize("kind", ["conv", "mlp"])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian_learned"])
+def test_no_parameter_has_a_zero_true_gradient(kind, likelihood):
+    """In float64, every parameter's gradient of the ELBO is far from zero. A conv bias in front of BatchNorm has a
+    true gradient of exactly zero (about 1e-17 here), which Adam turns into full-size steps of rounding noise."""
+    torch.manual_seed(0)
+    cls = ConvVAE if kind == "conv" else MLPVAE
+    model = cls(1, 16, [8, 16], 4, build_likelihood(likelihood, 0.1)).double().train()
+    x = torch.rand(16, 1, 16, 16, dtype=torch.float64)
+    params, mu, logvar = model(x)
+    loss = model.likelihood.nll(params, x).mean() + 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1).mean()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad.abs().max() > 1e-8, f"{name} has a zero true gradient"
+    if kind == "conv":  # the check can fail: the earlier layout's biases
+        old = with_conv_biases(ConvVAE(1, 16, [8, 16], 4, build_likelihood(likelihood, 0.1))).double().train()
+        params, mu, logvar = old(x)
+        old.likelihood.nll(params, x).mean().backward()
+        for _, stage in _conv_stages(old):  # rounding only: 1e-16 to 1e-12 against weight gradients of 0.3 to 80
+            assert stage[0].bias.grad.abs().max() < 1e-10 * stage[0].weight.grad.abs().max()
+
+
+def test_a_state_dict_of_an_earlier_version_loads_and_evaluates_the_same():
+    torch.manual_seed(0)
+    old = with_conv_biases(ConvVAE(3, 16, [8, 16], 4, build_likelihood("bernoulli", 0.1))).eval()
+    new = ConvVAE(3, 16, [8, 16], 4, build_likelihood("bernoulli", 0.1)).eval()
+    new.load_state_dict(old.state_dict())  # strict: every key accounted for
+    x = torch.rand(8, 3, 16, 16)
+    for a, b in zip(old.encode(x), new.encode(x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    z = torch.randn(8, 4)
+    torch.testing.assert_close(old.decode(z), new.decode(z), rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.checkpoint import load_checkpoint
+from src.checkpoint import load_checkpoint, save_checkpoint
 from src.config import ConfigError
 from src.lifecycle import Interrupted
 from src.likelihoods import Bernoulli, build_likelihood
@@ -365,3 +365,52 @@ def test_a_bad_launcher_knob_is_one_line_naming_it(tmp_path, tiny, override, lin
     proc = run_cli(["-m", "hydra/launcher=packed", override, *tiny, "loss.beta=1,2", f"hydra.sweep.dir={tmp_path}"])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"Config error: {line}"], proc.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.slow  # six runs of 100 steps with evals
+def test_a_vmap_member_is_its_solo_run_to_the_floating_point_floor_whoever_shares_its_pack(tmp_path, tiny):
+    """100 steps, evals at 50 and 100. The solo run's two memory layouts (NHWC, NCHW) agree on -ELBO within 5e-4; a
+    vmap member (beta 4, packed with beta 1) equals its solo run in every ELBO term within 1e-3 relative or the
+    layouts' own gap, whichever is larger; packed with beta 16 instead, every val/test number within 1e-5; and the
+    default engine, run twice, is the same engine with bitwise the same numbers."""
+    base = [*tiny, "trainer.max_steps=100", "trainer.eval_every=50", "trainer.log_every=10"]
+    cfg = lambda *extra: compose_cfg([*base, *extra])  # noqa: E731
+    solo = train(cfg("loss.beta=4"), tmp_path / "solo")
+    nchw = train(cfg("loss.beta=4", "trainer.channels_last=false"), tmp_path / "nchw")
+    with_1 = train_pack([cfg("loss.beta=1"), cfg("loss.beta=4")], [tmp_path / "a1", tmp_path / "a4"], "vmap")[1]
+    with_16 = train_pack([cfg("loss.beta=16"), cfg("loss.beta=4")], [tmp_path / "b16", tmp_path / "b4"], "vmap")[1]
+    rel = lambda a, b: abs(a - b) / abs(b)  # noqa: E731
+    for key in ("val/neg_elbo", "test/neg_elbo"):
+        assert rel(nchw[key], solo[key]) < 5e-4, key
+    for split in ("val", "test"):
+        for term in ("neg_elbo", "recon_nll", "kl", "iwae_nll"):
+            key = f"{split}/{term}"
+            assert rel(with_1[key], solo[key]) <= max(1e-3, rel(nchw[key], solo[key])), key
+    for key, value in with_16.items():  # who shares the pack does not move a member's numbers
+        if key.startswith(("val/", "test/")) and isinstance(value, float):
+            assert value == pytest.approx(with_1[key], rel=1e-5, abs=1e-7), key
+    runs = [train_pack([cfg("loss.beta=1"), cfg("loss.beta=4")], [tmp_path / f"c{i}a", tmp_path / f"c{i}b"])
+            for i in range(2)]
+    assert runs[0][1]["perf/pack_engine"] == runs[1][1]["perf/pack_engine"] == "vmap"  # 0.2 MFLOP a member on a CPU
+    for a, b in zip(*runs):
+        assert results(a) == results(b)  # bitwise
+    for i in range(2):
+        assert metric_rows(tmp_path / f"c0{'ab'[i]}") == metric_rows(tmp_path / f"c1{'ab'[i]}")
+
+
+def test_auto_is_a_rule_recorded_with_each_member_and_kept_when_the_pack_resumes(tmp_path, tiny):
+    """On a CPU, auto takes vmap for a tiny model and loop for a larger one, by its FLOPs, never by a timing race;
+    the engine is in each member's summary and checkpoint, and a pack resumed from those checkpoints keeps it."""
+    tiny_members = [compose_cfg([*tiny, "trainer.max_steps=2", f"seed={i}"]) for i in range(2)]
+    summaries = train_pack(tiny_members, [tmp_path / "t0", tmp_path / "t1"])
+    assert [s["perf/pack_engine"] for s in summaries] == ["vmap", "vmap"]
+    assert load_checkpoint(tmp_path / "t0" / "checkpoints" / "last.pt")["engine"] == "vmap"
+    larger = [*tiny, "model.hidden_channels=[16,32]", "data.image_size=32", "trainer.max_steps=2"]
+    summaries = train_pack([compose_cfg([*larger, f"seed={i}"]) for i in range(2)], [tmp_path / "l0", tmp_path / "l1"])
+    assert [s["perf/pack_engine"] for s in summaries] == ["loop", "loop"]  # 2.8 MFLOP a member: loop
+    # a pack stopped and resumed keeps the engine it trained with, whatever auto would say now
+    for i in range(2):
+        path = tmp_path / f"t{i}" / "checkpoints" / "last.pt"
+        save_checkpoint({**load_checkpoint(path), "engine": "loop"}, path)
+    longer = [compose_cfg([*tiny, "trainer.max_steps=4", f"seed={i}"]) for i in range(2)]
+    assert [s["perf/pack_engine"] for s in train_pack(longer, [tmp_path / "t0", tmp_path / "t1"])] == ["loop"] * 2
