@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from src.likelihoods import build_likelihood  # noqa: E402
 from src.losses import kl_divergence  # noqa: E402
 from src.models import ConvVAE  # noqa: E402
-from src.train import WARMUP_STEPS  # noqa: E402
+from src.loop import WARMUP_STEPS  # noqa: E402
 
 VANILLA_VAE = dict(channels=3, image_size=64, hidden=[32, 64, 128, 256, 512], latent_dim=128)
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

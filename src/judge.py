@@ -11,6 +11,7 @@ classes (a plain image folder) skip these metrics with one line.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -115,24 +116,38 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(max(0.0, ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross))
 
 
+@dataclass
+class JudgedReal:
+    """The judge and what it makes of the first n real test images: the same for every run on the data, so a pack
+    computes it once for its members."""
+    judge: Judge
+    x: torch.Tensor  # (n, C, H, W) float in [0, 1]
+    labels: np.ndarray  # (n,)
+    features: np.ndarray  # (n, 128)
+    accuracy: float  # the judge's own accuracy on them: the ceiling of recon_accuracy
+
+
+def judge_real(judge: Judge, images: np.ndarray, labels: np.ndarray, n: int) -> JudgedReal:
+    x = torch.from_numpy(np.array(images[:n])).float().div(255)  # a copy: the cache is a read-only memory map
+    return JudgedReal(judge, x, np.asarray(labels[:n]), features(judge, x), accuracy(judge, x, labels[:n]))
+
+
 @torch.no_grad()
-def content_metrics(model, judge: Judge, images: np.ndarray, labels: np.ndarray, z: torch.Tensor,
-                    device: torch.device, n: int) -> Dict[str, float]:
-    """judge_fd: Fréchet distance (judge features) between n decoded prior samples z and n real images (lower is
+def content_metrics(model, real: JudgedReal, z: torch.Tensor, device: torch.device) -> Dict[str, float]:
+    """judge_fd: Fréchet distance (judge features) between decoded prior samples z and the real images (lower is
     better; real images against other real images of the data sit near 0); recon_accuracy: the judge's accuracy
     on the reconstructions (posterior means) of those images; judge_accuracy: on the images themselves, the
     ceiling recon_accuracy can reach."""
     was_training = model.training
     model.eval()
-    n = min(n, len(images), len(z))
-    x = torch.from_numpy(np.array(images[:n])).float().div(255)  # a copy: the cache is a read-only memory map
+    n = min(len(real.x), len(z))
     samples = torch.cat([model.likelihood.mean(model.decode(z[i: i + 512].to(device))).float().cpu()
                          for i in range(0, n, 512)])
-    recons = torch.cat([model.likelihood.mean(model.decode(model.encode(x[i: i + 512].to(device))[0])).float().cpu()
-                        for i in range(0, n, 512)])
+    recons = torch.cat([model.likelihood.mean(model.decode(model.encode(real.x[i: i + 512].to(device))[0])).float()
+                        .cpu() for i in range(0, n, 512)])
     model.train(was_training)
-    return {"judge_fd": frechet_distance(features(judge, samples), features(judge, x)),
-            "recon_accuracy": accuracy(judge, recons, labels[:n]), "judge_accuracy": accuracy(judge, x, labels[:n])}
+    return {"judge_fd": frechet_distance(features(real.judge, samples), real.features[:n]),
+            "recon_accuracy": accuracy(real.judge, recons, real.labels[:n]), "judge_accuracy": real.accuracy}
 
 
 def judge_for(data, folder: Path, device: torch.device) -> Optional[Judge]:

@@ -26,8 +26,7 @@ from .device import synchronize
 from .engines import choose_engine
 from .fid import evaluate_fid
 from .identity import refuse_unpackable
-from .judge import content_metrics, judge_for
-from .data import cache_folder
+from .judge import content_metrics
 from .lifecycle import DivergedError, StopSignals
 from .state import LoopSums
 from .loggers import MemberLogs
@@ -115,6 +114,7 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
     bar = tqdm(total=total, initial=first.state.step, disable=not show, unit="step", dynamic_ncols=True,
                desc="train" if len(members) == 1 else f"pack of {len(members)}")
     step = first.state.step
+    started, val_s = time.perf_counter(), [0.0] * len(members)  # the phases' wall time (summary perf/*_s)
     while step < total and any(live):
         # 1. one step of every live member, its terms added for all members at once
         xs = [next(s) if ok else None for s, ok in zip(streams, live)]
@@ -139,7 +139,9 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
                 continue
             with on(m):
                 try:
+                    clock = time.perf_counter()
                     row = after_step(m, cadence, lrs[k], stopping, lambda k=k: engine.sync(k), meter)
+                    val_s[k] += time.perf_counter() - clock if cadence.eval(step) else 0.0
                 except DivergedError as e:  # this member stops as its solo run would; the others go on
                     live[k] = False
                     engine.freeze(k)
@@ -152,7 +154,7 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
             stop.stop(step)
     bar.close()
     stop.defer = False
-    rate = meter.images_per_s()
+    rate, loop_s = meter.images_per_s(), time.perf_counter() - started
     for k, m in enumerate(members):  # 3. each member's final eval; a member is ended finished as soon as it is done
         if not live[k]:
             continue
@@ -161,10 +163,14 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
             continue
         with on(m):
             try:
+                clock = time.perf_counter()
                 m.run.summary.update(finish(m, lambda k=k: engine.sync(k)))
             except Exception as e:
                 end(m, e)
                 continue
+            # wall seconds: the loop's (its steps and val evals, all members'), this member's val evals and final eval
+            m.run.summary.update({"perf/loop_s": loop_s, "perf/val_eval_s": val_s[k],
+                                  "perf/test_eval_s": time.perf_counter() - clock})
             if rate is not None:  # a member's share of the loop's rate, and the loop's
                 m.run.summary.update({"perf/train_images_per_s": rate / len(members), "perf/pack_images_per_s": rate})
             m.run.summary.update({"perf/pack_members": len(members), "perf/pack_engine": engine.name,
@@ -251,8 +257,7 @@ def finish(m: Member, sync: Callable[[], None]) -> Dict[str, Any]:
     it to `python -m src.evaluate` for the members a sweep keeps) and the final grids; returns the final metrics."""
     cfg, state, rd, logger = m.cfg, m.state, m.run.dir, m.run.logger
     sync()
-    test = final_test_eval(cfg, state.model, m.data, m.evaluate, state.step, m.place.device) \
-        if cfg.eval.final == "test" else {}
+    test = final_test_eval(m) if cfg.eval.final == "test" else {}
     if test:
         logger.log(test, state.step)
     logger.log_images(m.grids.save(state.model, rd.root, None, state.val["val/kl_per_dim"]), state.step,
@@ -263,16 +268,15 @@ def finish(m: Member, sync: Callable[[], None]) -> Dict[str, Any]:
             "grid/traversal_dims": m.grids.dims}  # traversals.png's rows, so a montage labels them right
 
 
-def final_test_eval(cfg: Config, model, data, evaluate, step: int, device: torch.device) -> Dict[str, Any]:
+def final_test_eval(m: Member) -> Dict[str, Any]:
     """Every metric on the test split, FID where asked, and the judge's sample quality where the data has classes."""
-    test = evaluate("test", step=step, iwae_k=cfg.eval.iwae_k_test)
+    cfg, model, device = m.cfg, m.state.model, m.place.device
+    test = m.evaluate("test", step=m.state.step, iwae_k=cfg.eval.iwae_k_test)
     if cfg.eval.fid:
-        test.update(evaluate_fid(model, data.images["test"], cfg, device, "test"))
-    if cfg.eval.judge and (judge := judge_for(data, cache_folder(cfg.data), device)) is not None:
+        test.update(evaluate_fid(model, m.shared.data.images["test"], cfg, device, "test"))
+    if cfg.eval.judge and (real := m.shared.judged(cfg, device)) is not None:
         z = fixed_latents(cfg.eval.fid_images, cfg.model.latent_dim).to(device)
-        quality = content_metrics(model, judge, data.images["test"], data.labels["test"], z, device,
-                                  cfg.eval.fid_images)
-        test.update({f"test/{k}": v for k, v in quality.items()})
+        test.update({f"test/{k}": v for k, v in content_metrics(model, real, z, device).items()})
     return test
 
 

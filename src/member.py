@@ -22,9 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import load_checkpoint, truncate_metrics
 from .config import Config, ConfigError, TrainerConfig, as_dict, total_steps
 from .config_check import parse
-from .data import TrainBatches, load_data, mean_image, resolve_on_device
+from .data import TrainBatches, cache_folder, load_data, mean_image, resolve_on_device
 from .device import autocast_for, resolve_device, resolve_precision, setup_backends
 from .identity import check_checkpoint, plan_rerun, record_config
+from .judge import JudgedReal, judge_for, judge_real
 from .lifecycle import RunLifecycle
 from .loggers import RunLogger
 from .losses import Objective
@@ -66,10 +67,21 @@ def init_distributed(t: TrainerConfig, device: torch.device, hydra_cfg: Optional
 
 class SharedData:
     """The data of the members of one loop (they share the pack signature that decides it), loaded by the first
-    member that needs it: the splits, the train split as one tensor on the device it is drawn from, its mean image."""
+    member that needs it: the splits, the train split as one tensor on the device it is drawn from, its mean image,
+    and the judge with what it makes of the real test images."""
 
     def __init__(self):
         self.data: Optional[ImageData] = None
+        self._judged: Dict[Any, Optional[JudgedReal]] = {}
+
+    def judged(self, cfg: Config, device: torch.device) -> Optional[JudgedReal]:
+        """The data set's judge and its view of the first eval.fid_images real test images (None: no classes)."""
+        key = (str(device), cfg.eval.fid_images)
+        if key not in self._judged:
+            judge = judge_for(self.data, cache_folder(cfg.data), device)
+            self._judged[key] = None if judge is None else judge_real(judge, self.data.images["test"],
+                                                                       self.data.labels["test"], cfg.eval.fid_images)
+        return self._judged[key]
 
     def load(self, cfg: Config, device: torch.device) -> "SharedData":
         if self.data is None:
@@ -92,7 +104,7 @@ class Member:
     state: TrainState
     objective: Objective
     place: Placement
-    data: ImageData
+    shared: SharedData  # its data, shared with the loop's other members
     evaluate: Callable[..., Dict[str, Any]]  # evaluate(split, step=, iwae_k=) on the member's own model
     grids: FixedGrids
 
@@ -179,4 +191,4 @@ def build_member(raw_cfg: DictConfig | Config, run: RunLifecycle, shared: Shared
                        x_fixed.to(place.device), cfg.eval.traversal_dims, cfg.eval.traversal_steps)
     evaluate = partial(evaluate_split, model, objective, cfg, data, device=place.device, mean_img=shared.mean_img,
                        autocast=autocast_for(place.device, precision))
-    return Member(cfg, run, state, objective, place, data, evaluate, grids)
+    return Member(cfg, run, state, objective, place, shared, evaluate, grids)
