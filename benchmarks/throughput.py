@@ -207,6 +207,9 @@ PACKED_MODELS = {  # name -> overrides: the main job's conv (the default config)
     # VanillaVAE of the headline sweep at its batch 64
     "main_conv64": ["model.hidden_channels=[16,32,64,128]", "data.image_size=64", "data.batch_size=64"],
     "small_conv16": ["model.hidden_channels=[8,16]", "data.image_size=16", "data.batch_size=32", "model.latent_dim=4"],
+    # sizes in between, where the CPU's crossover between the engines lies (src/engines.py CPU_VMAP_MAX_FLOPS)
+    "conv32": ["model.hidden_channels=[16,32]", "data.image_size=32", "data.batch_size=32"],
+    "mlp28": ["model=mlp", "model.hidden_channels=[400]", "data.image_size=28", "data.batch_size=32"],
     "vanilla_vae64": ["model.hidden_channels=[32,64,128,256,512]", "model.latent_dim=128", "data.channels=3",
                       "data.image_size=64", "data.batch_size=64", "loss.likelihood=gaussian",
                       "loss.sigma=0.7071067811865476", "optimizer.lr=0.005"],
@@ -220,10 +223,27 @@ def packed_overrides(model: str, device: str, steps: int, cache: str) -> list:
             *_single_eval(steps)]
 
 
-def packed_row(model: str, members: int, device: str, steps: int, cache: str, repeats: int) -> dict:
+def forward_flops_of(cfg) -> float:
+    """FLOPs of one image's forward through the model `cfg` builds, as the auto rule counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from src.config_check import parse
+    from src.likelihoods import build_likelihood
+    from src.models import build_model
+
+    c = parse(cfg)
+    model = build_model(c.model, c.data, build_likelihood(c.loss.likelihood, c.loss.sigma)).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.rand(1, c.data.channels, c.data.image_size, c.data.image_size))
+    return float(counter.get_total_flops())
+
+
+def packed_row(model: str, members: int, device: str, steps: int, cache: str, repeats: int,
+               solo_runs: int = 0) -> dict:
     """Aggregate training images/s of `members` members (seeds 0.., beta 1 and 4 alternating): packed (vmap and
     loop engines, and the engine `auto` picks; each the median of `repeats` packs), one after another (each member
-    a solo run, as the basic launcher runs them), and one member (the median of those solo runs)."""
+    a solo run, as the basic launcher runs them), and one member (the median of those solo runs). `solo_runs`: time
+    only that many of the solo runs (each member's rate is then their median), where M solo runs take too long."""
     from hydra import compose, initialize_config_dir
 
     from src.config import register_configs
@@ -237,17 +257,24 @@ def packed_row(model: str, members: int, device: str, steps: int, cache: str, re
     seconds = 0.0
     with tempfile.TemporaryDirectory() as root:
         train(cfgs[0], run_dir=Path(root) / "warm-up")  # oneDNN builds its kernels for these shapes once per process
-        rates = [train(cfg, run_dir=Path(root) / f"solo{i}")["perf/train_images_per_s"] for i, cfg in enumerate(cfgs)]
+        rates = [train(cfg, run_dir=Path(root) / f"solo{i}")["perf/train_images_per_s"]
+                 for i, cfg in enumerate(cfgs[:solo_runs or members])]
+        rates = rates if len(rates) == members else [statistics.median(rates)] * members
         images = steps * cfgs[0].data.batch_size  # per member, timed
         seconds = sum(images / r for r in rates)
         row["one_member_img_s"] = round(statistics.median(rates), 1)
         row["one_after_another_img_s"] = round(members * images / seconds, 1)
         for engine in ("vmap", "loop", "auto"):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             packs = [train_pack(cfgs, [Path(root) / f"{engine}{r}-{i}" for i in range(members)], engine=engine)[0]
                      for r in range(repeats)]
             row[f"packed_{engine}_img_s"] = round(statistics.median(s["perf/pack_images_per_s"] for s in packs), 1)
+            if device == "cuda":
+                row[f"packed_{engine}_peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             if engine == "auto":
                 row["auto_chose"] = sorted({s["perf/pack_engine"] for s in packs})
+                row["mflop_per_image"] = round(forward_flops_of(cfgs[0]) / 1e6, 2)
     for engine in ("vmap", "loop", "auto"):
         row[f"packed_{engine}_vs_one_after_another"] = round(row[f"packed_{engine}_img_s"] /
                                                              row["one_after_another_img_s"], 2)
@@ -269,6 +296,7 @@ def main() -> None:
                         help="pack sizes M: M packed members against M one after another and one (then nothing else)")
     parser.add_argument("--packed-models", nargs="+", default=["main_conv64", "small_conv16"],
                         choices=list(PACKED_MODELS))
+    parser.add_argument("--solo-runs", type=int, default=0, help="with --packed: time this many solo runs (default M)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--cache", default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -288,7 +316,7 @@ def main() -> None:
                 for members in args.packed:
                     key = f"packed/{model}/{device}/M{members}"
                     results[key] = packed_row(model, members, device, args.steps or (20 if device == "cpu" else 200),
-                                              cache, args.repeats)
+                                              cache, args.repeats, args.solo_runs)
                     print(json.dumps({key: results[key]}), file=sys.stderr)
         args.settings = []
     if "vanilla_vae_celeba64" in args.settings:

@@ -51,6 +51,11 @@ def autocast_for(device: torch.device, precision: str) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def autocast_dtype(precision: str) -> torch.dtype:
+    """The dtype a linear layer's output has under the precision's autocast (the encoder's, and so its noise)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def resolve_compile(mode: Any, device: torch.device, world_size: int) -> Any:
     """auto: CUDA graphs (reduce-overhead) on one CUDA device, where small VAEs are launch-bound; off elsewhere."""
     if mode == "auto":

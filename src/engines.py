@@ -19,6 +19,7 @@ import copy
 import logging
 import math
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import torch
@@ -26,8 +27,9 @@ import torch.nn as nn
 from torch.func import functional_call, vmap
 
 from .config import ConfigError
-from .device import autocast_for, resolve_compile, resolve_precision
+from .device import autocast_dtype, autocast_for, resolve_compile, resolve_precision
 from .losses import Objective, elbo_terms
+from .metrics import batch_sums, one_by_one
 from .models import build_model
 from .state import MetricSums
 
@@ -43,11 +45,6 @@ Terms = Dict[str, torch.Tensor]
 def check_engine_name(name: str) -> None:
     if name not in ENGINES:
         raise ConfigError(f"hydra.launcher.engine={name!r} is not allowed; choose one of {', '.join(ENGINES)}")
-
-
-def noise_dtype(precision: str) -> torch.dtype:
-    """The dtype of a step's noise: that of the encoder's output under the precision's autocast."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 class TrainStep:
@@ -108,10 +105,14 @@ class DenseEngine:
 
     def step(self, xs: List[Optional[torch.Tensor]], step: int) -> Terms:
         """One step of each member with a batch (a frozen member's is None); the terms stacked over members."""
-        dtype = noise_dtype(self.precision)
+        dtype = autocast_dtype(self.precision)
         terms = [None if x is None else take(x, m.state.rng.draw(len(x), m.cfg.model.latent_dim, dtype), step)
                  for take, m, x in zip(self.steps, self.members, xs)]
         return stack_terms(terms, max(m.cfg.model.latent_dim for m in self.members))
+
+    def eval_map(self, which: List[int]):
+        """The eval of members `which` (metrics.evaluate's mapper): each member's own model in turn."""
+        return one_by_one([self.members[i].state.model for i in which])
 
     def sync(self, i: int) -> None:
         """The members' own modules are the live ones."""
@@ -168,6 +169,17 @@ class MemberStep(nn.Module):
                           in_use)
 
 
+class MemberEval(nn.Module):
+    """One member's eval of a batch (metrics.batch_sums), written for vmap: its noise and settings come as tensors."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, mean_img, settings, eps, iwae, iwae_m, in_use):
+        return batch_sums(self.model, x, mean_img, settings, eps, iwae, iwae_m, in_use)
+
+
 class VmapEngine:
     """The members' parameters, buffers and Adam moments stacked (M, ...), one vmapped step for all of them.
     The members' own modules and optimizers are brought up to date (`sync`) only when they are read."""
@@ -185,7 +197,7 @@ class VmapEngine:
         template = build_model(replace(first.cfg.model, latent_dim=self.d_max), first.cfg.data,
                                copy.deepcopy(first.objective.likelihood)).to(self.device).train()
         self.layout = template.latent_layout()
-        self.step_fn = MemberStep(template)
+        self.step_fn, self.eval_fn = MemberStep(template), MemberEval(template)
         models = [m.state.model for m in members]
         self.param_names = [n for n, _ in template.named_parameters()]
         self.params = {n: torch.stack([self._embed(n, dict(m.named_parameters())[n].detach(), d)
@@ -235,7 +247,7 @@ class VmapEngine:
         """One vmapped step of all members (a frozen member's batch is None: it is fed any batch and left out of
         the loss and the update); the terms stacked over members."""
         live = next(x for x in xs if x is not None)
-        dtype = noise_dtype(self.precision)
+        dtype = autocast_dtype(self.precision)
         x = torch.stack([live if xi is None else xi for xi in xs]).contiguous()  # (M, B, C, H, W); frozen: any batch
         e = torch.stack([live.new_zeros((len(live), self.d_max), dtype=dtype) if xi is None else  # (M, B, D_max)
                          nn.functional.pad(m.state.rng.draw(len(xi), d, dtype), (0, self.d_max - d))
@@ -255,6 +267,40 @@ class VmapEngine:
             self.settings_values = settings
             self.settings_tensors = [torch.tensor(v, device=self.device) for v in zip(*settings)]
         return self.settings_tensors
+
+    def eval_map(self, which: List[int]):
+        """The eval of members `which` (metrics.evaluate's mapper): one vmapped pass of batch_sums over the
+        stacked members in eval mode (a member not asked for is fed zero noise, and its sums are dropped)."""
+
+        def apply(x, mean_img, settings, eps, iwae, iwae_m):
+            pad = lambda t, d: nn.functional.pad(t, (0, self.d_max - d))  # noqa: E731
+            chunks = len(iwae[0])
+            full_s, full_e, full_n = [settings[0]] * len(self.members), [], []
+            given = dict(zip(which, zip(settings, eps, iwae)))
+            for i, d in enumerate(self.latents):
+                s_i, e_i, n_i = given.get(i, (settings[0], eps[0].new_zeros((len(x), d)),
+                                              [t.new_zeros((*t.shape[:2], d)) for t in iwae[0]]))
+                full_s[i] = s_i
+                full_e.append(pad(e_i, d))
+                full_n.append([pad(t, d) for t in n_i])
+            stacked_s = [torch.stack(v) for v in zip(*full_s)]
+            stacked_n = [torch.stack([n[j] for n in full_n]) for j in range(chunks)]
+            self.eval_fn.eval()
+            try:
+                out = vmap(partial(self._eval_member, iwae_m=iwae_m), in_dims=(0, 0, None, None, 0, 0, 0, 0),
+                           randomness="error")(self.params, self.buffers, x, mean_img, stacked_s, torch.stack(full_e),
+                                               stacked_n, self.in_use)
+            finally:
+                self.eval_fn.train()
+            return [{k: (v[i][..., :self.latents[i]] if k in ("mu", "logvar", "kl_per_dim") else v[i])
+                     for k, v in out.items()} for i in which]
+
+        return apply
+
+    def _eval_member(self, params, buffers, x, mean_img, settings, eps, iwae, in_use, iwae_m):
+        return functional_call(self.eval_fn, ({f"model.{k}": v for k, v in params.items()},
+                                              {f"model.{k}": v for k, v in buffers.items()}),
+                               (x, mean_img, settings, eps, iwae, iwae_m, in_use))
 
     @torch.no_grad()
     def _adam(self, grads) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 
 import pandas as pd
-import torch
 
 from .config import total_steps
 from .data import load_data
 from .losses import Objective
-from .metrics import evaluate_split
+from .metrics import Evaluee, evaluate_split
 from .rundir import write_json
 from .tool_args import parse_args, require, run_cli
 from .trained import RunError, load_run
@@ -41,9 +40,8 @@ def main(argv=None) -> int:
     device = next(run.model.parameters()).device
     steps = total_steps(run.cfg, len(data.images["train"]) // run.cfg.data.batch_size)
     objective = Objective(run.cfg.loss, steps, likelihood=run.model.likelihood)  # the run's, learned sigma included
-    with torch.no_grad():
-        metrics = evaluate_split(run.model, objective, run.cfg, data, args["split"], device=device, step=run.step,
-                                 iwae_k=args["iwae_k"])
+    [metrics] = evaluate_split([Evaluee(run.model, objective, run.cfg)], data, args["split"], device=device,
+                               step=run.step, iwae_k=args["iwae_k"])
     metrics.update({"checkpoint": str(run.checkpoint), "step": run.step, f"data/{args['split']}_size":
                     len(data.images[args["split"]])})
     out = run.run_dir / f"eval_{args['split']}_k{args['iwae_k']}.json"  # one file per k: a careful k keeps its own

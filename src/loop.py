@@ -27,6 +27,7 @@ from .engines import choose_engine
 from .fid import evaluate_fid
 from .identity import refuse_unpackable
 from .judge import content_metrics
+from .metrics import Evaluee, evaluate_split
 from .lifecycle import DivergedError, StopSignals
 from .state import LoopSums
 from .loggers import MemberLogs
@@ -134,13 +135,23 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
         for k, m in enumerate(members):
             if live[k]:
                 m.state.advance()
+        vals: List[Optional[Dict[str, Any]]] = [None] * len(members)
+        if cadence.eval(step) and place.rank == 0:  # every live member's val eval in one pass over each batch
+            meter.pause()
+            clock = time.perf_counter()
+            # (a member that went non-finite is not evaluated: its turn below ends it as diverged)
+            ks = [k for k in range(len(members)) if live[k] and members[k].state.sums.divergence() is None]
+            for k, val in zip(ks, evaluate_members([members[k] for k in ks], ks, engine, "val", step) if ks else []):
+                vals[k] = val
+            for k in ks:
+                val_s[k] += (time.perf_counter() - clock) / len(ks)
         for k, m in enumerate(members):
             if not (due and live[k]):
                 continue
             with on(m):
                 try:
                     clock = time.perf_counter()
-                    row = after_step(m, cadence, lrs[k], stopping, lambda k=k: engine.sync(k), meter)
+                    row = after_step(m, cadence, lrs[k], stopping, lambda k=k: engine.sync(k), vals[k])
                     val_s[k] += time.perf_counter() - clock if cadence.eval(step) else 0.0
                 except DivergedError as e:  # this member stops as its solo run would; the others go on
                     live[k] = False
@@ -155,16 +166,20 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
     bar.close()
     stop.defer = False
     rate, loop_s = meter.images_per_s(), time.perf_counter() - started
-    for k, m in enumerate(members):  # 3. each member's final eval; a member is ended finished as soon as it is done
-        if not live[k]:
-            continue
+    ks = [k for k in range(len(members)) if live[k]]  # 3. the final evals: the test split of all at once, then each
+    clock = time.perf_counter()  # member's own (grids, judge); a member is ended finished as soon as it is done
+    tests = evaluate_members([members[k] for k in ks], ks, engine, "test", step) \
+        if ks and place.rank == 0 and first.cfg.eval.final == "test" else [{} for _ in ks]
+    test_s = (time.perf_counter() - clock) / max(1, len(ks))
+    for k, test in zip(ks, tests):
+        m = members[k]
         if place.rank != 0:
             end(m, None)
             continue
         with on(m):
             try:
-                clock = time.perf_counter()
-                m.run.summary.update(finish(m, lambda k=k: engine.sync(k)))
+                clock = time.perf_counter() - test_s
+                m.run.summary.update(finish(m, lambda k=k: engine.sync(k), test))
             except Exception as e:
                 end(m, e)
                 continue
@@ -206,11 +221,12 @@ class Cadence:
 
 
 def after_step(m: Member, cadence: Cadence, lr: float, stopping: bool, sync: Callable[[], None],
-               meter: Throughput) -> Optional[Dict]:
-    """What is due for member m at its step: log the train/ means, evaluate (with the grids), and write the
-    checkpoint, also when `stopping` (a signal asked to stop, as the loop read it for the step). `sync` brings m's
-    own modules up to date before they are read (a packed member's live weights are the engine's). Raises
-    DivergedError once a non-finite step is seen. Returns the train/ row it logged, if any."""
+               val: Optional[Dict[str, Any]]) -> Optional[Dict]:
+    """What is due for member m at its step: log the train/ means, record its val eval (`val`, which the loop ran
+    for all its members at once) with the grids, and write the checkpoint, also when `stopping` (a signal asked to
+    stop, as the loop read it for the step). `sync` brings m's own modules up to date before they are read (a
+    packed member's live weights are the engine's). Raises DivergedError once a non-finite step is seen. Returns
+    the train/ row it logged, if any."""
     cfg, state, rd, logger = m.cfg, m.state, m.run.dir, m.run.logger
     evaluating, logging_now = cadence.eval(state.step), cadence.log(state.step)
     checkpointing = cadence.checkpoint(state.step) or stopping
@@ -226,9 +242,8 @@ def after_step(m: Member, cadence: Cadence, lr: float, stopping: bool, sync: Cal
         return row
     if evaluating:
         _raise_if_diverged(m)
-        meter.pause()
         sync()
-        improved = state.record_eval(m.evaluate("val", step=state.step, iwae_k=cfg.eval.iwae_k))
+        improved = state.record_eval(val)
         logger.log(state.val, state.step)
         logger.log_images(m.grids.save(state.model, rd.root, state.step, state.val["val/kl_per_dim"]), state.step)
         _log_eval(m)
@@ -252,12 +267,25 @@ def _raise_if_diverged(m: Member) -> None:
         raise DivergedError(f"{reason}; {kept}")
 
 
-def finish(m: Member, sync: Callable[[], None]) -> Dict[str, Any]:
+def evaluate_members(members: List[Member], ks: List[int], engine, split: str, step: int) -> List[Dict[str, Any]]:
+    """The eval of `split` for members (the engine's members `ks`) in one pass over each batch, by the engine (a
+    vmapped pass for the vmap engine, each member's own model for the loop engine): each member's metrics."""
+    first = members[0]
+    for k in ks:  # (the blur measures read a member's own model)
+        engine.sync(k)
+    evaluees = [Evaluee(m.state.model, m.objective, m.cfg) for m in members]
+    iwae_k = first.cfg.eval.iwae_k if split == "val" else first.cfg.eval.iwae_k_test
+    return evaluate_split(evaluees, first.shared.data, split, device=first.place.device, step=step, iwae_k=iwae_k,
+                          mean_img=first.shared.mean_img, precision=engine.precision, mapper=engine.eval_map(ks))
+
+
+def finish(m: Member, sync: Callable[[], None], test: Dict[str, Any]) -> Dict[str, Any]:
     """The final test eval (after the last checkpoint: a kill here redoes only this block; eval.final=none leaves
-    it to `python -m src.evaluate` for the members a sweep keeps) and the final grids; returns the final metrics."""
+    it to `python -m src.evaluate` for the members a sweep keeps): `test`, the split's metrics the loop ran for all
+    its members, then FID and the judge where asked, and the final grids; returns the final metrics."""
     cfg, state, rd, logger = m.cfg, m.state, m.run.dir, m.run.logger
     sync()
-    test = final_test_eval(m) if cfg.eval.final == "test" else {}
+    test = final_test_eval(m, test) if cfg.eval.final == "test" else {}
     if test:
         logger.log(test, state.step)
     logger.log_images(m.grids.save(state.model, rd.root, None, state.val["val/kl_per_dim"]), state.step,
@@ -268,10 +296,10 @@ def finish(m: Member, sync: Callable[[], None]) -> Dict[str, Any]:
             "grid/traversal_dims": m.grids.dims}  # traversals.png's rows, so a montage labels them right
 
 
-def final_test_eval(m: Member) -> Dict[str, Any]:
-    """Every metric on the test split, FID where asked, and the judge's sample quality where the data has classes."""
+def final_test_eval(m: Member, test: Dict[str, Any]) -> Dict[str, Any]:
+    """The test split's metrics, with FID where asked and the judge's sample quality where the data has classes."""
     cfg, model, device = m.cfg, m.state.model, m.place.device
-    test = m.evaluate("test", step=m.state.step, iwae_k=cfg.eval.iwae_k_test)
+    test = dict(test)
     if cfg.eval.fid:
         test.update(evaluate_fid(model, m.shared.data.images["test"], cfg, device, "test"))
     if cfg.eval.judge and (real := m.shared.judged(cfg, device)) is not None:

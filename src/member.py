@@ -11,8 +11,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -23,13 +22,12 @@ from .checkpoint import load_checkpoint, truncate_metrics
 from .config import Config, ConfigError, TrainerConfig, as_dict, total_steps
 from .config_check import parse
 from .data import TrainBatches, cache_folder, load_data, mean_image, resolve_on_device
-from .device import autocast_for, resolve_device, resolve_precision, setup_backends
+from .device import resolve_device, resolve_precision, setup_backends
 from .identity import check_checkpoint, plan_rerun, record_config
 from .judge import JudgedReal, judge_for, judge_real
 from .lifecycle import RunLifecycle
 from .loggers import RunLogger
 from .losses import Objective
-from .metrics import evaluate_split
 from .models import build_model
 from .optim import build_optimizer
 from .rundir import write_hydra_files
@@ -97,15 +95,14 @@ class SharedData:
 @dataclass
 class Member:
     """A run in the training loop: its settings, its run (dir, lock, logger, summary), its training state (everything
-    its checkpoint holds, its RNG included), its objective, where it trains, its data, and what evaluates it and
-    draws its grids. Every field is set when it is built."""
+    its checkpoint holds, its RNG included), its objective, where it trains, its data, and its grids. Every field is
+    set when it is built."""
     cfg: Config
     run: RunLifecycle
     state: TrainState
     objective: Objective
     place: Placement
     shared: SharedData  # its data, shared with the loop's other members
-    evaluate: Callable[..., Dict[str, Any]]  # evaluate(split, step=, iwae_k=) on the member's own model
     grids: FixedGrids
 
 
@@ -185,10 +182,8 @@ def build_member(raw_cfg: DictConfig | Config, run: RunLifecycle, shared: Shared
         run.logger = RunLogger(rd.root, cfg.logger, config, run.hydra_cfg)
         state.wandb_run_id = run.logger.run_id
 
-    # 5. what evaluates it and draws its grids: the same inputs and latents at every eval and in every run
+    # 5. its grids: the same inputs and latents at every eval and in every run
     x_fixed = torch.from_numpy(np.array(data.images["val"][: cfg.trainer.num_samples])).float().div(255)
     grids = FixedGrids(fixed_latents(cfg.trainer.num_samples, cfg.model.latent_dim).to(place.device),
                        x_fixed.to(place.device), cfg.eval.traversal_dims, cfg.eval.traversal_steps)
-    evaluate = partial(evaluate_split, model, objective, cfg, data, device=place.device, mean_img=shared.mean_img,
-                       autocast=autocast_for(place.device, precision))
-    return Member(cfg, run, state, objective, place, shared, evaluate, grids)
+    return Member(cfg, run, state, objective, place, shared, grids)

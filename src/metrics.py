@@ -7,8 +7,8 @@ images themselves. All NLLs in nats per image.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from typing import ContextManager, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import eval_batches, mean_image
-from .losses import Objective, bits_per_dim
+from .device import autocast_dtype, autocast_for
+from .losses import Objective, bits_per_dim, elbo_terms
 from .models import VAE
 from .visuals import fixed_latents
 
@@ -29,38 +30,49 @@ LOG_2PI = math.log(2 * math.pi)
 # ------------------------------------------------------------------------------------------- estimators
 
 
-def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, diag exp(logvar)), summed over the last dim."""
-    return -0.5 * (LOG_2PI + logvar + (z - mu) ** 2 * torch.exp(-logvar)).sum(-1)
+def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                         in_use: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log N(z; mu, diag exp(logvar)), summed over the last dim (over the dims `in_use` marks, where given)."""
+    per_dim = -0.5 * (LOG_2PI + logvar + (z - mu) ** 2 * torch.exp(-logvar))
+    return (per_dim if in_use is None else torch.where(in_use, per_dim, 0.0)).sum(-1)
+
+
+def iwae_chunks(b: int, k: int, chunk_images: int = 4096) -> List[int]:
+    """How IWAE's k samples of b images are split: B * c at a time, so it costs k/c decoder passes, not k."""
+    c = max(1, min(k, chunk_images // b))
+    return [min(c, k - start) for start in range(0, k, c)]
 
 
 def iwae_log_weights(model: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, k: int,
-                     chunk_images: int = 4096) -> torch.Tensor:
-    """log p(x|z_i) + log p(z_i) - log q(z_i|x) for k samples z_i ~ q(z|x); (B, k). Samples are batched,
-    B * c at a time, so IWAE costs k/c decoder passes rather than k."""
+                     noise: Optional[List[torch.Tensor]] = None,
+                     in_use: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log p(x|z_i) + log p(z_i) - log q(z_i|x) for k samples z_i ~ q(z|x); (B, k). `noise`: the standard normal
+    draws of each chunk (iwae_chunks), (B, n, D) each; else drawn here."""
     b = len(x)
-    c = max(1, min(k, chunk_images // b))
+    noise = noise if noise is not None else [torch.randn(b, n, mu.shape[1], device=mu.device)
+                                             for n in iwae_chunks(b, k)]
     out = []
-    for start in range(0, k, c):
-        n = min(c, k - start)
-        z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * torch.randn(b, n, mu.shape[1], device=mu.device)
+    for eps in noise:
+        n = eps.shape[1]
+        z = mu.unsqueeze(1) + torch.exp(0.5 * logvar).unsqueeze(1) * eps  # (B, n, D)
         params = model.decode(z.reshape(b * n, -1))  # (B*n, ...)
         x_rep = x.unsqueeze(1).expand(b, n, *x.shape[1:]).reshape(b * n, *x.shape[1:])
         log_px_z = -model.likelihood.nll(params, x_rep).view(b, n)
-        log_pz = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z))
-        log_qz = gaussian_log_density(z, mu.unsqueeze(1), logvar.unsqueeze(1))
+        log_pz = gaussian_log_density(z, torch.zeros_like(z), torch.zeros_like(z), in_use)
+        log_qz = gaussian_log_density(z, mu.unsqueeze(1), logvar.unsqueeze(1), in_use)
         out.append(log_px_z + log_pz - log_qz)
     return torch.cat(out, 1)
 
 
 def iwae_nll(model: VAE, x: torch.Tensor, k: int, mu: Optional[torch.Tensor] = None,
-             logvar: Optional[torch.Tensor] = None) -> torch.Tensor:
+             logvar: Optional[torch.Tensor] = None, noise: Optional[List[torch.Tensor]] = None,
+             in_use: Optional[torch.Tensor] = None) -> torch.Tensor:
     """-log p(x) estimated with k importance samples (Burda et al. 2015), per image (B,); k = 1 is the ELBO.
     `mu`, `logvar`: the encoder's output for x when the caller has it (one encoder pass for every metric)."""
     if mu is None:
         mu, logvar = model.encode(x)
     mu, logvar = mu.float(), logvar.float()
-    log_w = iwae_log_weights(model, x, mu, logvar, k)
+    log_w = iwae_log_weights(model, x, mu, logvar, k, noise, in_use)
     return -(torch.logsumexp(log_w, 1) - math.log(k))
 
 
@@ -69,12 +81,13 @@ def active_units(mu: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
     return int((mu.var(0) > threshold).sum())
 
 
-def mutual_info(mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 256) -> float:
+def mutual_info(mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 256,
+                generator: Optional[torch.Generator] = None) -> float:
     """I(x; z) under q: E[log q(z|x) - log q(z)], q(z) the aggregate posterior of these N images
     (He et al. 2019, Lagging inference networks). One z per image, and both densities at that same z, so the
     Monte-Carlo noise cancels (it is exactly 0 when q ignores x); the N x N densities are chunked."""
     n = len(mu)
-    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     log_q_own = gaussian_log_density(z, mu, logvar)  # (N,)
     log_q_agg = []
     for i in range(0, n, chunk):
@@ -164,85 +177,135 @@ def sharpness_ratio(images: torch.Tensor, reference: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------- one split
 
 
-@torch.no_grad()
-def evaluate(
-    model: VAE,
-    objective: Objective,
-    images: np.ndarray,
-    *,
-    step: int,
-    device: torch.device,
-    batch_size: int,
-    mean_img: torch.Tensor,
-    iwae_k: int,
-    z_samples: torch.Tensor,
-    factors: Optional[np.ndarray] = None,
-    mi_images: int = 2000,
-    autocast: Optional[ContextManager] = None,
-    progress: Optional[str] = None,
-    collapse_nats: float,
-    iwae_images: Optional[int] = None,
-) -> Dict[str, object]:
-    """Every metric of the design's list over all images of a split, in nats per image where it is one; IWAE
-    over the first `iwae_images` of them (None: all), since its k decoder passes per image dominate the cost.
+@dataclass
+class Evaluee:
+    """A model to evaluate, with its objective (the beta in force at a step) and its run's settings (cfg.eval)."""
+    model: VAE
+    objective: Objective
+    cfg: Any
 
-    `loss` is the objective at the beta in force at `step`; z_samples are fixed prior draws for the blur ratios.
-    `progress` names a progress bar (with an ETA) over the split's batches; None shows none.
+
+def batch_sums(model: VAE, x: torch.Tensor, mean_img: torch.Tensor, settings: Sequence[torch.Tensor],
+               eps: torch.Tensor, iwae_noise: List[torch.Tensor], iwae_m: int,
+               in_use: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """One eval batch x (B, C, H, W) of one model: each term summed over the batch's images (the IWAE NLL over its
+    first `iwae_m`), and the posterior (mu, logvar), (B, D) each. Its noise is given (eps (B, D), IWAE's chunks),
+    so it is a function of tensors alone: a solo run calls it as it is, the vmap engine maps it over a pack's
+    stacked members (`in_use` marks a padded member's own dims)."""
+    mu, logvar = model.encode(x)
+    if in_use is not None:  # a padded member's extra dims are exactly the prior's: zero KL, zero input
+        mu, logvar = torch.where(in_use, mu, 0.0), torch.where(in_use, logvar, 0.0)
+    params = model.decode(model.reparameterize(mu, logvar, eps))
+    terms = elbo_terms(model.likelihood.nll(params, x), mu, logvar, *settings, in_use)
+    terms["mse"] = ((model.likelihood.mean(model.decode(mu)) - x) ** 2).mean()
+    terms["mse_mean_image"] = ((mean_img - x) ** 2).mean()
+    out = {k: v.float() * len(x) for k, v in terms.items()}  # (kl_per_dim: (D,))
+    k = sum(n.shape[1] for n in iwae_noise)
+    out["iwae"] = iwae_nll(model, x[:iwae_m], k, mu[:iwae_m], logvar[:iwae_m], iwae_noise, in_use).sum() \
+        if iwae_m else mu.new_zeros((), dtype=torch.float32)
+    out["mu"], out["logvar"] = mu.float(), logvar.float()
+    return out
+
+
+# a split's batches through batch_sums for several models at once: (x, mean_img, settings, eps, iwae noise, iwae_m)
+# -> each model's sums; engines.py gives one for a pack (vmapped), one_by_one is a run's own
+Mapper = Callable[..., List[Dict[str, torch.Tensor]]]
+
+
+def one_by_one(models: List[VAE]) -> Mapper:
+    def apply(x, mean_img, settings, eps, iwae, iwae_m):
+        return [batch_sums(m, x, mean_img, s, e, n, iwae_m) for m, s, e, n in zip(models, settings, eps, iwae)]
+    return apply
+
+
+@torch.no_grad()
+def evaluate(evaluees: List[Evaluee], images: np.ndarray, *, step: int, device: torch.device, mean_img: torch.Tensor,
+             iwae_k: int, factors: Optional[np.ndarray] = None, precision: str = "fp32",
+             progress: Optional[str] = None, mapper: Optional[Mapper] = None) -> List[Dict[str, object]]:
+    """Every metric of the design's list over all images of a split, for each model, in nats per image where it is
+    one; IWAE over the first eval.iwae_images of them (None: all), since its k decoder passes per image dominate.
+    The models (a pack's members share their eval settings) go through each batch together, by `mapper`.
+
+    `loss` is the objective at the beta in force at `step`. Each model's noise comes from a generator seeded
+    EVAL_SEED, drawn in the same order whatever evaluates it with it, so its numbers do not depend on how far
+    training's RNG has moved nor on who shares its pack. `progress` names a progress bar; None shows none.
     """
-    was_training = model.training
-    model.eval()
-    sums: Dict[str, torch.Tensor] = {}
-    mus: List[torch.Tensor] = []
-    logvars: List[torch.Tensor] = []
+    e0 = evaluees[0].cfg.eval
+    batch_size = evaluees[0].cfg.data.eval_batch_size
+    models = [e.model for e in evaluees]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    mapper = mapper or one_by_one(models)
+    settings = [e.objective._settings_on(step, device) for e in evaluees]
+    generators = [torch.Generator(device).manual_seed(EVAL_SEED) for _ in evaluees]
+    eps_dtype = autocast_dtype(precision)
+    sums: List[Dict[str, torch.Tensor]] = [{} for _ in evaluees]
+    mus: List[List[torch.Tensor]] = [[] for _ in evaluees]
+    logvars: List[List[torch.Tensor]] = [[] for _ in evaluees]
     n = iwae_n = 0
-    iwae_sum = 0.0  # over the first iwae_images images only (a tensor on the device once added to)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), (autocast or nullcontext()):
-        torch.manual_seed(EVAL_SEED)
+    with autocast_for(device, precision):
         batches = tqdm(eval_batches(images, batch_size, device), total=math.ceil(len(images) / batch_size),
                        desc=progress, unit="batch", disable=progress is None, leave=False, dynamic_ncols=True)
         for x in batches:
-            mu, logvar = model.encode(x)
-            terms = objective(model.decode(model.reparameterize(mu, logvar)), x, mu, logvar, step)
-            terms["mse"] = ((model.likelihood.mean(model.decode(mu)) - x) ** 2).mean()
-            terms["mse_mean_image"] = ((mean_img.to(device) - x) ** 2).mean()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v.detach().float() * len(x)
-            m = len(x) if iwae_images is None else max(0, min(len(x), iwae_images - n))
-            if m:  # per image, its own encoder output: one encoder pass for every metric
-                iwae_sum = iwae_sum + iwae_nll(model, x[:m], iwae_k, mu[:m], logvar[:m]).sum()
-                iwae_n += m
-            mus.append(mu.float().cpu())
-            logvars.append(logvar.float().cpu())
+            iwae_m = len(x) if e0.iwae_images is None else max(0, min(len(x), e0.iwae_images - n))
+            # each model's noise, in its draw order: the reparameterisation (B, D), then IWAE's chunks (m, c, D)
+            eps, iwae = [], []
+            for e, g in zip(evaluees, generators):
+                d = e.model.latent_dim
+                eps.append(torch.randn(len(x), d, generator=g, device=device, dtype=eps_dtype))
+                iwae.append([torch.randn(iwae_m, c, d, generator=g, device=device)
+                             for c in iwae_chunks(iwae_m, iwae_k)] if iwae_m else [])
+            for i, out in enumerate(mapper(x, mean_img.to(device), settings, eps, iwae, iwae_m)):
+                for k, v in out.items():
+                    if k not in ("mu", "logvar"):
+                        sums[i][k] = sums[i].get(k, 0) + v
+                mus[i].append(out["mu"].cpu())
+                logvars[i].append(out["logvar"].cpu())
+            iwae_n += iwae_m
             n += len(x)
-        mu_all, logvar_all = torch.cat(mus), torch.cat(logvars)
-        out: Dict[str, object] = {k: (v / n).item() for k, v in sums.items() if v.ndim == 0}
-        out["iwae_nll"] = (iwae_sum / iwae_n).item()
-        out["iwae_images"] = iwae_n
-        out["kl_per_dim"] = (sums["kl_per_dim"] / n).tolist()
-        # the likelihood's sigma: learned or fixed; for gaussian_optimal (set per batch in training) its maximum-
-        # likelihood value on this split at the posterior mean, the RMSE
-        sigma = model.likelihood.scale()
-        if sigma is None and type(model.likelihood).__name__ == "GaussianOptimal":
-            sigma = math.sqrt(out["mse"])
-        if sigma is not None:
-            out["sigma"] = sigma
-        dims = int(np.prod(images.shape[1:]))
-        out["bits_per_dim"] = bits_per_dim(out["neg_elbo"], dims)
-        out["iwae_bits_per_dim"] = bits_per_dim(out["iwae_nll"], dims)
-        out["iwae_k"] = iwae_k
-        out["active_units"] = active_units(mu_all)
-        out["collapsed_units"] = mu_all.shape[1] - out["active_units"]
-        # another view of collapse: dims that cost KL, whether or not their mean moves with x (docs/diagnostics.md)
-        out["kl_active_units"] = int(sum(kl > collapse_nats for kl in out["kl_per_dim"]))
-        out["collapse_nats"] = collapse_nats
-        out["mutual_info"] = mutual_info(mu_all[:mi_images], logvar_all[:mi_images])
-        # the estimator cannot exceed log N (N images in the aggregate posterior): near it, MI is "at least"
-        out["mutual_info_max"] = math.log(min(n, mi_images))
-        out["mutual_info_capped"] = out["mutual_info"] >= out["mutual_info_max"] - MI_CAP_MARGIN
-        out.update(blur_metrics(model, images, z_samples, device))
+        results = [_finish(e, sums[i], torch.cat(mus[i]), torch.cat(logvars[i]), n, iwae_n, iwae_k, images, device,
+                           factors) for i, e in enumerate(evaluees)]
+    for m, training in zip(models, was_training):
+        m.train(training)
+    return results
+
+
+def _finish(e: Evaluee, sums: Dict[str, torch.Tensor], mu_all: torch.Tensor, logvar_all: torch.Tensor, n: int,
+            iwae_n: int, iwae_k: int, images: np.ndarray, device: torch.device,
+            factors: Optional[np.ndarray]) -> Dict[str, object]:
+    """One model's metrics from its sums over the split and its posterior means and log-variances (N, D)."""
+    model, cfg = e.model, e.cfg.eval
+    out: Dict[str, object] = {k: (v / n).item() for k, v in sums.items() if v.ndim == 0 and k != "iwae"}
+    out["iwae_nll"] = (sums["iwae"] / iwae_n).item()
+    out["iwae_images"] = iwae_n
+    out["kl_per_dim"] = (sums["kl_per_dim"] / n).tolist()
+    # the likelihood's sigma: learned or fixed; for gaussian_optimal (set per batch in training) its maximum-
+    # likelihood value on this split at the posterior mean, the RMSE
+    sigma = model.likelihood.scale()
+    if sigma is None and type(model.likelihood).__name__ == "GaussianOptimal":
+        sigma = math.sqrt(out["mse"])
+    if sigma is not None:
+        out["sigma"] = sigma
+    dims = int(np.prod(images.shape[1:]))
+    out["bits_per_dim"] = bits_per_dim(out["neg_elbo"], dims)
+    out["iwae_bits_per_dim"] = bits_per_dim(out["iwae_nll"], dims)
+    out["iwae_k"] = iwae_k
+    out["active_units"] = active_units(mu_all)
+    out["collapsed_units"] = mu_all.shape[1] - out["active_units"]
+    # another view of collapse: dims that cost KL, whether or not their mean moves with x (docs/diagnostics.md)
+    out["kl_active_units"] = int(sum(kl > cfg.collapse_nats for kl in out["kl_per_dim"]))
+    out["collapse_nats"] = cfg.collapse_nats
+    mi_images = min(n, cfg.mi_images)
+    out["mutual_info"] = mutual_info(mu_all[:mi_images], logvar_all[:mi_images],
+                                     generator=torch.Generator().manual_seed(EVAL_SEED))
+    # the estimator cannot exceed log N (N images in the aggregate posterior): near it, MI is "at least"
+    out["mutual_info_max"] = math.log(mi_images)
+    out["mutual_info_capped"] = out["mutual_info"] >= out["mutual_info_max"] - MI_CAP_MARGIN
+    z_samples = fixed_latents(cfg.blur_samples, model.latent_dim).to(device)
+    out.update(blur_metrics(model, images, z_samples, device))
     if factors is not None:
         out["mig"] = mig(mu_all.numpy(), np.asarray(factors)[:n])
-    model.train(was_training)
     return out
 
 
@@ -259,16 +322,13 @@ def blur_metrics(model: VAE, images: np.ndarray, z_samples: torch.Tensor, device
     }
 
 
-def evaluate_split(model: VAE, objective: Objective, cfg, data, split: str, *, device: torch.device, step: int,
-                   iwae_k: int, mean_img: Optional[torch.Tensor] = None,
-                   autocast: Optional[ContextManager] = None) -> Dict[str, object]:
-    """`evaluate` on one split of a run's data as training does it: the objective at `step`, the fixed blur
-    latents, the split's factors. Keys are prefixed with the split ("test/iwae_nll")."""
-    metrics = evaluate(model, objective, data.images[split], step=step, device=device,
-                       batch_size=cfg.data.eval_batch_size,
+def evaluate_split(evaluees: List[Evaluee], data, split: str, *, device: torch.device, step: int, iwae_k: int,
+                   mean_img: Optional[torch.Tensor] = None, precision: str = "fp32",
+                   mapper: Optional[Mapper] = None) -> List[Dict[str, object]]:
+    """`evaluate` on one split of the models' data as training does it: the objective at `step`, the split's
+    factors, the train split's mean image. Keys are prefixed with the split ("test/iwae_nll")."""
+    results = evaluate(evaluees, data.images[split], step=step, device=device,
                        mean_img=mean_img if mean_img is not None else mean_image(data.images["train"]),
-                       iwae_k=iwae_k, z_samples=fixed_latents(cfg.eval.blur_samples, cfg.model.latent_dim).to(device),
-                       factors=data.factors.get(split), mi_images=cfg.eval.mi_images, autocast=autocast,
-                       collapse_nats=cfg.eval.collapse_nats, iwae_images=cfg.eval.iwae_images,
-                       progress=f"eval {split} (IWAE k={iwae_k})" if cfg.trainer.progress else None)
-    return {f"{split}/{k}": v for k, v in metrics.items()}
+                       iwae_k=iwae_k, factors=data.factors.get(split), precision=precision, mapper=mapper,
+                       progress=f"eval {split} (IWAE k={iwae_k})" if evaluees[0].cfg.trainer.progress else None)
+    return [{f"{split}/{k}": v for k, v in r.items()} for r in results]

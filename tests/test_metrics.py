@@ -12,11 +12,11 @@ import torch.nn as nn
 from torch import distributions as D
 from torchvision.transforms.v2 import functional as TF
 
-from src.config import DataConfig, EvalConfig, LossConfig
+from src.config import Config, DataConfig, LossConfig
 from src.likelihoods import Bernoulli, Gaussian
 from src.losses import Objective
-from src.metrics import (BLUR_WINDOW, active_units, blur_effect, evaluate, iwae_log_weights, laplacian_variance,
-                         mig, mutual_info, sharpness_ratio)
+from src.metrics import (BLUR_WINDOW, Evaluee, active_units, blur_effect, evaluate, iwae_log_weights,
+                         laplacian_variance, mig, mutual_info, sharpness_ratio)
 from src.models import VAE, MLPVAE
 from src.sources import decode_shapes, read_idx
 
@@ -113,9 +113,11 @@ def images():
 
 def _evaluate(model, images, factors=None):
     objective = Objective(LossConfig(), 1, likelihood=model.likelihood)
-    return evaluate(model, objective, images, step=0, device=torch.device("cpu"), batch_size=64,
-                    mean_img=torch.full((1, 8, 8), 0.5), iwae_k=3, z_samples=torch.randn(32, model.latent_dim),
-                    factors=factors, collapse_nats=EvalConfig().collapse_nats)
+    cfg = Config()
+    cfg.data.eval_batch_size, cfg.eval.blur_samples, cfg.trainer.progress = 64, 32, False
+    [out] = evaluate([Evaluee(model, objective, cfg)], images, step=0, device=torch.device("cpu"),
+                     mean_img=torch.full((1, 8, 8), 0.5), iwae_k=3, factors=factors)
+    return out
 
 
 def test_active_units_counts_an_encoder_that_ignores_some_dims(images):

@@ -414,3 +414,33 @@ def test_auto_is_a_rule_recorded_with_each_member_and_kept_when_the_pack_resumes
         save_checkpoint({**load_checkpoint(path), "engine": "loop"}, path)
     longer = [compose_cfg([*tiny, "trainer.max_steps=4", f"seed={i}"]) for i in range(2)]
     assert [s["perf/pack_engine"] for s in train_pack(longer, [tmp_path / "t0", tmp_path / "t1"])] == ["loop"] * 2
+
+
+def test_a_vmap_packs_batched_eval_is_each_members_own_eval(tmp_path, tiny):
+    """The vmap engine evaluates its members in one vmapped pass over each batch (latents 2 and 4 padded to 8 and
+    masked); each member's own eval of the same weights (its checkpoint, one model at a time, as src.evaluate
+    does) gives the same numbers."""
+    from src.config_check import parse
+    from src.data import load_data, mean_image
+    from src.losses import Objective
+    from src.metrics import Evaluee, evaluate_split
+
+    cfgs = [compose_cfg(tiny + ["trainer.max_steps=6", "trainer.eval_every=6"] + m) for m in MEMBERS]
+    summaries = train_pack(cfgs, [tmp_path / f"p{i}" for i in range(3)], engine="vmap")
+    assert {s["perf/pack_engine"] for s in summaries} == {"vmap"}
+    for i, raw in enumerate(cfgs):
+        cfg = parse(raw)
+        data = load_data(cfg.data)
+        state = load_checkpoint(tmp_path / f"p{i}" / "checkpoints" / "last.pt")
+        model = model_of(raw, state)
+        objective = Objective(cfg.loss, 6, likelihood=model.likelihood)
+        for split, k in (("val", cfg.eval.iwae_k), ("test", cfg.eval.iwae_k_test)):
+            [own] = evaluate_split([Evaluee(model, objective, cfg)], data, split, device=torch.device("cpu"), step=6,
+                                   iwae_k=k, mean_img=mean_image(data.images["train"]))
+            for key, value in own.items():
+                if isinstance(value, float):
+                    assert summaries[i][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (i, key)
+                elif isinstance(value, list):
+                    assert summaries[i][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (i, key)
+                else:
+                    assert summaries[i][key] == value, (i, key)
