@@ -416,18 +416,23 @@ def test_auto_is_a_rule_recorded_with_each_member_and_kept_when_the_pack_resumes
     assert [s["perf/pack_engine"] for s in train_pack(longer, [tmp_path / "t0", tmp_path / "t1"])] == ["loop"] * 2
 
 
-def test_a_vmap_packs_batched_eval_is_each_members_own_eval(tmp_path, tiny):
+def test_a_vmap_packs_batched_eval_is_each_members_own_eval(tmp_path, tiny, monkeypatch):
     """The vmap engine evaluates its members in one vmapped pass over each batch (latents 2 and 4 padded to 8 and
-    masked); each member's own eval of the same weights (its checkpoint, one model at a time, as src.evaluate
-    does) gives the same numbers."""
+    masked; on a GPU, and here because VMAP_EVALS_ON says so); each member's own eval of the same weights (its
+    checkpoint, one model at a time, as src.evaluate does) gives the same numbers within 1e-5, MIG included."""
+    from src import engines
     from src.config_check import parse
     from src.data import load_data, mean_image
     from src.losses import Objective
     from src.metrics import Evaluee, evaluate_split
 
+    monkeypatch.setattr(engines, "VMAP_EVALS_ON", {"cpu", "cuda"})
+    passes = []
+    monkeypatch.setattr(engines.VmapEngine, "eval_member",
+                        lambda self, *a, _f=engines.VmapEngine.eval_member, **k: passes.append(1) or _f(self, *a, **k))
     cfgs = [compose_cfg(tiny + ["trainer.max_steps=6", "trainer.eval_every=6"] + m) for m in MEMBERS]
     summaries = train_pack(cfgs, [tmp_path / f"p{i}" for i in range(3)], engine="vmap")
-    assert {s["perf/pack_engine"] for s in summaries} == {"vmap"}
+    assert {s["perf/pack_engine"] for s in summaries} == {"vmap"} and passes  # the vmapped pass ran
     for i, raw in enumerate(cfgs):
         cfg = parse(raw)
         data = load_data(cfg.data)
