@@ -38,8 +38,10 @@ class Unit:
     """What one submitit job runs: one member the ordinary way (Hydra's run_job, as the submitit launchers do), or a
     pack of members (src.train.pack_main). Returns the members' JobReturns, in order."""
 
-    def __init__(self, launcher: "KeepGoing", members: List[Tuple[List[str], int]], packed: bool):
+    def __init__(self, launcher: "KeepGoing", members: List[Tuple[List[str], int]], packed: bool,
+                 configs: Optional[List[DictConfig]] = None):
         self.launcher, self.members, self.packed = launcher, members, packed
+        self.configs = configs  # a pack's members composed once, by the planning (not again in the job)
         self.singleton_state = Singleton.get_state()
 
     @property
@@ -48,7 +50,7 @@ class Unit:
 
     def __call__(self) -> List[JobReturn]:
         if self.packed:
-            return self.launcher.run_pack(self.members, self.singleton_state)
+            return self.launcher.run_pack(self.configs, self.singleton_state)
         overrides, idx = self.members[0]
         return [self.launcher(overrides, "hydra.sweep.dir", idx, f"job_id_for_{idx}", self.singleton_state)]
 
@@ -184,11 +186,11 @@ class Packing:
         self.max_members, self.min_members, self.engine = max_members, min_members, engine
         super().__init__(**params)
 
-    def _member_config(self, overrides: Sequence[str], idx: int, job_id: Optional[str] = None) -> DictConfig:
+    def _member_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
         """The member's full config, composed as Hydra's submitit launcher and run_job compose it."""
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(cfg.hydra.job):
-            cfg.hydra.job.id = job_id or f"job_id_for_{idx}"
+            cfg.hydra.job.id = f"job_id_for_{idx}"
             cfg.hydra.job.num = idx
         out = os.path.join(str(cfg.hydra.sweep.dir), str(OmegaConf.select(cfg, "hydra.sweep.subdir")))
         with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
@@ -219,8 +221,9 @@ class Packing:
         groups: Dict[str, List[int]] = {}
         solo: List[int] = []
         done: Dict[int, JobReturn] = {}
+        configs = {idx: self._member_config(o, idx) for idx, o in overrides.items()}
         for idx, o in overrides.items():
-            kind, what = self._plan(self._member_config(o, idx))
+            kind, what = self._plan(configs[idx])
             if kind == "done":
                 log.info("member %d finished already; skipped", idx)
                 done[idx] = what
@@ -237,11 +240,13 @@ class Packing:
                     solo += chunk
                     continue
                 log.info("pack %d: members %s (engine %s)", len(units), ", ".join(map(str, chunk)), self.engine)
-                units.append(Unit(self, [(overrides[i], i) for i in chunk], packed=True))
+                units.append(Unit(self, [(overrides[i], i) for i in chunk], packed=True,
+                                  configs=[configs[i] for i in chunk]))
         return units + [Unit(self, [(overrides[i], i)], packed=False) for i in sorted(solo)], done
 
-    def run_pack(self, members: List[Tuple[List[str], int]], singleton_state: Dict[Any, Any]) -> List[JobReturn]:
-        """In the pack's job: compose each member's config as its own job would, then train them as one."""
+    def run_pack(self, cfgs: List[DictConfig], singleton_state: Dict[Any, Any]) -> List[JobReturn]:
+        """In the pack's job: the members' configs, as the planning composed them, with this job's id; then
+        train them as one."""
         import submitit
         from hydra.core.utils import setup_globals
 
@@ -250,7 +255,9 @@ class Packing:
         Singleton.set_state(singleton_state)
         setup_globals()
         job_id = submitit.JobEnvironment().job_id
-        cfgs = [self._member_config(o, idx, job_id) for o, idx in members]
+        for cfg in cfgs:
+            with open_dict(cfg.hydra.job):
+                cfg.hydra.job.id = job_id
         values = pack_main(cfgs, self.engine)
         return [job_return(cfg, value) for cfg, value in zip(cfgs, values)]
 
