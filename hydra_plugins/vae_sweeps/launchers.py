@@ -137,7 +137,10 @@ class KeepGoing:
         try:
             if not job.paths.result_pickle.exists():  # (job.results() would wait on submitit's own sacct watcher)
                 raise submitit.core.utils.UncompletedJobError(f"job {job.job_id} ended without a result")
-            return job.results()[0]
+            # read at once (submitit moves the file into place whole): job.results() waits, in 1 s sleeps, for a local
+            # job's process to exit, and its teardown (W&B's, the interpreter's) takes a second or two more
+            outcome, value = submitit.core.utils.pickle_load(job.paths.result_pickle)
+            return value if outcome == "success" else job.results()[0]  # (the latter raises the job's own error)
         except submitit.core.utils.UncompletedJobError:
             lost = []
             for idx in unit.indices:
