@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import Config, ConfigError
 from .device import COMPILE_MODES, DEVICES, PRECISIONS, missing_device
 from .fid import missing_extra
+from .judge import MIN_FD_IMAGES
 from .likelihoods import LIKELIHOODS
 from .loggers import LOGGER_MODES, LOGGERS
 from .losses import KL_SCHEDULES
@@ -157,6 +158,8 @@ def parse(cfg: DictConfig | Config) -> Config:
         raise ConfigError(problem)
     for key in ("iwae_k", "iwae_k_test", "mi_images", "blur_samples", "traversal_steps", "fid_images"):
         _check(getattr(cfg.eval, key) > 0, f"eval.{key}", getattr(cfg.eval, key), "must be a positive integer")
+    _check(cfg.eval.fid_images >= MIN_FD_IMAGES, "eval.fid_images", cfg.eval.fid_images,
+           f"a Fréchet distance compares covariances: at least {MIN_FD_IMAGES} images (default 2000)")
     _check(cfg.eval.traversal_dims >= 0, "eval.traversal_dims", cfg.eval.traversal_dims, "must be >= 0")
     _check(cfg.eval.iwae_images is None or cfg.eval.iwae_images > 0, "eval.iwae_images", cfg.eval.iwae_images,
            "must be a positive number of images, or null for the whole split")

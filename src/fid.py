@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, UnsafePickle, load_weights_only
+from .judge import MIN_FD_IMAGES
 from .visuals import fixed_latents
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,10 @@ def evaluate_fid(model, images: np.ndarray, cfg, device: torch.device, split: st
     except FidUnavailable as e:
         log.warning("%s", e)
         return {}
-    log.info("FID and KID on %d %s images, samples and reconstructions", min(cfg.eval.fid_images, len(images)), split)
+    n = min(cfg.eval.fid_images, len(images))
+    if n < MIN_FD_IMAGES:  # (eval.fid_images is checked at start; the split's size is the data's)
+        log.warning("FID and KID skipped: they need at least %d %s images, the split has %d", MIN_FD_IMAGES, split, n)
+        return {}
+    log.info("FID and KID on %d %s images, samples and reconstructions", n, split)
     scores = sample_and_recon_scores(model, images, cfg.eval.fid_images, extractor, cfg.data.eval_batch_size, device)
     return {f"{split}/{k}": v for k, v in scores.items()}

@@ -29,6 +29,7 @@ JUDGE_VERSION = 1  # bump when the network or its training changes: cached judge
 FEATURES = 128
 TRAIN_STEPS = 1500  # at most (two epochs of a small train split are fewer)
 BATCH = 128
+MIN_FD_IMAGES = 2  # a Fréchet distance compares covariances: one image has none
 
 
 class Judge(nn.Module):
@@ -146,8 +147,12 @@ def content_metrics(model, real: JudgedReal, z: torch.Tensor, device: torch.devi
     recons = torch.cat([model.likelihood.mean(model.decode(model.encode(real.x[i: i + 512].to(device))[0])).float()
                         .cpu() for i in range(0, n, 512)])
     model.train(was_training)
-    return {"judge_fd": frechet_distance(features(real.judge, samples), real.features[:n]),
-            "recon_accuracy": accuracy(real.judge, recons, real.labels[:n]), "judge_accuracy": real.accuracy}
+    out = {"recon_accuracy": accuracy(real.judge, recons, real.labels[:n]), "judge_accuracy": real.accuracy}
+    if n < MIN_FD_IMAGES:  # a covariance of one image does not exist: no distance, rather than a failed run
+        log.warning("judge_fd skipped: a Fréchet distance needs at least %d images; the test split or eval.fid_images "
+                    "gives %d", MIN_FD_IMAGES, n)
+        return out
+    return {"judge_fd": frechet_distance(features(real.judge, samples), real.features[:n]), **out}
 
 
 def judge_for(data, folder: Path, device: torch.device) -> Optional[Judge]:

@@ -74,3 +74,17 @@ def test_data_without_classes_skips_the_judge_with_one_line(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="src.judge"):
         assert judge_for(data, tmp_path, torch.device("cpu")) is None
     assert "skipped: this data set has no classes" in caplog.text
+
+
+def test_a_test_split_of_one_image_finishes_without_a_frechet_distance(cache_dir, tmp_path, caplog):
+    """A covariance of one image does not exist: the run finishes with the judge's accuracies and one line saying
+    why judge_fd is missing (it once failed after training with LinAlgError, and every rerun again)."""
+    from src.train import train
+
+    from .conftest import tiny_overrides
+
+    cfg = compose_cfg([*tiny_overrides(cache_dir), "data.test_size=1"])
+    with caplog.at_level(logging.WARNING):
+        summary = train(cfg, run_dir=tmp_path / "run")
+    assert summary["status"] == "finished" and "test/recon_accuracy" in summary and "test/judge_fd" not in summary
+    assert "judge_fd skipped: a Fréchet distance needs at least 2 images" in caplog.text
