@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 REQUEUED_EXIT = 255  # as submitit's own requeue handler exits (sys.exit(-1))
 PREEMPTION_WAIT_S = 600  # at most this long for SLURM to end a preempted job (GraceTime, then KillWait)
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # a full or read-only disk
+NOT_A_FOLDER = (errno.EEXIST, errno.ENOTDIR)  # mkdir of a path that is a file, or runs through one
 NAN = float("nan")
 
 
@@ -223,6 +224,15 @@ def hydra_error_line(e: BaseException) -> str:
     return text
 
 
+def _the_file_in(path: str) -> Path:
+    """The existing file on `path` (itself, or the folder above it that is a file) that kept a folder from being
+    made there."""
+    at = Path(path)
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    return at
+
+
 def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
     """Wrap Hydra's error reporter: a bad override or config group (the user's input), or an output dir that
     cannot be written, ends with one line and exit status 2; anything else is reported by Hydra as before.
@@ -243,11 +253,15 @@ def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
             except (OSError, ValueError) as e:  # Hydra could not create the run dir, or its log there (logging
                 # reports an unwritable train.log as "Unable to configure handler 'file'", the OSError as its cause)
                 cause = e if isinstance(e, OSError) else e.__cause__
-                if not isinstance(cause, OSError) or cause.errno not in (*OUTPUT_ERRNOS, errno.ENOENT) or \
-                        os.environ.get("HYDRA_FULL_ERROR") == "1":
+                if not isinstance(cause, OSError) or cause.errno not in (*OUTPUT_ERRNOS, *NOT_A_FOLDER, errno.ENOENT) \
+                        or os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                print(f"Output error: cannot write {cause.filename} ({cause.strerror}); choose a writable "
-                      "hydra.run.dir", file=sys.stderr)
+                if cause.errno in NOT_A_FOLDER:  # the run dir, or a folder above it, names an existing file
+                    print(f"Output error: {_the_file_in(cause.filename)} is a file, not a folder; choose another "
+                          "hydra.run.dir (or hydra.sweep.dir)", file=sys.stderr)
+                else:
+                    print(f"Output error: cannot write {cause.filename} ({cause.strerror}); choose a writable "
+                          "hydra.run.dir", file=sys.stderr)
                 sys.exit(2)
 
         return run_and_report(guarded)

@@ -135,8 +135,9 @@ def start_wandb(cfg: LoggerConfig, run_dir: Path, config: Dict[str, Any], name: 
     if run is None:
         if lately is None:
             _went_offline[base] = (time.monotonic(), reason)
-        log.warning("W&B unreachable (%s) after %.1f s; logging offline in %s, upload later with `wandb sync`",
-                    reason, time.monotonic() - started, run_dir / "wandb")
+        (log.debug if quiet else log.warning)(  # quiet: a failure's record, whose own line is the news
+            "W&B unreachable (%s) after %.1f s; logging offline in %s, upload later with `wandb sync`",
+            reason, time.monotonic() - started, run_dir / "wandb")
         os.environ["WANDB_ERROR_REPORTING"] = "false"  # W&B's own telemetry would wait on the same server at exit
         run = wandb.init(mode="offline", **kwargs)
     run.define_metric("step")
@@ -256,6 +257,17 @@ def _wandb_values(metrics: Dict[str, Any]) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------- train.log
 
 
+def own_log_files() -> None:
+    """A log file of the root logger (Hydra's train.log) that is a symlink someone left in the run dir is replaced by
+    a file of the run's own, not written through (docs/runs.md): Hydra opened it, following the link, before the
+    run began, and wrote nothing to it yet."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_symlink():
+            path = Path(handler.baseFilename)  # (absolute, links not resolved)
+            path.unlink()
+            handler.setStream(open(path, handler.mode, encoding=handler.encoding)).close()
+
+
 class MemberLogs:
     """Each member's train.log in its run dir, for several members trained in one process (a pack): the lines logged
     while the loop works on a member go to that member's file, the lines it logs for all of them to every file."""
@@ -267,6 +279,8 @@ class MemberLogs:
         self.handlers: Dict[Path, logging.Handler] = {}
         for rd in map(Path, run_dirs):
             rd.mkdir(parents=True, exist_ok=True)
+            if (rd / log_name).is_symlink():  # a link someone left there: replaced, never written through
+                (rd / log_name).unlink()
             handler = logging.FileHandler(rd / log_name)
             handler.setFormatter(logging.Formatter(self.FORMAT))
             handler.addFilter(lambda record, rd=rd: self.current in (None, rd))

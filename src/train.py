@@ -21,7 +21,7 @@ from . import exits
 from .config import Config, ConfigError, register_configs
 from .engines import check_engine_name
 from .lifecycle import Interrupted, Requeued, RunLifecycle, StopSignals
-from .loggers import MemberLogs
+from .loggers import MemberLogs, own_log_files
 from .loop import fit
 from .member import Member, Placement, SharedData, build_member
 from .rundir import RunDir, RunDirRefused
@@ -38,6 +38,7 @@ def main(cfg: DictConfig) -> float:
     """Hydra's entry point: train the run `cfg` describes; returns val/neg_elbo (nats per image), the objective
     sweepers minimise. How it ends, on every path, is src/exits.py's `run_member`."""
     hydra_cfg = HydraConfig.get()
+    own_log_files()
     return exits.run_member(lambda: train(cfg, hydra_cfg=hydra_cfg), hydra_cfg)
 
 

@@ -160,11 +160,12 @@ def test_a_torn_last_line_and_a_deleted_summary_do_not_break_or_duplicate(tmp_pa
 
 
 def test_keys_that_cannot_change_results_do_not_block_a_resume(tmp_path, base):
-    """Another cache folder (a node-local $TMPDIR on a cluster) or data held off the device: the same experiment,
-    for the rerun check and the resume check alike."""
+    """Another cache folder (a node-local $TMPDIR on a cluster), data held off the device or checkpoints more often:
+    the same experiment, for the rerun check and the resume check alike."""
     run = tmp_path / "run"
     assert train(compose_cfg([*base, "trainer.max_steps=4"]), run_dir=run)["status"] == "finished"
-    moved = [*base, "trainer.max_steps=8", f"data.cache_dir={tmp_path / 'node-local'}", "data.on_device=false"]
+    moved = [*base, "trainer.max_steps=8", f"data.cache_dir={tmp_path / 'node-local'}", "data.on_device=false",
+             "trainer.checkpoint_every=2"]
     summary = train(compose_cfg(moved), run_dir=run)
     assert (summary["status"], summary["step"]) == ("finished", 8)
 
@@ -270,6 +271,33 @@ def test_a_symlinked_record_is_replaced_not_written_through(tmp_path, base):
     (run / "summary.json").symlink_to(target)
     assert train(compose_cfg(base), run_dir=run)["status"] == "finished"
     assert target.read_text() == "keep me\n" and not (run / "summary.json").is_symlink()
+
+
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=pytest.mark.slow)])  # (a pack's process)
+def test_a_symlinked_train_log_is_replaced_not_written_through(tmp_path, base, packed):
+    """Hydra opens train.log before the run begins; a link someone left there is not followed, solo or packed."""
+    run, target = tmp_path / ("sweep" if packed else "run"), tmp_path / "precious.txt"
+    log_dir = run / "0" if packed else run
+    log_dir.mkdir(parents=True)
+    target.write_text("keep me\n")
+    (log_dir / "train.log").symlink_to(target)
+    if packed:
+        proc = run_cli(["-m", "hydra/launcher=packed", *base, "loss.beta=1,2", f"hydra.sweep.dir={run}"])
+    else:
+        proc = run_cli([*base, f"hydra.run.dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert target.read_text() == "keep me\n" and not (log_dir / "train.log").is_symlink()
+    assert "Finished" in (log_dir / "train.log").read_text()
+
+
+def test_a_run_dir_that_names_a_file_is_one_line(tmp_path, base):
+    (tmp_path / "taken").write_text("a file\n")
+    for run_dir in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        proc = run_cli([*base, f"hydra.run.dir={run_dir}"])
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [f"Output error: {tmp_path / 'taken'} is a file, not a folder; "
+                                                    "choose another hydra.run.dir (or hydra.sweep.dir)"]
+    assert (tmp_path / "taken").read_text() == "a file\n"
 
 
 def test_temp_files_of_a_write_killed_mid_way_are_cleared_by_the_rerun(tmp_path, base):
