@@ -22,8 +22,10 @@ from .rundir import RunDir, RunDirRefused, finished_summary, write_text
 
 log = logging.getLogger(__name__)
 
-# keys that cannot change a run's results: where files live, how data is held, progress bars, logging, resuming
-NOT_RESULTS = ("data.cache_dir", "data.download", "data.on_device", "trainer.progress", "trainer.resume", "logger.")
+# keys that cannot change a run's results: where files live, how data is held, progress bars, logging, resuming,
+# how often a checkpoint is written (a resume from any of them is the uninterrupted run)
+NOT_RESULTS = ("data.cache_dir", "data.download", "data.on_device", "trainer.progress", "trainer.resume",
+               "trainer.checkpoint_every", "logger.")
 BUDGET = ("trainer.max_steps", "trainer.max_epochs")  # may grow: the run continues from last.pt
 
 

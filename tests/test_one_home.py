@@ -6,7 +6,7 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from src.identity import PACKABLE
+from src.identity import NOT_RESULTS, PACKABLE
 
 from .conftest import ROOT
 
@@ -32,3 +32,23 @@ def test_a_launcher_preset_only_picks_its_schema(name):
     assert schema.__dataclass_fields__["_target_"].default.endswith(
         {"parallel": "ParallelLauncher", "slurm": "KeepGoingSlurmLauncher", "packed": "PackedLauncher",
          "packed_slurm": "PackedSlurmLauncher"}[name])
+
+
+def test_every_python_import_the_docs_show_exists():
+    """A reader pastes the docs' Python: each `from src.<module> import <names>` there names a real module and real
+    names (docs/tools.md once imported a module that did not exist)."""
+    import importlib
+
+    shown = [(path.name, m.group(1), m.group(2)) for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+             for m in re.finditer(r"^\s*from (src(?:\.\w+)+) import ([\w, ]+)$", path.read_text(), re.M)]
+    assert shown, "the docs show no import: the pattern above no longer matches how they write one"
+    for doc, module, names in shown:
+        loaded = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(loaded, name), f"{doc}: {module} has no {name}"
+
+
+def test_the_keys_that_cannot_change_results_in_the_docs_are_the_codes():
+    text = (ROOT / "docs" / "runs.md").read_text()
+    sentence = text[text.index("leaving out keys that cannot change results"):text.index("one list, in `src/identity.py`")]
+    assert {k.replace("*", "") for k in re.findall(r"`([a-z_.*]+)`", sentence)} == set(NOT_RESULTS)
