@@ -360,6 +360,8 @@ def test_a_bad_member_is_refused_without_stopping_its_pack(tmp_path, cache_dir):
 @pytest.mark.parametrize("override, line", [
     ("hydra.launcher.engine=fast", "hydra.launcher.engine='fast' is not allowed; choose one of auto, loop, vmap"),
     ("hydra.launcher.max_members=0", "hydra.launcher.max_members=0 and min_members=2 must be >= 1"),
+    ("hydra.launcher.min_members=17", "hydra.launcher.min_members=17 is more than max_members=16; no pack could form: "
+                                     "lower min_members or raise max_members"),
 ])
 def test_a_bad_launcher_knob_is_one_line_naming_it(tmp_path, tiny, override, line):
     proc = run_cli(["-m", "hydra/launcher=packed", override, *tiny, "loss.beta=1,2", f"hydra.sweep.dir={tmp_path}"])

@@ -186,6 +186,9 @@ class Packing:
         check_engine_name(engine)
         if max_members < 1 or min_members < 1:
             raise ConfigError(f"hydra.launcher.max_members={max_members} and min_members={min_members} must be >= 1")
+        if min_members > max_members:  # no pack could form: every member would run on its own, silently
+            raise ConfigError(f"hydra.launcher.min_members={min_members} is more than max_members={max_members}; "
+                              f"no pack could form: lower min_members or raise max_members")
         self.max_members, self.min_members, self.engine = max_members, min_members, engine
         super().__init__(**params)
 
