@@ -77,8 +77,9 @@ def iwae_nll(model: VAE, x: torch.Tensor, k: int, mu: Optional[torch.Tensor] = N
 
 
 def active_units(mu: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
-    """Dims whose posterior mean varies with x: Cov_x(E_q[z_d]) > threshold, over the whole split (N, D)."""
-    return int((mu.var(0) > threshold).sum())
+    """Dims whose posterior mean varies with x: Cov_x(E_q[z_d]) > threshold, over the whole split (N, D); none
+    over a split of one image (no variance to measure)."""
+    return int((mu.var(0) > threshold).sum()) if len(mu) > 1 else 0
 
 
 def mutual_info(mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 256,

@@ -91,13 +91,14 @@ def test_a_broken_wandb_server_sends_the_run_offline_and_a_rerun_works(tmp_path,
             assert SECRET.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.slow  # a real process: what the user sees (in this one, the loopback servers' threads print too)
 def test_a_bad_value_with_wandb_unreachable_is_one_line_and_still_recorded(tmp_path, tiny, servers):
     """The config error is the news: W&B's own fallback line is not printed beside it (it once was, a second line),
     and the failed run is still recorded in an offline W&B run."""
     run = tmp_path / "run"
     env = {"WANDB_MODE": None, "WANDB_API_KEY": SECRET, "WANDB_BASE_URL": servers["closed"]}
     proc = run_cli([*tiny, "logger=wandb", f"logger.init_timeout={TIMEOUT}", "model.latent_dim=0",
-                    f"hydra.run.dir={run}"], env=env)
+                    f"hydra.run.dir={run}"], env=env, real_process=True)
     assert proc.returncode == 2
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "model.latent_dim" in lines[0], lines
