@@ -13,7 +13,7 @@ import torch
 
 from .tool_args import output_path, parse_args, run_cli
 from .trained import RunError, load_run, read_images
-from .visuals import save_grid
+from .visuals import TOOL_TILE_PX, save_grid
 
 OPTIONS = {"steps": (10, "points on the path, ends included"), "method": ("slerp", "slerp|lerp"),
            "out": (None, "output .png path, or a folder"), "device": ("auto", "auto|cpu|cuda|mps"), "checkpoint": ("last", "last|best")}
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         strip = run.model.sample(z).float().clamp(0, 1).cpu()
     out = output_path(args["out"], run.run_dir,
                       f"interpolation_{Path(args['a']).stem}_to_{Path(args['b']).stem}_{args['method']}.png")
-    save_grid(strip, out, nrow=args["steps"])
+    save_grid(strip, out, nrow=args["steps"], min_tile=TOOL_TILE_PX)
     print(f"wrote {out} ({args['steps']} steps, {args['method']})")
     return 0
 

@@ -12,7 +12,7 @@ import torch
 
 from .tool_args import output_path, parse_args, require, run_cli
 from .trained import load_run, read_images
-from .visuals import save_reconstructions
+from .visuals import TOOL_TILE_PX, save_reconstructions
 
 OPTIONS = {"out": (None, "output .png path, or a folder"), "per_row": (8, "images per row"), "device": ("auto", "auto|cpu|cuda|mps"),
            "checkpoint": ("last", "last|best")}
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     x = read_images([Path(p) for p in args["images"]], run.cfg).to(next(run.model.parameters()).device)
     out = output_path(args["out"], run.run_dir, f"reconstructions_of_{len(x)}_images.png")
     with torch.no_grad():
-        save_reconstructions(run.model, x, out, per_row=args["per_row"])
+        save_reconstructions(run.model, x, out, per_row=args["per_row"], min_tile=TOOL_TILE_PX)
     print(f"wrote {out} ({len(x)} images and their reconstructions)")
     return 0
 

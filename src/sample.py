@@ -10,7 +10,7 @@ import torch
 
 from .tool_args import output_path, parse_args, require, run_cli
 from .trained import load_run
-from .visuals import save_grid
+from .visuals import TOOL_TILE_PX, save_grid
 
 OPTIONS = {"n": (64, "number of samples"), "temperature": (1.0, "prior std scale (below 1: safer, blander)"),
            "seed": (0, "seed of z"), "out": (None, "output .png path, or a folder"), "individual": (False, "also one PNG each"),
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     images = run.model.sample(z.mul(args["temperature"]).to(next(run.model.parameters()).device)).float().clamp(0, 1)
     name = f"samples_n{args['n']}_t{args['temperature']:g}_seed{args['seed']}"
     out = output_path(args["out"], run.run_dir, f"{name}.png")
-    save_grid(images.cpu(), out, nrow=max(1, round(args["n"] ** 0.5)))
+    save_grid(images.cpu(), out, nrow=max(1, round(args["n"] ** 0.5)), min_tile=TOOL_TILE_PX)
     if args["individual"]:
         for i, img in enumerate(images.cpu()):
             save_grid(img[None], out.with_suffix("") / f"sample_{i:04d}.png", nrow=1)

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torchvision.utils import save_image
 
+TOOL_TILE_PX = 64  # the trained-model tools' grids: a 28 px Fashion-MNIST tile is shown at 84 px
 FIXED_Z_SEED = 20140101  # independent of the run's seed: every run with the same latent_dim decodes the same z
 
 
@@ -21,7 +22,7 @@ def save_samples(model, z: torch.Tensor, path: Path) -> None:
     save_grid(images, path)
 
 
-def save_reconstructions(model, x: torch.Tensor, path: Path, per_row: int = 8) -> None:
+def save_reconstructions(model, x: torch.Tensor, path: Path, per_row: int = 8, min_tile: int = 0) -> None:
     """Rows alternate inputs and their reconstructions, `per_row` images each, so pairs sit one above the other."""
     recon = model.reconstruct(x).float().clamp(0, 1).cpu()
     x = x.cpu()
@@ -29,11 +30,15 @@ def save_reconstructions(model, x: torch.Tensor, path: Path, per_row: int = 8) -
     rows = []
     for i in range(0, len(x), per_row):
         rows += [x[i : i + per_row], recon[i : i + per_row]]
-    save_grid(torch.cat(rows), path, nrow=per_row)
+    save_grid(torch.cat(rows), path, nrow=per_row, min_tile=min_tile)
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, min_tile: int = 0) -> None:
+    """A grid PNG of images (N, C, H, W) in [0, 1]; tiles smaller than `min_tile` px are enlarged by a whole
+    factor, each pixel a block (nearest: no detail invented)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if min_tile and images.shape[-2] < min_tile:
+        images = torch.nn.functional.interpolate(images, scale_factor=-(-min_tile // images.shape[-2]), mode="nearest")
     save_image(images, path, nrow=nrow, padding=2, pad_value=0.5)
 
 

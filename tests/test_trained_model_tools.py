@@ -47,8 +47,9 @@ def test_sample_is_deterministic_for_a_seed(run_dir, tmp_path):
         proc = run_cli([str(run_dir), "n=9", f"seed={seed}", f"out={out}", "individual=true"], module="src.sample")
         assert proc.returncode == 0, proc.stderr
     assert outs[0].read_bytes() == outs[1].read_bytes() != outs[2].read_bytes()
-    assert Image.open(outs[0]).size == (3 * 18 + 2, 3 * 18 + 2)  # 3x3 grid of 16 px images, 2 px padding
-    assert len(list((tmp_path / "0").glob("sample_*.png"))) == 9
+    assert Image.open(outs[0]).size == (3 * 66 + 2, 3 * 66 + 2)  # 3x3 grid of 16 px images shown at 64 px, 2 px padding
+    singles = sorted((tmp_path / "0").glob("sample_*.png"))
+    assert len(singles) == 9 and Image.open(singles[0]).size == (16, 16)  # each image at its own size
     default = run_cli([str(run_dir), "n=4"], module="src.sample")
     assert default.returncode == 0 and (run_dir / "generated" / "samples_n4_t1_seed0.png").is_file()
 
@@ -58,7 +59,7 @@ def test_reconstruct_own_images_with_the_runs_preprocessing(run_dir, pictures, t
     proc = run_cli([str(run_dir), str(pictures / "a.png"), str(pictures), f"out={out}"], module="src.reconstruct")
     assert proc.returncode == 0, proc.stderr
     # 4 images (a, then a b c from the folder), one row of inputs over one row of reconstructions
-    assert Image.open(out).size == (4 * 18 + 2, 2 * 18 + 2)
+    assert Image.open(out).size == (4 * 66 + 2, 2 * 66 + 2)
 
 
 def test_interpolate_writes_a_strip(run_dir, pictures, tmp_path):
@@ -67,7 +68,7 @@ def test_interpolate_writes_a_strip(run_dir, pictures, tmp_path):
         proc = run_cli([str(run_dir), str(pictures / "a.png"), str(pictures / "b.jpg"), "steps=5", f"method={method}",
                         f"out={out}"], module="src.interpolate")
         assert proc.returncode == 0, proc.stderr
-        assert Image.open(out).size == (5 * 18 + 2, 18 + 2)
+        assert Image.open(out).size == (5 * 66 + 2, 66 + 2)
 
 
 def test_slerp_keeps_the_norm_and_ends():
@@ -253,5 +254,5 @@ def test_reconstruct_shows_a_16_bit_png_as_it_looks(run_dir, tmp_path):
     out = tmp_path / "recon.png"
     proc = run_cli([str(run_dir), str(tmp_path / "deep.png"), f"out={out}"], module="src.reconstruct")
     assert proc.returncode == 0, proc.stderr
-    tile = np.asarray(Image.open(out).convert("L"))[2:18, 2:18]  # the input tile: 16x16 inside 2 px of padding
+    tile = np.asarray(Image.open(out).convert("L"))[2:66, 2:66]  # the input tile: 16x16 at 64 px, in 2 px of padding
     assert abs(tile.mean() - 12000 / 257) < 2
