@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import hydra
+import hydra_plugins.vae_sweeps.config  # noqa: F401  the launcher schemas (packed_base, ...) in Hydra's store, also
+# where Hydra's plugin scan cannot see them (an editable install run from outside the checkout)
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
