@@ -189,7 +189,7 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
             if rate is not None:  # a member's share of the loop's rate, and the loop's
                 m.run.summary.update({"perf/train_images_per_s": rate / len(members), "perf/pack_images_per_s": rate})
             m.run.summary.update({"perf/pack_members": len(members), "perf/pack_engine": engine.name,
-                                  "compile": engine.compile_mode})
+                                  "perf/threads": torch.get_num_threads(), "compile": engine.compile_mode})
             log_finished(m.run.summary, m)
             _tell("finished", m, m.state.step)
         end(m, None)  # finished: a signal during another member's final eval does not touch it

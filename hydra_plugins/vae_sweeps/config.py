@@ -3,6 +3,7 @@ launcher configs with this project's values, and the packing knobs. Every value 
 conf/hydra/launcher/ only pick a schema. (No `from __future__ import annotations` here: Hydra imports plugin modules
 in a way that leaves string annotations of a dataclass unresolvable.)"""
 from dataclasses import dataclass
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
@@ -12,6 +13,9 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 class ParallelConf(LocalQueueConf):
     _target_: str = "hydra_plugins.vae_sweeps.launchers.ParallelLauncher"
     timeout_min: int = 1440  # a day: a local member is not stopped for time
+    # torch threads of each job (a member, or a pack); null: the machine's cores shared among the jobs started at
+    # once, so they do not fight over the cores (each took all of them: 10x slower under load)
+    threads: Optional[int] = None
 
 
 @dataclass
@@ -26,13 +30,14 @@ class SlurmConf(SlurmQueueConf):
     mem_gb: int = 32
     timeout_min: int = 120
     array_parallelism: int = 16  # members (or packs) running at once
+    threads: Optional[int] = None  # torch threads of each job; null: cpus_per_task
 
 
 @dataclass
 class Packing:
     max_members: int = 16  # members in one pack at most; a larger group is split
     min_members: int = 2  # a smaller group runs the ordinary way, one process per member
-    engine: str = "auto"  # auto (a short timing of both at start) | vmap | loop (src/engines.py)
+    engine: str = "auto"  # auto (a rule by device and model size, never a timing) | vmap | loop (src/engines.py)
 
 
 @dataclass
@@ -45,8 +50,8 @@ class PackedSlurmConf(Packing, SlurmConf):
     _target_: str = "hydra_plugins.vae_sweeps.launchers.PackedSlurmLauncher"
 
 
-# the schemas behind conf/hydra/launcher/*.yaml (Hydra imports this module when it looks for plugins, before it
-# composes the config)
+# the schemas behind conf/hydra/launcher/*.yaml (src/train.py imports this module, and Hydra when it looks for
+# plugins, before it composes the config)
 for name, node in (("parallel_base", ParallelConf), ("slurm_base", SlurmConf), ("packed_base", PackedConf),
                    ("packed_slurm_base", PackedSlurmConf)):
     ConfigStore.instance().store(group="hydra/launcher", name=name, node=node, provider="vae_sweeps")

@@ -42,6 +42,7 @@ class Unit:
                  configs: Optional[List[DictConfig]] = None):
         self.launcher, self.members, self.packed = launcher, members, packed
         self.configs = configs  # a pack's members composed once, by the planning (not again in the job)
+        self.threads: Optional[int] = None  # torch threads in the job (KeepGoing.threads)
         self.singleton_state = Singleton.get_state()
 
     @property
@@ -49,6 +50,11 @@ class Unit:
         return [idx for _, idx in self.members]
 
     def __call__(self) -> List[JobReturn]:
+        if self.threads:
+            import torch
+
+            os.environ["OMP_NUM_THREADS"] = str(self.threads)  # (and for any process the job starts)
+            torch.set_num_threads(self.threads)
         if self.packed:
             return self.launcher.run_pack(self.configs, self.singleton_state)
         overrides, idx = self.members[0]
@@ -75,7 +81,7 @@ class KeepGoing:
         executor = submitit.AutoExecutor(cluster=executor_name, **init)
         base = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in base else f"{executor_name}_{k}": v for k, v in self.params.items()
-                                      if k not in ("submitit_folder", "max_num_timeout")})
+                                      if k not in ("submitit_folder", "max_num_timeout", "threads")})
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:
@@ -85,6 +91,10 @@ class KeepGoing:
         units, done = self._units(job_overrides, initial_job_idx)
         jobs: List[Any] = []
         if units:
+            threads = self.threads(len(units))
+            log.info("Each job trains with %d torch thread%s", threads, "" if threads == 1 else "s")
+            for unit in units:
+                unit.threads = threads
             try:
                 with contextlib.redirect_stderr(io.StringIO()):  # sbatch's own error lines: the refusal says it once
                     with executor.batch():
@@ -93,6 +103,12 @@ class KeepGoing:
             except submitit.core.utils.FailedJobError as e:  # sbatch refused the array
                 raise slurm.SubmitRefused(self._refusal(str(e))) from None
         return self._collect(jobs, units, SweepDir(sweep_dir), done)
+
+    def threads(self, jobs: int) -> int:
+        """Torch threads per job: hydra.launcher.threads, else this machine's cores shared among the `jobs` that
+        local processes start at once (each would otherwise take every core)."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.params.get("threads") or max(1, cores // jobs)
 
     def _units(self, job_overrides: Sequence[Sequence[str]], first: int) -> Tuple[List[Unit], Dict[int, JobReturn]]:
         """Each member one job (a packing launcher groups them); and the members with a result already."""
@@ -281,6 +297,10 @@ class KeepGoingSlurmLauncher(KeepGoing, SlurmLauncher):
 
     POLL_S = 5.0  # one sacct (or squeue) call per poll for the whole array
     RESULT_GRACE_S = 5.0  # the result file is on a shared file system
+
+    def threads(self, jobs: int) -> int:
+        """Torch threads per job: hydra.launcher.threads, else the job's cpus_per_task."""
+        return self.params.get("threads") or int(self.params.get("cpus_per_task") or 1)
 
     def _ended(self, jobs: List[Any]) -> Dict[str, str]:
         ids = [job.job_id for job in jobs]
