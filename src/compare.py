@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -37,11 +39,26 @@ def compare(dirs: List[Path], out: Optional[Path] = None, wandb: bool = False) -
     <first dir>/compare), and with `wandb` log them as one W&B run; returns the comparison."""
     c = collect(dirs)
     out = out or dirs[0] / "compare"
-    figures = render(c, out, dirs)
+    figures = render_whole(c, out, dirs)
     log.info("Compared %d runs (%d finished) -> %s", len(c.table), c.finished(), out)
     if wandb:
         log_to_wandb(c, figures, out, dirs[0])
     return c
+
+
+def render_whole(c: Comparison, out: Path, dirs: List[Path]) -> List[str]:
+    """render() into a folder beside `out`, then each file moved into `out` (os.replace: whole or not at all): a
+    comparison stopped while drawing (Ctrl-C, a full disk) leaves the previous one as it was. Nothing else in
+    `out` is touched (its wandb/, a user's own files)."""
+    out.mkdir(parents=True, exist_ok=True)
+    new = out.with_name(f".{out.name}.new-{os.getpid()}")
+    try:
+        figures = render(c, new, dirs)
+        for made in sorted(new.iterdir()):
+            os.replace(made, out / made.name)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    return figures
 
 
 def log_to_wandb(c: Comparison, figures: List[str], out: Path, sweep: Path) -> None:
@@ -97,6 +114,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("Interrupted: the comparison was not written (the previous one, if any, is as it was); run the same "
+              "command again", file=sys.stderr)
+        return 130
     print("\n".join(header_lines(c)))
     print(display_table(c).to_string(index=False))
     return 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import matplotlib
 
@@ -21,6 +22,8 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from .config import applies  # noqa: E402
 from .comparison import Comparison, fmt  # noqa: E402
 from .naming import short_names  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 # the report's columns: metric -> (short name with its unit, format)
 COLUMNS = {"neg_elbo": ("-ELBO (nats)", "{:.1f}"), "recon_nll": ("recon (nats)", "{:.1f}"),
@@ -394,7 +397,10 @@ def _metric_rows(run: Path, prefix: str) -> pd.DataFrame:
     path = run / "metrics.jsonl"
     rows = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        text = path.read_bytes().decode("utf-8", errors="replace")  # a damaged file: its readable rows still count
+        if "\ufffd" in text:
+            log.warning("%s is not all UTF-8: its damaged lines are left out", path)
+        for line in text.splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
@@ -491,6 +497,18 @@ def _grid_rows(name: str, run: Dict[str, object], rows: int) -> tuple:
     return list(range(rows)), [""] * rows
 
 
+def _image(path: Path) -> Optional[Image.Image]:
+    """The grid PNG at `path` as RGB; None (with one line) where there is none or it is not an image."""
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        log.warning("%s is not a readable image (%s); left out of the montage", path, str(e).splitlines()[0][:100])
+        return None
+
+
 def montage(c: Comparison, name: str, path: Path, per_row: int = 3) -> bool:
     """The runs' `name` grids side by side: MONTAGE_ROWS rows (see _grid_rows) of MONTAGE_COLS images of each,
     enlarged by one whole factor (nearest neighbour, so pixels stay pixels), each row labelled where a row means
@@ -502,7 +520,7 @@ def montage(c: Comparison, name: str, path: Path, per_row: int = 3) -> bool:
     grids, row_labels = [], []
     for r in runs:
         path_r = r["path"] / name
-        img = Image.open(path_r).convert("RGB") if path_r.is_file() else None
+        img = _image(path_r)
         size = int(r["settings"].get("data.image_size") or 0)
         texts = []
         if img is not None and size:  # torchvision's grid: 2 px padding around (size)-px images
@@ -516,6 +534,8 @@ def montage(c: Comparison, name: str, path: Path, per_row: int = 3) -> bool:
                 img.paste(strip, (0, i * (size + 2)))
         grids.append(img)
         row_labels.append(texts)
+    if all(g is None for g in grids):  # (every one there was damaged)
+        return False
     widest = max(g.width for g in grids if g is not None)
     scale = -(-MONTAGE_WIDTH // widest)  # ceil: 28-px images twice their size, 16-px ones three times
     font = ImageFont.load_default(size=14)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from src.report import HOW_TO_READ, MONTAGE_COLS, MONTAGE_ROWS, MONTAGE_WIDTH
 
-from .conftest import leet, run_cli, tiny_overrides
+from .conftest import ROOT, leet, run_cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +178,42 @@ def test_report_fits_a_1280_px_window_in_a_real_browser(compared):
     seen = dict(re.findall(r'data-([a-z-]+)="(\d+)"', dom))
     assert int(seen["page-width"]) <= 1280 and int(seen["table-right"]) <= 1280, seen  # nothing hides off the right
     assert int(seen["images"]) == len(HOW_TO_READ) and seen["broken"] == "0", seen  # every figure shows
+
+
+def test_a_damaged_metrics_file_or_grid_leaves_only_that_out(sweep, tmp_path):
+    """A member's metrics.jsonl that is not UTF-8, another's samples.png that is not an image: one line each, and
+    the comparison is written (it once ended with a traceback and no report)."""
+    folder = tmp_path / "sweep"
+    shutil.copytree(sweep[0], folder, ignore=shutil.ignore_patterns("compare", "wandb"))
+    metrics = folder / "0" / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b'{"val/neg_elbo": \xff\xfe}\n')
+    (folder / "1" / "samples.png").write_bytes(b"not a png")
+    proc = run_cli([str(folder)], module="src.compare")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{metrics} is not all UTF-8: its damaged lines are left out" in proc.stderr
+    assert f"{folder / '1' / 'samples.png'} is not a readable image" in proc.stderr
+    assert (folder / "compare" / "report.html").is_file() and (folder / "compare" / "learning_curves.png").is_file()
+
+
+@pytest.mark.slow  # a real process and a real SIGINT
+def test_ctrl_c_during_compare_leaves_the_previous_comparison_whole(sweep, tmp_path):
+    import signal
+    import sys
+    import time
+
+    folder = tmp_path / "sweep"
+    shutil.copytree(sweep[0], folder, ignore=shutil.ignore_patterns("compare", "wandb"))
+    assert run_cli([str(folder)], module="src.compare").returncode == 0
+    before = {p.name: p.read_bytes() for p in (folder / "compare").iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "src.compare", str(folder)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(folder.glob(".compare.new-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # while the new comparison is being drawn
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("Interrupted: the comparison was not")
+    assert {p.name: p.read_bytes() for p in (folder / "compare").iterdir()} == before
+    assert not list(folder.glob(".compare.*"))  # the half-drawn one is gone
