@@ -63,6 +63,10 @@ def report_failure(e: BaseException, run_dir: Path, multirun: bool) -> None:
     log.error(line)
     if multirun and isinstance(e, RunDirRefused):
         note_refused_member(run_dir, str(e))
+    elif multirun and (read_summary(RunDir(run_dir)) or {}).get("status") in (None, "finished"):
+        # it failed before its dir was claimed and left the dir as it was (a finished result kept): only the
+        # sweep dir can tell the sweep report
+        note_refused_member(run_dir, line, how="failed")
 
 
 def end_requeued(e: Requeued, what: str = "") -> NoReturn:
@@ -173,7 +177,7 @@ class SweepReport(Callback):
                 continue
             named.add(member.name)
         for note in sweep.notes(sweep.refused):
-            failed.append(f"member {note['member']} refused: {note['error']}")
+            failed.append(f"member {note['member']} {note.get('how', 'refused')}: {note['error']}")
         for member, note in lost.items():  # its job ended before the member could leave a summary, or a folder
             if member not in named and read_summary(RunDir(sweep.root / member)) is None:
                 failed.append(f"member {member} ended without a result{job(member)}: killed by the system (out of "

@@ -207,8 +207,9 @@ class RunDirLock:
             self.file.close()
 
 
-def note_refused_member(run_dir: Path, message: str) -> None:
-    """In a multirun, a refused member leaves its own dir untouched; the sweep dir keeps one line for it, which
-    the sweep report reads at the end."""
+def note_refused_member(run_dir: Path, message: str, how: str = "refused") -> None:
+    """In a multirun, a refused member (or one that failed without touching its dir, as a budget extension that
+    cannot read its checkpoint: `how` "failed") leaves its own dir untouched; the sweep dir keeps one line for
+    it, which the sweep report reads at the end."""
     sweep = SweepDir(run_dir.parent)
-    sweep.note(sweep.refused, member=run_dir.name, error=message)
+    sweep.note(sweep.refused, member=run_dir.name, error=message, how=how)

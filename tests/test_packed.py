@@ -345,6 +345,26 @@ def test_packed_launcher_packs_by_architecture_and_keeps_each_members_contract(t
 
 
 @pytest.mark.slow  # the packed launcher's real processes
+def test_a_member_with_a_truncated_checkpoint_fails_naming_it_and_the_others_go_on(tmp_path, cache_dir):
+    """Planning reads each member's resume step: a damaged last.pt sends that member the ordinary way, where its
+    one line names the file (it was a traceback of the whole sweep); its finished result is kept, the sweep report
+    names it, and the rest of the sweep continues."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=packed", *tiny_overrides(cache_dir), "loss.beta=1,4", f"hydra.sweep.dir={sweep}"]
+    assert run_cli([*args, "trainer.max_steps=4"]).returncode == 0
+    last = sweep / "0" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    proc = run_cli([*args, "trainer.max_steps=8"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert f"member 0 runs on its own: checkpoint {last} is damaged or truncated" in proc.stdout
+    assert f"member 0 failed: Checkpoint error: checkpoint {last} is damaged or truncated" in proc.stdout
+    kept = json.loads((sweep / "0" / "summary.json").read_text())
+    assert (kept["status"], kept["step"]) == ("finished", 4)
+    finished = json.loads((sweep / "1" / "summary.json").read_text())
+    assert (finished["status"], finished["step"]) == ("finished", 8)
+
+
+@pytest.mark.slow  # the packed launcher's real processes
 def test_a_bad_member_is_refused_without_stopping_its_pack(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "hydra/launcher=packed", *tiny_overrides(cache_dir), "loss.beta=1,-1,4",

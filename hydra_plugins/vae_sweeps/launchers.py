@@ -232,11 +232,11 @@ class Packing:
             if parsed.trainer.strategy != "none":
                 return "solo", f"trainer.strategy={parsed.trainer.strategy}"
             plan = plan_rerun(RunDir(cfg.hydra.runtime.output_dir), config, parsed.trainer.resume)
+            if plan.kind == "finished":
+                return "done", job_return(cfg, plan.summary.get("val/neg_elbo", float("nan")))
+            return "pack", pack_signature(config, plan.step)  # (the step: a damaged checkpoint raises here)
         except Exception as e:  # it runs the ordinary way, where it fails with its one line as in any sweep
             return "solo", str(e).splitlines()[0] if str(e) else type(e).__name__
-        if plan.kind == "finished":
-            return "done", job_return(cfg, plan.summary.get("val/neg_elbo", float("nan")))
-        return "pack", pack_signature(config, plan.step)
 
     def _units(self, job_overrides: Sequence[Sequence[str]], first: int) -> Tuple[List[Unit], Dict[int, JobReturn]]:
         overrides = {idx: list(o) for idx, o in enumerate(job_overrides, start=first)}
