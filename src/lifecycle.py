@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError
 from .data import DataError
-from .identity import RecordError, recorded_config
+from .identity import RecordError, record_config, recorded_config
 from .loggers import RunLogger, record_failure
 from .rundir import RunDir, RunDirLock, RunDirRefused, remove_stale_temps, write_hydra_files, write_json
 from . import slurm
@@ -134,7 +134,7 @@ USER_ERRORS = {RunDirRefused: "Refused", ConfigError: "Config error", DataError:
 
 class RunLifecycle:
     """`with RunLifecycle(run_dir, cfg) as run:` around a run's body. The body fills `run.summary`, calls
-    `run.claim()` once the run dir is accepted (from then on summary.json is written on every exit) and sets
+    `run.claim(config)` once the run dir is accepted (from then on summary.json is written on every exit) and sets
     `run.logger` once the logger starts. Exceptions pass through, recorded: status finished, failed, diverged,
     interrupted or requeued."""
 
@@ -146,6 +146,9 @@ class RunLifecycle:
         self.summary: Dict[str, Any] = {"status": "failed"}
         self.logger: Optional[RunLogger] = None
         self.writing = False  # summary.json is ours to write
+        # a finished run continued with a larger budget: its summary.json and record stay until the continuation
+        # finishes (then the new record, then the new summary); it is the new config to record then
+        self.extending: Optional[Dict[str, Any]] = None
         self.stop = stop or StopSignals()  # a pack's members share the pack's, which the pack enters
         self.own_stop = stop is None
         self.lock: Optional[RunDirLock] = None
@@ -158,14 +161,20 @@ class RunLifecycle:
             self.stop.__enter__()
         return self
 
-    def claim(self) -> None:
-        """The rerun check passed: this process writes the run dir. A summary of an earlier end (a finished run
-        now continued with a larger budget) goes first, so no reader ever sees its status beside a new budget."""
+    def claim(self, config: Dict[str, Any], extending: bool = False) -> None:
+        """The rerun check passed: this process writes the run dir, and records `config` (trained_with.yaml).
+        `extending`: a finished run continued with a larger budget, whose result (summary.json, under its record)
+        survives until the continuation finishes; otherwise an earlier end's summary goes first, so no reader ever
+        sees a status beside a record it does not belong to."""
         if self.rank != 0:
             return
         self.writing = True
         remove_stale_temps(self.dir)
+        if extending:
+            self.extending = config
+            return
         self.dir.summary.unlink(missing_ok=True)
+        record_config(self.dir, config)
 
     def __exit__(self, kind, e, tb) -> bool:
         try:
@@ -180,7 +189,14 @@ class RunLifecycle:
             else:
                 self.summary["error"] = f"{kind.__name__}: {e}"
                 self._record_early_failure(e)
-            if self.writing:
+            if self.writing and self.extending is not None and e is not None:
+                log.warning("The finished result in %s is kept (summary.json, trained_with.yaml); the continuation "
+                            "stopped at step %s, in checkpoints/last.pt: the same command continues it",
+                            self.dir.root, self.summary.get("step", "?"))
+            elif self.writing:
+                if self.extending is not None:  # the continuation finished: its record, then its summary
+                    self.dir.summary.unlink(missing_ok=True)
+                    record_config(self.dir, self.extending)
                 write_json(self.dir.summary, self.summary)
             if self.logger is not None:
                 self.logger.finish(self.summary)

@@ -23,14 +23,14 @@ from .config import Config, ConfigError, TrainerConfig, as_dict, total_steps
 from .config_check import parse
 from .data import TrainBatches, cache_folder, load_data, mean_image, resolve_on_device
 from .device import resolve_device, resolve_precision, setup_backends
-from .identity import check_checkpoint, plan_rerun, record_config
+from .identity import check_checkpoint, plan_rerun
 from .judge import JudgedReal, judge_for, judge_real
 from .lifecycle import RunLifecycle
 from .loggers import RunLogger
 from .losses import Objective
 from .models import build_model
 from .optim import build_optimizer
-from .rundir import write_hydra_files
+from .rundir import finished_summary, write_hydra_files
 from .sources import ImageData
 from .state import MemberRNG, MetricSums, TrainState
 from .visuals import FixedGrids, fixed_latents
@@ -173,9 +173,8 @@ def build_member(raw_cfg: DictConfig | Config, run: RunLifecycle, shared: Shared
     # 4. the run dir is this run's from here: its record, .hydra/, metrics (each step once) and logger
     if place.rank == 0 and cfg.trainer.resume == "never" and (moved := rd.set_aside()) is not None:
         log.info("trainer.resume=never: the earlier run's files are now in %s", moved)
-    run.claim()
+    run.claim(config, extending=plan.kind == "resume" and finished_summary(rd) is not None)
     if run.writing:
-        record_config(rd, config)
         write_hydra_files(rd, raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg),
                           run.hydra_cfg)
         truncate_metrics(rd, state.step)

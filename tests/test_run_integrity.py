@@ -201,8 +201,9 @@ def test_a_record_of_an_earlier_version_lacking_newer_keys_is_the_same_experimen
 
 @pytest.mark.slow  # real processes: a lock held, kill -9, a signal
 def test_an_interrupted_budget_extension_is_never_reported_finished(tmp_path, base):
-    """Train to 4 steps, continue to 8 and kill -9 at step 6: the rerun resumes to 8 (it used to say 'already
-    finished' and keep the 4-step summary under the 8-step record)."""
+    """Train to 4 steps, continue to 8 and kill -9 at step 6: the 4-step result stays whole (its summary under
+    its own record), and the rerun resumes to 8 (it once said 'already finished' and kept the 4-step summary
+    under the 8-step record)."""
     run = tmp_path / "run"
     args = [*base, "trainer.eval_every=2", "trainer.log_every=1"]
     train(compose_cfg([*args, "trainer.max_steps=4"]), run_dir=run)
@@ -212,12 +213,41 @@ def test_an_interrupted_budget_extension_is_never_reported_finished(tmp_path, ba
     killed = subprocess.run([sys.executable, str(script), *args, "trainer.max_steps=8", f"hydra.run.dir={run}"],
                             cwd=ROOT, env=env, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
-    assert not (run / "summary.json").exists()  # no summary of the 4-step run beside the 8-step record
+    kept = json.loads((run / "summary.json").read_text())
+    assert (kept["status"], kept["step"]) == ("finished", 4)
+    assert OmegaConf.load(run / "trained_with.yaml").trainer.max_steps == 4  # the record it belongs to
     rerun = run_cli([*args, "trainer.max_steps=8", f"hydra.run.dir={run}"])
     assert rerun.returncode == 0 and "already finished" not in rerun.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["status"], summary["step"]) == ("finished", 8)
     assert [s for s, kind in metric_steps(run) if kind == "train"] == list(range(1, 9))  # each step once
+
+
+def test_a_stopped_budget_extension_keeps_the_finished_result_and_the_original_command(tmp_path, base):
+    """A finished run continued with a larger budget and stopped during the continuation: its finished summary
+    and record survive (they were replaced by 'interrupted' and the new budget, and the original command was
+    refused); the original command skips it, and the continuation resumes to the step an uninterrupted one
+    reaches, with the same numbers."""
+    from src.lifecycle import Interrupted
+
+    from .conftest import signal_when
+
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    args = [*base, "trainer.eval_every=2", "trainer.log_every=1"]
+    finished = train(compose_cfg([*args, "trainer.max_steps=4"]), run_dir=run)
+    with signal_when("logged", run, step=6), pytest.raises(Interrupted):
+        train(compose_cfg([*args, "trainer.max_steps=8"]), run_dir=run)
+    assert json.loads((run / "summary.json").read_text()) == json.loads(json.dumps(finished))
+    assert OmegaConf.load(run / "trained_with.yaml").trainer.max_steps == 4
+    again = run_cli([*args, "trainer.max_steps=4", f"hydra.run.dir={run}"])
+    assert again.returncode == 0 and "already finished" in again.stdout
+    continued = train(compose_cfg([*args, "trainer.max_steps=8"]), run_dir=run)
+    train(compose_cfg([*args, "trainer.max_steps=4"]), run_dir=whole)
+    uninterrupted = train(compose_cfg([*args, "trainer.max_steps=8"]), run_dir=whole)
+    assert (continued["status"], continued["step"]) == ("finished", 8)
+    assert OmegaConf.load(run / "trained_with.yaml").trainer.max_steps == 8
+    for key in ("val/neg_elbo", "test/neg_elbo", "test/kl"):
+        assert continued[key] == pytest.approx(uninterrupted[key], rel=1e-6), key
 
 
 def test_resume_never_with_a_bad_data_root_leaves_the_old_run_in_place(tmp_path, base):
