@@ -82,12 +82,17 @@ def active_units(mu: torch.Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
     return int((mu.var(0) > threshold).sum()) if len(mu) > 1 else 0
 
 
+MI_MAX_ELEMENTS = 1 << 25  # the (rows, N, D) densities of mutual_info at most 32 M numbers (128 MB) at a time
+
+
 def mutual_info(mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 256,
-                generator: Optional[torch.Generator] = None) -> float:
+                generator: Optional[torch.Generator] = None, max_elements: int = MI_MAX_ELEMENTS) -> float:
     """I(x; z) under q: E[log q(z|x) - log q(z)], q(z) the aggregate posterior of these N images
     (He et al. 2019, Lagging inference networks). One z per image, and both densities at that same z, so the
-    Monte-Carlo noise cancels (it is exactly 0 when q ignores x); the N x N densities are chunked."""
+    Monte-Carlo noise cancels (it is exactly 0 when q ignores x); the N x N densities are chunked, at most `chunk`
+    rows and `max_elements` numbers at a time (a latent of 100,000 dims once asked for 6.5 GB at once)."""
     n = len(mu)
+    chunk = max(1, min(chunk, max_elements // max(1, n * mu.shape[1])))
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
     log_q_own = gaussian_log_density(z, mu, logvar)  # (N,)
     log_q_agg = []

@@ -12,6 +12,7 @@ from .tool_args import output_path, parse_args, require, run_cli
 from .trained import load_run
 from .visuals import TOOL_TILE_PX, save_grid
 
+MAX_SAMPLES = 10_000  # one grid of 100 x 100: more would be decoded at once and drawn as one PNG
 OPTIONS = {"n": (64, "number of samples"), "temperature": (1.0, "prior std scale (below 1: safer, blander)"),
            "seed": (0, "seed of z"), "out": (None, "output .png path, or a folder"), "individual": (False, "also one PNG each"),
            "device": ("auto", "auto|cpu|cuda|mps"), "checkpoint": ("last", "last|best")}
@@ -19,7 +20,8 @@ OPTIONS = {"n": (64, "number of samples"), "temperature": (1.0, "prior std scale
 
 def main(argv=None) -> int:
     args = parse_args("src.sample", __doc__, [("run", "run dir or .pt checkpoint", None)], OPTIONS, argv)
-    require(args["n"] > 0, "n", args["n"], "give a number of samples >= 1")
+    require(0 < args["n"] <= MAX_SAMPLES, "n", args["n"], f"give a number of samples >= 1 and at most "
+            f"{MAX_SAMPLES:,} (one grid; run again with another seed for more)")
     require(args["temperature"] > 0, "temperature", args["temperature"], "must be > 0")
     run = load_run(args["run"], args["device"], args["checkpoint"])
     z = torch.randn(args["n"], run.cfg.model.latent_dim, generator=torch.Generator().manual_seed(args["seed"]))

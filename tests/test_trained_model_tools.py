@@ -171,6 +171,7 @@ def test_loading_refuses_a_crafted_pickle(tmp_path):
 @pytest.mark.parametrize("module,args,needles", [
     ("src.sample", ["n=0"], ["n=0", ">= 1"]),
     ("src.sample", ["n=-3"], ["n=-3", ">= 1"]),
+    ("src.sample", ["n=1000000000"], ["n=1000000000", "at most 10,000"]),  # was 16 GB asked of the allocator
     ("src.sample", ["n=abc"], ["n='abc'", "expected int"]),
     ("src.sample", ["nn=4"], ["unknown option 'nn'"]),
     ("src.evaluate", ["batch_size=0"], ["batch_size=0", ">= 1"]),
