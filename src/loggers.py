@@ -257,13 +257,13 @@ def _wandb_values(metrics: Dict[str, Any]) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------- train.log
 
 
-def own_log_files() -> None:
-    """A log file of the root logger (Hydra's train.log) that is a symlink someone left in the run dir is replaced by
-    a file of the run's own, not written through (docs/runs.md): Hydra opened it, following the link, before the
-    run began, and wrote nothing to it yet."""
+def own_log_files(run_dir: Path) -> None:
+    """A log file of the root logger in `run_dir` (Hydra's train.log) that is a symlink someone left there is
+    replaced by a file of the run's own, not written through (docs/runs.md): Hydra opened it, following the link,
+    before the run began, and wrote nothing to it yet. Log files a user configured elsewhere are theirs."""
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_symlink():
-            path = Path(handler.baseFilename)  # (absolute, links not resolved)
+        path = Path(getattr(handler, "baseFilename", ""))  # (absolute, links not resolved)
+        if isinstance(handler, logging.FileHandler) and path.parent == Path(run_dir).absolute() and path.is_symlink():
             path.unlink()
             handler.setStream(open(path, handler.mode, encoding=handler.encoding)).close()
 

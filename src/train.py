@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> float:
     """Hydra's entry point: train the run `cfg` describes; returns val/neg_elbo (nats per image), the objective
     sweepers minimise. How it ends, on every path, is src/exits.py's `run_member`."""
     hydra_cfg = HydraConfig.get()
-    own_log_files()
+    own_log_files(Path(hydra_cfg.runtime.output_dir))
     return exits.run_member(lambda: train(cfg, hydra_cfg=hydra_cfg), hydra_cfg)
 
 
