@@ -9,6 +9,7 @@ record means that key's default, so runs of earlier versions still resume or are
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -57,21 +58,39 @@ class Difference:
         return f"{self.key}={self.current!r} (recorded {self.key}={self.recorded!r})"
 
 
-def compare(recorded: Dict[str, Any], current: Dict[str, Any]) -> Tuple[str, Optional[Difference]]:
+def compare(recorded: Dict[str, Any], current: Dict[str, Any],
+            steps_per_epoch: Optional[int] = None) -> Tuple[str, Optional[Difference]]:
     """("same" | "larger_budget" | "different", the first difference that decided it, in the current config's
     order). A key the recorded config lacks has its default there (it was added since); a key the current schema
-    no longer has cannot be set, so it is not compared."""
+    no longer has cannot be set, so it is not compared. The budget is compared as the steps it allows where
+    `steps_per_epoch` is known (a finished run's): max_epochs 5 -> 3 under a max_steps that binds both is the same
+    run; otherwise key by key, where only growth continues."""
     old, new = flatten(recorded), flatten(current)
-    grown = None
+    budget = []
     for key, value in new.items():
         was = old.get(key, DEFAULTS.get(key))
         if not changes_results(key) or was == value:
             continue
-        if key in BUDGET and _larger(value, was):
-            grown = grown or Difference(key, was, value)
+        if key in BUDGET:
+            budget.append(Difference(key, was, value))
             continue
         return "different", Difference(key, was, value)
-    return ("larger_budget", grown) if grown else ("same", None)
+    if not budget:
+        return "same", None
+    shrunk = next((d for d in budget if not _larger(d.current, d.recorded)), None)
+    grown = next((d for d in budget if _larger(d.current, d.recorded)), None)
+    if steps_per_epoch:
+        before, after = (_steps({k: c.get(k, DEFAULTS[k]) for k in BUDGET}, steps_per_epoch) for c in (old, new))
+        if after == before:
+            return "same", None
+        return ("larger_budget", grown) if after > before else ("different", shrunk)
+    return ("different", shrunk) if shrunk else ("larger_budget", grown)
+
+
+def _steps(budget: Dict[str, Optional[int]], steps_per_epoch: int) -> float:
+    """The optimizer steps a budget allows: the smaller of max_steps and max_epochs epochs (None: no limit)."""
+    steps, epochs = budget["trainer.max_steps"], budget["trainer.max_epochs"]
+    return min(math.inf if steps is None else steps, math.inf if epochs is None else epochs * steps_per_epoch)
 
 
 def _larger(new: Optional[int], old: Optional[int]) -> bool:
@@ -120,7 +139,7 @@ def check_rerun(run_dir: RunDir, current: Dict[str, Any]) -> str:
     recorded = recorded_config(run_dir)
     if recorded is None:
         return "new"
-    verdict, diff = compare(recorded, current)
+    verdict, diff = compare(recorded, current, _steps_per_epoch(run_dir, current))
     if verdict == "different":
         raise RunDirRefused(f"{diff.key}={diff.current!r} differs from the run in {run_dir.root}, which was trained "
                             f"with {diff.key}={diff.recorded!r}; use a new hydra.run.dir (or hydra.sweep.dir), or "
@@ -129,6 +148,14 @@ def check_rerun(run_dir: RunDir, current: Dict[str, Any]) -> str:
         log.info("Continuing the run in %s with a larger budget: %s %s -> %s", run_dir.root, diff.key, diff.recorded,
                  diff.current)
     return verdict
+
+
+def _steps_per_epoch(run_dir: RunDir, current: Dict[str, Any]) -> Optional[int]:
+    """A finished run's steps per epoch (its train split over the batch size, the ragged tail dropped); None for an
+    unfinished one, whose budget is compared key by key."""
+    finished = finished_summary(run_dir)
+    images, batch = (finished or {}).get("data/train_size"), flatten(current).get("data.batch_size")
+    return images // batch if isinstance(images, int) and isinstance(batch, int) and batch > 0 else None
 
 
 @dataclass

@@ -199,6 +199,21 @@ def test_a_record_of_an_earlier_version_lacking_newer_keys_is_the_same_experimen
     assert (longer["status"], longer["step"]) == ("finished", 6)
 
 
+def test_a_finished_run_is_the_same_run_under_another_budget_that_allows_the_same_steps(tmp_path, base):
+    """The previous release's max_epochs default was 5, this one's 3: a run it finished where max_steps bound is
+    skipped by the same command, not refused as a smaller budget; a budget that allows fewer steps is refused."""
+    from src.rundir import RunDirRefused
+
+    run, args = tmp_path / "run", [*base, "trainer.max_steps=4", "trainer.eval_every=2"]
+    done = train(compose_cfg([*args, "trainer.max_epochs=5"]), run_dir=run)
+    assert done["status"] == "finished" and 3 * done["data/train_size"] // 32 > 4  # max_steps binds under 3 epochs
+    before = _snapshot(run)
+    assert train(compose_cfg(args), run_dir=run)["step"] == 4 and _snapshot(run) == before
+    with pytest.raises(RunDirRefused, match="trainer.max_steps=2 "):
+        train(compose_cfg([*base, "trainer.max_steps=2", "trainer.eval_every=2"]), run_dir=run)
+    assert _snapshot(run) == before
+
+
 @pytest.mark.slow  # real processes: a lock held, kill -9, a signal
 def test_an_interrupted_budget_extension_is_never_reported_finished(tmp_path, base):
     """Train to 4 steps, continue to 8 and kill -9 at step 6: the 4-step result stays whole (its summary under
