@@ -25,9 +25,16 @@ log = logging.getLogger(__name__)
 SPLIT = "test"  # the final numbers, on the official test split
 SEED = "seed"  # the key whose values are replicates of one setting
 COLLAPSE_NATS = DEFAULTS["eval.collapse_nats"]  # of a run recorded before the key existed: its default
-# what a likelihood's NLL is: a probability of the 8-bit image (>= 0 nats) or a density (any sign); NLLs of the
-# two kinds do not compare
-DISCRETE = {"bernoulli"}
+# what a likelihood's NLL is, by kind; NLLs of two kinds do not compare. A Bernoulli NLL is the probability of an
+# image only where the pixels are 0 or 1: binarised (data.binarize) or binary by construction (shapes' sprites)
+KINDS = {
+    "discrete": "bernoulli on binary pixels: the probability of the binary image, NLL >= 0 nats",
+    "cross-entropy": "bernoulli on grey levels (data.binarize=none): a binary cross-entropy against pixel values in "
+                     "[0, 1], the probability of no image, so not comparable with likelihoods on binarised data "
+                     "(data.binarize=dynamic makes it one)",
+    "density": "a density over pixel values in [0, 1]: its NLL can have either sign",
+}
+BINARY_SOURCES = {"shapes"}  # sources whose pixels are 0 or 255 as decoded
 METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_units", "kl_active_units",
            "collapsed_units", "mutual_info", "mutual_info_max", "mutual_info_capped", "mig", "sample_blur",
            "recon_blur", "data_blur", "sharpness_ratio", "mse", "sigma", "judge_fd", "recon_accuracy", "judge_accuracy"]
@@ -83,17 +90,22 @@ class Comparison:
         return pd.DataFrame(rows)
 
     def kinds(self) -> List[str]:
-        """Each run's kind of likelihood: "discrete" (bernoulli) or "density" (the others)."""
-        fixed = self.fixed.get("loss.likelihood", "bernoulli")
-        names = self.table["loss.likelihood"] if "loss.likelihood" in self.table else [fixed] * len(self.table)
-        return [likelihood_kind(str(n)) for n in names]
+        """Each run's kind of likelihood (a key of KINDS): "discrete" (bernoulli on binary pixels),
+        "cross-entropy" (bernoulli on grey levels) or "density" (the others)."""
+        def setting(run, key):
+            return run["settings"].get(key, self.fixed.get(key, DEFAULTS[key]))
+
+        return [likelihood_kind(str(setting(r, "loss.likelihood")), str(setting(r, "data.binarize")),
+                                str(setting(r, "data.name"))) for r in self.runs]
 
     def finished(self) -> int:
         return int(self.table["status"].eq("finished").sum())
 
 
-def likelihood_kind(name: str) -> str:
-    return "discrete" if name in DISCRETE else "density"
+def likelihood_kind(likelihood: str, binarize: str = "none", data: str = "") -> str:
+    if likelihood != "bernoulli":
+        return "density"
+    return "discrete" if binarize != "none" or data in BINARY_SOURCES else "cross-entropy"
 
 
 def fmt(v) -> str:

@@ -39,6 +39,7 @@ class DataConfig:
     seed: int = 0  # data generation and split seed, kept apart from `seed` so runs share data
     crop: Optional[int] = None  # centre crop (pixels) before resizing; null: none
     hflip: bool = False  # random horizontal flip of train batches, done on the device
+    binarize: str = "none"  # none|static|dynamic: pixels drawn as 0/1 from their grey level (data.md), for Bernoulli
     cache_dir: str = ".cache/vae-data"
     on_device: str = "auto"  # keep the uint8 arrays on the accelerator: auto|true|false
     download: bool = False

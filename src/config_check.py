@@ -13,6 +13,7 @@ from typing import Any, List
 from omegaconf import DictConfig, OmegaConf
 
 from .config import Config, ConfigError
+from .data import BINARIZE
 from .device import COMPILE_MODES, DEVICES, PRECISIONS, missing_device
 from .fid import missing_extra
 from .judge import MIN_FD_IMAGES
@@ -114,6 +115,7 @@ def parse(cfg: DictConfig | Config) -> Config:
     _check(d.crop is None or d.crop > 0, "data.crop", d.crop, "must be null or a positive number of pixels")
     _choice("data.on_device", str(d.on_device).lower(), ("auto", "true", "false"))
     _choice("data.on_bad_file", d.on_bad_file, ("skip", "error"))
+    _choice("data.binarize", d.binarize, BINARIZE)
     if m.name == "conv":
         depth = len(m.hidden_channels)
         _check(d.image_size >= 2**depth, "data.image_size", d.image_size,

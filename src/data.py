@@ -24,6 +24,7 @@ from .sources import SOURCES, SPLITS, DataError, ImageData  # noqa: F401  (DataE
 
 log = logging.getLogger(__name__)
 
+BINARIZE = ("none", "static", "dynamic")  # data.binarize
 CACHE_VERSION = 4  # 4: classes (labels) cached beside the images; 3: EXIF orientation, float TIFFs in 0..255. Bump when a decoder's output changes, so stale caches are not reused
 
 
@@ -35,6 +36,8 @@ def cache_key(cfg: DataConfig) -> str:
     """Hash of every setting that changes the decoded pixels (batching and device settings do not)."""
     keys = {k: v for k, v in asdict(cfg).items()
             if k not in ("batch_size", "eval_batch_size", "hflip", "cache_dir", "on_device", "download", "on_bad_file")}
+    if keys["binarize"] == "none":  # the grey-level cache of every earlier release keeps its key
+        del keys["binarize"]
     if keys.get("root"):
         keys["root"] = str(Path(keys["root"]).expanduser().resolve())
     keys["version"] = CACHE_VERSION
@@ -128,8 +131,28 @@ def load_data(cfg: DataConfig) -> ImageData:
                             "delete that folder") from None
     log.info("Data: decoding %s into %s", cfg.name, folder)
     data = SOURCES[cfg.name](cfg)
+    if cfg.binarize != "none":
+        binarize(data, cfg.binarize, cfg.seed)
     _save_cache(folder, data)
     return _load_cache(folder)
+
+
+def binarize(data: ImageData, how: str, seed: int) -> None:
+    """Pixels drawn once as 0 or 255 from Bernoulli(grey level / 255), with `data.seed`: every split under
+    `static` (a fixed binarised set, as binarised MNIST is); under `dynamic` only val and test, so every run's evals
+    see the same images, while the train split keeps its grey levels and TrainBatches draws each batch afresh
+    (Burda et al. 2015). A Bernoulli NLL of binary pixels is the probability of the binary image; of grey levels it
+    is a cross-entropy, the probability of no image."""
+    for i, split in enumerate(SPLITS):
+        if how == "dynamic" and split == "train":
+            continue
+        rng = np.random.default_rng([seed, i])  # one stream per split: val and test are the same under either mode
+        grey = data.images[split]
+        binary = np.empty_like(grey)
+        for i in range(0, len(grey), 4096):  # in chunks: float noise for a whole split would be 4x its bytes
+            chunk = grey[i : i + 4096]
+            binary[i : i + 4096] = (rng.random(chunk.shape, dtype=np.float32) * 255 < chunk) * np.uint8(255)
+        data.images[split] = binary
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -151,13 +174,15 @@ def resolve_on_device(setting: str, images: np.ndarray, device: torch.device) ->
 class TrainBatches:
     """Shuffled fixed-size batches (the ragged tail is dropped), gathered by indexing a uint8 tensor.
 
-    Images live on the device when they fit (else in pinned host memory, copied asynchronously); flips are
-    done on the batch, on the device. The shuffle draws from its own generator so resume can restore it.
+    Images live on the device when they fit (else in pinned host memory, copied asynchronously); flips and
+    dynamic binarisation are done on the batch, on the device. The shuffle draws from its own generator so resume
+    can restore it; a binarised batch draws from a device generator seeded from that one, per batch, so a resumed
+    epoch draws the same pixels.
     """
 
     def __init__(self, images: np.ndarray | torch.Tensor, batch_size: int, device: torch.device, hflip: bool, seed: int,
-                 on_device: bool = True, channels_last: bool = False):
-        self.device, self.batch_size, self.hflip = device, batch_size, hflip
+                 on_device: bool = True, channels_last: bool = False, binarize: bool = False):
+        self.device, self.batch_size, self.hflip, self.binarize = device, batch_size, hflip, binarize
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # (N, C, H, W) uint8, read from the memory-mapped cache; a tensor is used as it is (a pack's members share one)
         data = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
@@ -181,6 +206,8 @@ class TrainBatches:
         self.epoch_start_state = self.generator.get_state()
         perm = torch.randperm(len(self.images), generator=self.generator).to(self.images.device)
         flips = (torch.rand(len(self.images), generator=self.generator) < 0.5).to(self.device) if self.hflip else None
+        pixels = torch.Generator(device=self.device) if self.binarize else None
+        first = int(torch.randint(2**62, (1,), generator=self.generator)) if self.binarize else 0
         for i in range(start, self.steps_per_epoch):
             batch = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = perm[batch][self.rank :: self.world_size]
@@ -193,6 +220,8 @@ class TrainBatches:
             if flips is not None:  # mirror the chosen images left-right, on the device
                 flip = flips[batch][self.rank :: self.world_size, None, None, None]
                 x = torch.where(flip, x.flip(-1), x)
+            if pixels is not None:  # data.binarize=dynamic: each pixel 0/1 drawn afresh from its grey level
+                x = torch.bernoulli(x, generator=pixels.manual_seed(first + i))
             yield x.contiguous(memory_format=self.memory_format)
 
 

@@ -142,7 +142,7 @@ def build_member(raw_cfg: DictConfig | Config, run: RunLifecycle, shared: Shared
     run.summary.update(data.sizes(), world_size=place.world_size, device=str(place.device), precision=precision)
     channels_last = cfg.trainer.channels_last and cfg.model.name == "conv"
     batches = TrainBatches(shared.train_images, cfg.data.batch_size, place.device, cfg.data.hflip, cfg.seed,
-                           shared.on_device, channels_last)
+                           shared.on_device, channels_last, binarize=cfg.data.binarize == "dynamic")
     batches.shard(place.rank, place.world_size)
     if len(batches) == 0:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not allowed; the train split has only "

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .config import applies  # noqa: E402
-from .comparison import Comparison, fmt  # noqa: E402
+from .comparison import KINDS, Comparison, fmt  # noqa: E402
 from .naming import short_names  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,13 @@ def display_table(c: Comparison) -> pd.DataFrame:
 
 
 def _by_kind(c: Comparison, out: pd.DataFrame, kinds: List[str]) -> pd.DataFrame:
-    """Where discrete and density likelihoods meet, a `kind` column and the discrete rows first: their NLLs are
-    on different scales (a probability, >= 0 nats; a density, any sign) and compare only within a kind."""
+    """Where likelihoods of two kinds meet (KINDS), a `kind` column and the rows grouped by kind, in KINDS' order:
+    their NLLs are on different scales (a probability, >= 0 nats; a cross-entropy; a density, any sign) and compare
+    only within a kind."""
     if len(set(c.kinds())) < 2:
         return out
     out.insert(1, "kind", kinds)
-    return out.iloc[np.argsort([k != "discrete" for k in kinds], kind="stable")]
+    return out.iloc[np.argsort([list(KINDS).index(k) for k in kinds], kind="stable")]
 
 
 def columns(c: Comparison) -> Dict[str, tuple]:
@@ -321,17 +322,21 @@ def plot_rate_distortion(c: Comparison, path: Path) -> None:
     small dot; Alemi et al. 2018), over dotted iso-ELBO lines (KL + recon = -ELBO, constant along each). Discrete
     and density likelihoods in panels of their own: their distortions are on different scales."""
     kinds = c.kinds()
-    panels = [k for k in ("discrete", "density") if k in kinds]
+    panels = [k for k in KINDS if k in kinds]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], panels):
         settings = [idx for idx in c.settings() if kinds[idx[0]] == kind]
         title = f"Rate-distortion ({c.split} split; dotted: equal -ELBO)"
         if len(panels) > 1:
-            title = f"{'Discrete (bernoulli)' if kind == 'discrete' else 'Density'} likelihoods ({c.split}; dotted: equal -ELBO)"
+            title = f"{PANEL_TITLES[kind]} ({c.split}; dotted: equal -ELBO)"
         _rate_distortion_panel(ax, c, settings, title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+PANEL_TITLES = {"discrete": "Bernoulli, binary pixels", "cross-entropy": "Bernoulli on grey levels (cross-entropy)",
+                "density": "Density likelihoods"}
 
 
 def _rate_distortion_panel(ax, c: Comparison, settings: List[List[int]], title: str) -> None:
@@ -618,10 +623,13 @@ def header_lines(c: Comparison) -> List[str]:
         n = c.stats()["n"]
         lines.append(f"seeds: {', '.join(map(fmt, seeds))}; each setting is the mean ± sample sd over its finished "
                      f"seeds (n = {n.min()}" + (f" to {n.max()}" if n.max() != n.min() else "") + " per setting).")
-    if len(set(c.kinds())) > 1:
-        lines.append("likelihoods of two kinds: discrete (bernoulli: the probability of the 8-bit image, NLL >= 0 "
-                     "nats) and densities (NLL of any sign); NLLs and bits/dim compare only within a kind, so the "
-                     "table's `kind` column and the rate-distortion plot keep them apart.")
+    kinds = [k for k in KINDS if k in c.kinds()]
+    if len(kinds) > 1:
+        lines.append(f"likelihoods of {len(kinds)} kinds: " + "; ".join(f"{k} ({KINDS[k]})" for k in kinds)
+                     + ". NLLs and bits/dim compare only within a kind, so the table's `kind` column and the "
+                       "rate-distortion plot keep them apart.")
+    elif kinds != ["density"]:
+        lines.append(f"NLL: {KINDS[kinds[0]]}.")
     lines += _fixed_lines(c.fixed, c.runs)
     blur, mi_max = table[f"{c.split}/data_blur"].median(), table[f"{c.split}/mutual_info_max"].max()
     if pd.notna(blur):

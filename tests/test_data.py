@@ -403,6 +403,37 @@ def test_batches_cover_each_image_once_per_epoch_and_drop_the_tail():
     assert all(x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 for x in batches.epoch())
 
 
+def test_static_binarisation_draws_each_pixel_once_from_its_grey_level(tmp_path):
+    make_idx(tmp_path / "root", "", gz=False, n_train=400, n_test=100)
+    kw = dict(name="mnist", root=str(tmp_path / "root"), image_size=28, val_size=50)
+    grey, static = load_data(_cfg(tmp_path, **kw)), load_data(_cfg(tmp_path, binarize="static", **kw))
+    for split in ("train", "val", "test"):
+        assert set(np.unique(static.images[split])) == {0, 255}
+        # E[binary] = grey level: the means agree to the noise of ~300k coin flips
+        assert abs(static.images[split].mean() - grey.images[split].mean()) < 2.0
+        np.testing.assert_array_equal(static.images[split][grey.images[split] == 0], 0)
+        np.testing.assert_array_equal(static.images[split][grey.images[split] == 255], 255)
+    again = load_data(_cfg(tmp_path / "other", binarize="static", **kw))  # decoded anew: the same draw (data.seed)
+    np.testing.assert_array_equal(again.images["test"], static.images["test"])
+    dynamic = load_data(_cfg(tmp_path, binarize="dynamic", **kw))  # evals see the static images, train stays grey
+    np.testing.assert_array_equal(dynamic.images["test"], static.images["test"])
+    np.testing.assert_array_equal(dynamic.images["train"], grey.images["train"])
+
+
+def test_dynamic_binarisation_draws_new_pixels_each_epoch_and_the_same_after_a_resume():
+    images = np.full((256, 1, 8, 8), 64, np.uint8)  # grey 0.25 everywhere
+    batches = TrainBatches(images, 32, torch.device("cpu"), hflip=False, seed=0, binarize=True)
+    first = list(batches.epoch())
+    assert all(set(x.unique().tolist()) == {0.0, 1.0} for x in first)
+    assert abs(torch.cat(first).mean().item() - 64 / 255) < 0.01
+    state = batches.state_dict(step_in_epoch=3)  # as a checkpoint at batch 3 of that epoch saves it
+    assert not torch.equal(first[0], next(batches.epoch()))  # the next epoch draws other pixels
+    resumed = TrainBatches(images, 32, torch.device("cpu"), hflip=False, seed=0, binarize=True)
+    resumed.load_state_dict(state)
+    replayed = list(resumed.epoch(start=3))
+    assert len(replayed) == len(first) - 3 and all(torch.equal(a, b) for a, b in zip(first[3:], replayed))
+
+
 # ------------------------------------------------------------------------------------------- end to end
 
 

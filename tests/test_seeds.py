@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from src.comparison import collect
 from src.identity import record_config
-from src.report import display_table, render
+from src.report import display_table, header_lines, render
 from src.rundir import RunDir, write_json
 from src.config_check import parse
 
@@ -111,6 +111,22 @@ def test_a_real_seed_sweep_pools_its_members(tmp_path):
     assert c.swept == ["loss.beta"] and c.seeds and list(c.stats()["n"]) == [2, 2]
     beta1 = [s["test/neg_elbo"] for s, beta in zip(summaries, c.table["loss.beta"]) if beta == 1.0]
     assert c.stats().loc[0, "test/neg_elbo"] == pytest.approx(np.mean(beta1))
+
+
+def test_a_bernoulli_nll_of_grey_levels_is_called_a_cross_entropy_not_the_probability_of_an_image(tmp_path):
+    """On grey-level data a Bernoulli NLL is a binary cross-entropy against pixel values in [0, 1]; only on binarised
+    pixels is it the probability of an image. The header says which, and the two are kept apart like two kinds."""
+    grey = ["data.name=mnist", "data.root=/data/mnist", "loss.likelihood=bernoulli"]
+    write_run(tmp_path / "grey" / "0", grey, [1.0, 0.5, 0.2, 0.01], 250.0, 4)
+    c = collect([tmp_path / "grey"])
+    assert c.kinds() == ["cross-entropy"]
+    [line] = [line for line in header_lines(c) if line.startswith("NLL:")]
+    assert "binary cross-entropy" in line and "probability of no image" in line and "8-bit" not in line
+    for i, binarize in enumerate(("none", "dynamic")):
+        write_run(tmp_path / "both" / str(i), [*grey, f"data.binarize={binarize}"], [1.0, 0.5, 0.2, 0.01], 250.0, 4)
+    c = collect([tmp_path / "both"])
+    assert c.kinds() == ["cross-entropy", "discrete"] and list(display_table(c)["kind"]) == ["discrete", "cross-entropy"]
+    assert any("probability of the binary image" in line and "2 kinds" in line for line in header_lines(c))
 
 
 def test_discrete_and_density_likelihoods_are_kept_apart(tmp_path):
