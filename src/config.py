@@ -164,3 +164,12 @@ def applies(key: str, settings: dict) -> bool:
         return True
     other, values = APPLIES_ONLY[key]
     return other not in settings or settings[other] in values
+
+
+def applying(config: dict) -> dict:
+    """The nested config less the keys that mean nothing for it (`applies`): what a dashboard shows, so a
+    Fashion-MNIST run does not show the built-in shapes' data.num_train."""
+    flat = {f"{section}.{key}": value for section, keys in config.items() if isinstance(keys, dict)
+            for key, value in keys.items()}
+    return {section: ({key: value for key, value in keys.items() if applies(f"{section}.{key}", flat)}
+                      if isinstance(keys, dict) else keys) for section, keys in config.items()}

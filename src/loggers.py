@@ -185,6 +185,9 @@ def wandb_run_id(run_dir: Path) -> str:
 # ------------------------------------------------------------------------------------------- the logger
 
 
+STOPPED_TAG = "interrupted"  # on W&B: a run stopped on purpose (Ctrl-C, SIGTERM), resumable
+
+
 class RunLogger:
     """Appends one flat JSON line per call to `<run_dir>/metrics.jsonl`, and mirrors it to W&B when on."""
 
@@ -229,6 +232,9 @@ class RunLogger:
             run = self.wandb
             if summary.get("status") == "requeued":  # W&B shows the run as preempted, not failed; the requeued job
                 self._guarded("mark_preempting", run.mark_preempting)  # continues it under the same id
+            if summary.get("status") == "interrupted":  # W&B has no state for a run stopped on purpose (its exit
+                # code makes it "failed"): a tag to filter by, which a resume under the same id drops (run_tags)
+                self._guarded("tag", lambda: setattr(run, "tags", (*(run.tags or ()), STOPPED_TAG)))
             self._guarded("finish", lambda: (run.summary.update({k: plain(v) for k, v in summary.items()}),
                                              run.finish(exit_code=0 if summary.get("status") == "finished" else 1)))
             self.wandb = None

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import load_checkpoint, truncate_metrics
-from .config import Config, ConfigError, TrainerConfig, as_dict, total_steps
+from .config import Config, ConfigError, TrainerConfig, applying, as_dict, total_steps
 from .config_check import parse
 from .data import TrainBatches, cache_folder, load_data, mean_image, resolve_on_device
 from .device import resolve_device, resolve_precision, setup_backends
@@ -178,7 +178,7 @@ def build_member(raw_cfg: DictConfig | Config, run: RunLifecycle, shared: Shared
         write_hydra_files(rd, raw_cfg if isinstance(raw_cfg, DictConfig) else OmegaConf.structured(raw_cfg),
                           run.hydra_cfg)
         truncate_metrics(rd, state.step)
-        run.logger = RunLogger(rd.root, cfg.logger, config, run.hydra_cfg)
+        run.logger = RunLogger(rd.root, cfg.logger, applying(config), run.hydra_cfg)
         state.wandb_run_id = run.logger.run_id
 
     # 5. its grids: the same inputs and latents at every eval and in every run

@@ -110,6 +110,9 @@ def test_logger_group_names_the_group_and_a_lone_run_is_named_by_its_overrides(t
                     f"hydra.run.dir={grouped}"], real_process=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert next(r["run"] for r in leet(grouped / "wandb") if r["type"] == "run")["run_group"] == "my_study"
+    config = leet(grouped / "wandb", summary=True)["config"]  # only keys that mean something for this run
+    assert config["data"]["num_train"] == 256 and "sigma" not in config["loss"] and "gamma" not in config["optimizer"]
+    assert config["loss"]["likelihood"] == "bernoulli"
 
 
 @pytest.mark.slow  # real processes with W&B

@@ -203,3 +203,16 @@ def test_help_names_every_group_with_its_options_and_the_main_keys():
         assert line in out, line
     for key in ("loss.beta=", "model.latent_dim=", "loss.likelihood=", "eval.collapse_nats=", "seed=", "-m"):
         assert key in out, key
+
+
+def test_the_dashboard_config_leaves_out_the_keys_that_mean_nothing_for_the_run():
+    """A Fashion-MNIST run's W&B config has no data.num_train or data.test_size (the built-in shapes' keys) and a
+    Bernoulli run no loss.sigma; the built-in data keeps its own."""
+    from src.config import applying
+
+    fashion = applying({"data": {"name": "fashion_mnist", "root": "/d", "num_train": 20000, "test_size": 1000,
+                                 "val_size": 5000}, "loss": {"likelihood": "bernoulli", "sigma": 0.1}, "seed": 0})
+    assert fashion == {"data": {"name": "fashion_mnist", "root": "/d", "val_size": 5000},
+                       "loss": {"likelihood": "bernoulli"}, "seed": 0}
+    shapes = applying({"data": {"name": "shapes", "root": None, "num_train": 20000}})
+    assert shapes == {"data": {"name": "shapes", "num_train": 20000}}

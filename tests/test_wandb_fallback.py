@@ -160,10 +160,11 @@ def test_a_copied_run_dir_gets_a_wandb_run_of_its_own(tmp_path, tiny):
     assert (copy / "wandb_run_id").read_text().split()[0] != original
 
 
-@pytest.mark.parametrize("status", ["requeued", "finished"])
-def test_a_requeued_run_is_marked_preempting_on_wandb_not_just_failed(tmp_path, monkeypatch, status):
+@pytest.mark.parametrize("status", ["requeued", "interrupted", "finished"])
+def test_a_requeued_or_stopped_run_is_marked_on_wandb_not_just_failed(tmp_path, monkeypatch, status):
     """A SLURM member waiting for its requeue: its W&B run says preempting (W&B's own state for it), and its summary
-    says requeued; a finished run is not marked."""
+    says requeued; a run stopped on purpose (W&B has no state for it) carries the tag `interrupted`; a finished run
+    is neither."""
     from src.config import LoggerConfig
     from src.loggers import RunLogger
 
@@ -173,7 +174,9 @@ def test_a_requeued_run_is_marked_preempting_on_wandb_not_just_failed(tmp_path, 
     logger.finish({"status": status, "step": 1})
     records = leet(tmp_path / "wandb")
     assert any(r["type"] == "preempting" for r in records) == (status == "requeued")
-    assert {"status": status, "step": 1}.items() <= leet(tmp_path / "wandb", summary=True)["summary"].items()
+    shown = leet(tmp_path / "wandb", summary=True)
+    assert {"status": status, "step": 1}.items() <= shown["summary"].items()
+    assert ("interrupted" in shown["tags"]) == (status == "interrupted") and "beta=1" in shown["tags"]
 
 
 @pytest.mark.slow  # real processes against a real or a broken W&B server
