@@ -6,7 +6,7 @@ Finds every run under the given folders and writes into `<first dir>/compare/`:
 - table.csv (one row per run: every setting that differs, its seed, every final metric, full names) and
   table.md (one row per setting, short names, units; seeds pooled as mean ± sd with n);
 - settings.csv and settings.tex: one row per setting, each metric's mean and sample sd over seeds (units in the
-  CSV's headers; a booktabs LaTeX table);
+  CSV's headers; a booktabs LaTeX table with caption and label, its metric columns chosen with --columns);
 - collapse.png, blur.png, rate_distortion.png, kl_per_dim.png: the two questions (where does the posterior
   collapse, how blurry do the samples get) against the swept keys, means over seeds with error bars;
 - learning_curves.png, kl_over_training.png: every run's validation curves, and each setting's per-dim KL over
@@ -28,32 +28,34 @@ from pathlib import Path
 from typing import List, Optional
 
 from .comparison import Comparison, CompareError, collect, newest_sweep
-from .report import HOW_TO_READ, display_table, header_lines, render
+from .report import COLUMNS, HOW_TO_READ, PAPER_COLUMNS, ColumnError, display_table, header_lines, render
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SWEEPS = "outputs/sweeps"  # where Hydra puts multiruns by default (conf/config.yaml)
 
-def compare(dirs: List[Path], out: Optional[Path] = None, wandb: bool = False) -> Comparison:
+def compare(dirs: List[Path], out: Optional[Path] = None, wandb: bool = False,
+            paper: Optional[List[str]] = None) -> Comparison:
     """Collect the runs under `dirs`, draw the table, plots, montages and report into `out` (default
-    <first dir>/compare), and with `wandb` log them as one W&B run; returns the comparison."""
+    <first dir>/compare; `paper`: settings.tex's metric columns), and with `wandb` log them as one W&B run; returns
+    the comparison."""
     c = collect(dirs)
     out = out or dirs[0] / "compare"
-    figures = render_whole(c, out, dirs)
+    figures = render_whole(c, out, dirs, paper)
     log.info("Compared %d runs (%d finished) -> %s", len(c.table), c.finished(), out)
     if wandb:
         log_to_wandb(c, figures, out, dirs[0])
     return c
 
 
-def render_whole(c: Comparison, out: Path, dirs: List[Path]) -> List[str]:
+def render_whole(c: Comparison, out: Path, dirs: List[Path], paper: Optional[List[str]] = None) -> List[str]:
     """render() into a folder beside `out`, then each file moved into `out` (os.replace: whole or not at all): a
     comparison stopped while drawing (Ctrl-C, a full disk) leaves the previous one as it was. Nothing else in
     `out` is touched (its wandb/, a user's own files)."""
     out.mkdir(parents=True, exist_ok=True)
     new = out.with_name(f".{out.name}.new-{os.getpid()}")
     try:
-        figures = render(c, new, dirs)
+        figures = render(c, new, dirs, paper)
         for made in sorted(new.iterdir()):
             os.replace(made, out / made.name)
     finally:
@@ -102,6 +104,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="sweep or run folders, searched recursively (default: the newest sweep under "
                              f"{DEFAULT_SWEEPS}/)")
     parser.add_argument("--out", type=Path, help="output folder (default: <first dir>/compare)")
+    parser.add_argument("--columns", type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+                        help="settings.tex's metric columns, in order, e.g. neg_elbo,kl,kl_active_units,mutual_info "
+                             f"(default: {','.join(PAPER_COLUMNS)}; choose from {', '.join(COLUMNS)})")
     parser.add_argument("--wandb", action="store_true",
                         help="also log the comparison to W&B as one run in the sweep's group (offline without a key)")
     args = parser.parse_args(argv)
@@ -110,8 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.dirs:
             args.dirs = [newest_sweep(Path(DEFAULT_SWEEPS))]
             log.info("Comparing the newest sweep, %s", args.dirs[0])
-        c = compare(args.dirs, args.out, wandb=args.wandb)
-    except CompareError as e:
+        c = compare(args.dirs, args.out, wandb=args.wandb, paper=args.columns)
+    except (CompareError, ColumnError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ Seeds are replicates, not settings: runs that differ only in `seed` are one sett
 standard deviation and n (`Comparison.stats()`); the per-run table keeps one row per seed."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .rundir import RunDir, read_summary
 log = logging.getLogger(__name__)
 
 SPLIT = "test"  # the final numbers, on the official test split
+STILL_FALLING = 0.01  # a run whose val -ELBO fell by more than this share over its last quarter has not converged
 SEED = "seed"  # the key whose values are replicates of one setting
 COLLAPSE_NATS = DEFAULTS["eval.collapse_nats"]  # of a run recorded before the key existed: its default
 # what a likelihood's NLL is, by kind; NLLs of two kinds do not compare. A Bernoulli NLL is the probability of an
@@ -37,7 +39,8 @@ KINDS = {
 BINARY_SOURCES = {"shapes"}  # sources whose pixels are 0 or 255 as decoded
 METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_units", "kl_active_units",
            "collapsed_units", "mutual_info", "mutual_info_max", "mutual_info_capped", "mig", "sample_blur",
-           "recon_blur", "data_blur", "sharpness_ratio", "mse", "sigma", "judge_fd", "recon_accuracy", "judge_accuracy"]
+           "recon_blur", "data_blur", "sharpness_ratio", "mse", "mse_mean_image", "sigma", "judge_fd", "recon_accuracy",
+           "judge_accuracy", "iwae_k", "iwae_images"]
 
 
 @dataclass
@@ -97,6 +100,16 @@ class Comparison:
 
         return [likelihood_kind(str(setting(r, "loss.likelihood")), str(setting(r, "data.binarize")),
                                 str(setting(r, "data.name"))) for r in self.runs]
+
+    def still_falling(self) -> List[int]:
+        """The finished runs whose validation -ELBO still fell by more than STILL_FALLING of its final value over
+        the last quarter of training: not converged, so their numbers are not final ones."""
+        if "val/drop_last_quarter" not in self.table:
+            return []
+        drop = self.table["val/drop_last_quarter"]
+        final = self.table.get("val/neg_elbo_final", pd.Series(np.nan, index=self.table.index))
+        scale = final.abs().clip(lower=1.0).fillna(1.0)
+        return [int(i) for i in self.table.index[(drop > STILL_FALLING * scale).fillna(False)]]
 
     def finished(self) -> int:
         return int(self.table["status"].eq("finished").sum())
@@ -162,13 +175,70 @@ def _settings(run: Path, recorded: Dict[str, object]) -> Dict[str, object]:
     return _overrides(run)
 
 
+def metric_rows(run: Path, prefix: str) -> pd.DataFrame:
+    """The run's metrics.jsonl rows that have `prefix/...` keys, as a frame (empty when there are none)."""
+    path = run / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        text = path.read_bytes().decode("utf-8", errors="replace")  # a damaged file: its readable rows still count
+        if "\ufffd" in text:
+            log.warning("%s is not all UTF-8: its damaged lines are left out", path)
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and any(k.startswith(prefix + "/") for k in row):
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def last_quarter_drop(run: Path, step: object) -> float:
+    """How far validation -ELBO fell (nats per image) over the last quarter of a run's steps: from the eval at or
+    before 3/4 of its final step to its last; NaN where fewer than two evals tell."""
+    frame = metric_rows(run, "val")
+    if frame.empty or "val/neg_elbo" not in frame or not isinstance(step, int):
+        return np.nan
+    evals = frame.dropna(subset=["val/neg_elbo"]).sort_values("step")
+    before = evals[evals["step"] <= 0.75 * step]
+    if before.empty or len(evals) < 2:
+        return np.nan
+    return float(before["val/neg_elbo"].iloc[-1] - evals["val/neg_elbo"].iloc[-1])
+
+
+def careful_eval(run: Path, summary: Dict[str, object]) -> Optional[Path]:
+    """The run's careful test numbers: the `src.evaluate` file (eval_test_k<k>.json) of the largest k whose IWAE
+    covered the whole split, else of the largest k, made from the checkpoint the run ended on (its step is the
+    summary's: an evaluation of an earlier checkpoint or of best.pt is not this run's final result); None where
+    there is none."""
+    found = []
+    for path in run.glob("eval_test_k*.json"):
+        try:
+            ev = json.loads(path.read_text())
+        except (OSError, ValueError) as e:  # one damaged file must not stop the comparison
+            log.warning("%s is unreadable (%s); its numbers are left out", path, str(e).splitlines()[0][:100])
+            continue
+        if not isinstance(ev, dict) or ev.get("step") != summary.get("step") or "test/neg_elbo" not in ev:
+            log.info("%s is not of the run's final checkpoint (step %s, the run's %s); left out", path,
+                     ev.get("step") if isinstance(ev, dict) else "?", summary.get("step"))
+            continue
+        whole = ev.get("test/iwae_images") == ev.get("data/test_size")
+        found.append(((whole, ev.get("test/iwae_k") or 0), path, ev))
+    return max(found, key=lambda f: f[0])[1:] if found else None
+
+
 def read_run(run: Path) -> Dict[str, object]:
     """One run's record (flat keys), settings, overrides and summary; a run without summary.json is
-    'incomplete'."""
+    'incomplete'. The test numbers of a finished run's careful evaluation (careful_eval) replace its summary's;
+    `evaluated` names that file."""
     summary = read_summary(RunDir(run)) or {"status": "incomplete"}
     recorded = _trained_with(run)
+    careful = careful_eval(run, summary) if summary.get("status") == "finished" else None
+    if careful is not None:
+        path, ev = careful
+        summary = {**summary, **{k: v for k, v in ev.items() if k.startswith(f"{SPLIT}/")}}
     return {"path": run, "recorded": recorded, "settings": _settings(run, recorded), "overrides": _overrides(run),
-            "summary": summary}
+            "summary": summary, "evaluated": careful[0].name if careful else None}
 
 
 def collect(dirs: List[Path]) -> Comparison:
@@ -199,6 +269,10 @@ def collect(dirs: List[Path]) -> Comparison:
         row.update({f"{split}/{m}": s.get(f"{split}/{m}", np.nan) for m in METRICS})
         if s.get(f"{split}/kl_per_dim"):  # one threshold for every run: the count the heatmap shows
             row[f"{split}/kl_active_units"] = int(sum(kl > nats for kl in s[f"{split}/kl_per_dim"]))
+        if row["status"] == "finished":
+            row["val/drop_last_quarter"] = last_quarter_drop(r["path"], s.get("step"))
+            row["val/neg_elbo_final"] = s.get("val/neg_elbo", np.nan)
+        row["numbers"] = f"src.evaluate ({r['evaluated']})" if r["evaluated"] else "training's final eval"
         if "error" in s:
             row["error"] = s["error"]
         rows.append(row)

@@ -1,9 +1,11 @@
 """Evaluate a run again, more carefully: `python -m src.evaluate <run dir> [split=test] [iwae_k=5000]`.
 
 Recomputes the final metrics over the whole split (ELBO terms and IWAE in nats per image, bits per dim, active
-units, mutual information, blur, MIG on shapes) with the run's own data and preprocessing, writes
+units, mutual information, blur, MIG on shapes, the judge's sample quality where the data has classes) with the
+run's own data and preprocessing, writes
 eval_<split>_k<iwae_k>.json beside summary.json (one file per k, so a careful k=5000 is not overwritten by a quick
-check), and prints a table. Training takes IWAE over the first eval.iwae_images images only; with that
+check), and prints a table. `src.compare` takes a run's test numbers from the file of the largest k made from the
+run's final checkpoint, in place of summary.json's, and says so. Training takes IWAE over the first eval.iwae_images images only; with that
 `iwae_images=N` and the same k, this gives the same numbers as summary.json.
 """
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import pandas as pd
 
 from .config import total_steps
-from .data import load_data
+from .data import cache_folder, load_data
+from .judge import judge_for, judge_real, sample_quality
 from .losses import Objective
 from .metrics import Evaluee, evaluate_split
 from .rundir import write_json
@@ -42,8 +45,12 @@ def main(argv=None) -> int:
     objective = Objective(run.cfg.loss, steps, likelihood=run.model.likelihood)  # the run's, learned sigma included
     [metrics] = evaluate_split([Evaluee(run.model, objective, run.cfg)], data, args["split"], device=device,
                                step=run.step, iwae_k=args["iwae_k"])
-    metrics.update({"checkpoint": str(run.checkpoint), "step": run.step, f"data/{args['split']}_size":
-                    len(data.images[args["split"]])})
+    split = args["split"]
+    if run.cfg.eval.judge and (judge := judge_for(data, cache_folder(run.cfg.data), device)) is not None:
+        real = judge_real(judge, data.images[split], data.labels[split], run.cfg.eval.fid_images)
+        metrics.update(sample_quality(run.model, real, run.cfg.eval.fid_images, device, split))
+    metrics.update({"checkpoint": str(run.checkpoint), "step": run.step, f"data/{split}_size":
+                    len(data.images[split])})
     out = run.run_dir / f"eval_{args['split']}_k{args['iwae_k']}.json"  # one file per k: a careful k keeps its own
     write_json(out, metrics)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_weights_only
 from .rundir import atomic_write
+from .visuals import fixed_latents
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,13 @@ def content_metrics(model, real: JudgedReal, z: torch.Tensor, device: torch.devi
                     "gives %d", MIN_FD_IMAGES, n)
         return out
     return {"judge_fd": frechet_distance(features(real.judge, samples), real.features[:n]), **out}
+
+
+def sample_quality(model, real: JudgedReal, images: int, device: torch.device, split: str = "test") -> Dict[str, float]:
+    """content_metrics on the fixed prior latents every run draws (eval.fid_images of them), named for `split`:
+    the one definition the final eval and src.evaluate share."""
+    z = fixed_latents(images, model.latent_dim).to(device)
+    return {f"{split}/{k}": v for k, v in content_metrics(model, real, z, device).items()}
 
 
 def judge_for(data, folder: Path, device: torch.device) -> Optional[Judge]:

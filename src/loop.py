@@ -26,13 +26,12 @@ from .device import synchronize
 from .engines import choose_engine
 from .fid import evaluate_fid
 from .identity import refuse_unpackable
-from .judge import content_metrics
+from .judge import sample_quality
 from .metrics import Evaluee, evaluate_split
 from .lifecycle import DivergedError, StopSignals
 from .state import LoopSums
 from .loggers import MemberLogs
 from .member import Member
-from .visuals import fixed_latents
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +302,7 @@ def final_test_eval(m: Member, test: Dict[str, Any]) -> Dict[str, Any]:
     if cfg.eval.fid:
         test.update(evaluate_fid(model, m.shared.data.images["test"], cfg, device, "test"))
     if cfg.eval.judge and (real := m.shared.judged(cfg, device)) is not None:
-        z = fixed_latents(cfg.eval.fid_images, cfg.model.latent_dim).to(device)
-        test.update({f"test/{k}": v for k, v in content_metrics(model, real, z, device).items()})
+        test.update(sample_quality(model, real, cfg.eval.fid_images, device))
     return test
 
 

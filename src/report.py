@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -20,7 +21,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from .config import applies  # noqa: E402
-from .comparison import KINDS, Comparison, fmt  # noqa: E402
+from .comparison import KINDS, STILL_FALLING, Comparison, fmt, metric_rows  # noqa: E402
 from .naming import short_names  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ COLUMNS = {"neg_elbo": ("-ELBO (nats)", "{:.1f}"), "recon_nll": ("recon (nats)",
            "kl_active_units": ("KL > 0.1 dims", "{:.0f}"), "mutual_info": ("MI (nats)", "{:.2f}"),
            "sample_blur": ("sample blur (0-1)", "{:.3f}"), "recon_blur": ("recon blur (0-1)", "{:.3f}"),
            "mig": ("MIG (0-1)", "{:.3f}"), "sigma": ("sigma (0-1 px)", "{:.3f}"),
-           "judge_fd": ("judge FD (lower better)", "{:.2f}"), "recon_accuracy": ("recon class acc", "{:.3f}")}
+           "judge_fd": ("judge FD (lower better)", "{:.2f}"), "recon_accuracy": ("recon class acc", "{:.3f}"),
+           "mse": ("MSE (per px)", "{:.4f}")}
 HOW_TO_READ = {
     "collapse.png": "Left: latent dims still in use, out of latent_dim. The solid line counts dims whose mean KL "
                     "exceeds eval.collapse_nats (posterior collapse as Lucas et al. 2019 define it; the same count as "
@@ -79,7 +81,7 @@ MONTAGE_WIDTH = 300  # px: each run's part is enlarged by the smallest whole fac
 
 def display_table(c: Comparison) -> pd.DataFrame:
     """The table a person reads: one row per setting (its seeds pooled: mean ± sd and n when seeds differ), short
-    column names with units, numbers rounded to what they can tell apart, an MI at its ceiling shown as '>= x',
+    column names with units, numbers rounded to what they can tell apart, an MI at its ceiling shown as '≥ x',
     and only the columns some run has."""
     if c.seeds:
         return _by_kind(c, _stats_table(c), [c.kinds()[idx[0]] for idx in c.settings()])
@@ -98,7 +100,7 @@ def display_table(c: Comparison) -> pd.DataFrame:
         cells = [("-" if pd.isna(v) else pattern.format(v)) for v in values]
         if metric == "mutual_info":
             capped = table[f"{c.split}/mutual_info_capped"].fillna(False).astype(bool)
-            cells = [f">= {cell}" if cap else cell for cell, cap in zip(cells, capped)]
+            cells = [f"≥ {cell}" if cap else cell for cell, cap in zip(cells, capped)]
         out[name] = cells
     return out
 
@@ -117,11 +119,30 @@ def columns(c: Comparison) -> Dict[str, tuple]:
     """COLUMNS, with the collapse count named by the comparison's own threshold."""
     out = dict(COLUMNS)
     out["kl_active_units"] = (f"KL > {c.collapse_nats:g} dims", "{:.0f}")
+    done = c.table[c.table["status"].eq("finished")]
+    if done[[f"{c.split}/iwae_k", f"{c.split}/iwae_images"]].drop_duplicates().dropna().shape[0] > 1:
+        out.update(iwae_k=("IWAE k", "{:,.0f}"), iwae_images=("IWAE images", "{:,.0f}"))  # each number's own
     return out
 
 
+COUNTS = {"active_units", "kl_active_units", "collapsed_units"}  # whole dims per run; their means over seeds are not
+
+
+def _mean_sd(metric: str, pattern: str, mean: float, sd: float) -> str:
+    """`mean ± sd` as the table prints it: a count's mean over seeds with two decimals (3.67 ± 0.58, as the
+    figures draw it), unless every seed agrees (4 ± 0)."""
+    if pd.isna(mean):
+        return "-"
+    if pd.isna(sd):
+        return pattern.format(mean)
+    if metric in COUNTS and not (sd == 0 and float(mean).is_integer()):
+        pattern = "{:.2f}"
+    return f"{pattern.format(mean)} ± {pattern.format(sd)}"
+
+
 def _stats_table(c: Comparison) -> pd.DataFrame:
-    """One row per setting: mean ± sd over its finished seeds, and n."""
+    """One row per setting: mean ± sd over its finished seeds, and n; an MI where some seed sits at the
+    estimator's ceiling is a lower bound, shown as '≥'."""
     stats = c.stats()
     out = pd.DataFrame({short: stats[k].map(fmt) for k, short in short_names(c.swept).items()}) if c.swept else \
         pd.DataFrame({"setting": ["all runs"]})
@@ -130,8 +151,10 @@ def _stats_table(c: Comparison) -> pd.DataFrame:
         mean, sd = stats[f"{c.split}/{metric}"], stats[f"{c.split}/{metric} sd"]
         if mean.isna().all():
             continue
-        out[name] = ["-" if pd.isna(m) else pattern.format(m) + ("" if pd.isna(d) else f" ± {pattern.format(d)}")
-                     for m, d in zip(mean, sd)]
+        out[name] = [_mean_sd(metric, pattern, m, d) for m, d in zip(mean, sd)]
+        if metric == "mutual_info":
+            capped = stats[f"{c.split}/mutual_info_capped"].fillna(0) > 0  # the share of seeds at the ceiling
+            out[name] = [f"≥ {cell}" if cap and cell != "-" else cell for cell, cap in zip(out[name], capped)]
     return out
 
 
@@ -142,9 +165,49 @@ UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nat
          "recon_accuracy": "0-1", "judge_accuracy": "0-1"}
 
 
-def export_tables(c: Comparison, out: Path) -> None:
+PAPER_COLUMNS = ["neg_elbo", "iwae_nll", "kl", "kl_active_units", "mutual_info", "sample_blur", "judge_fd"]
+TEX_METRICS = {"neg_elbo": r"$-$ELBO", "recon_nll": "recon NLL", "kl": "KL", "iwae_nll": "IWAE NLL",
+               "bits_per_dim": "bits/dim", "active_units": "active dims", "mutual_info": r"$I(x; z)$",
+               "sample_blur": "sample blur", "recon_blur": "recon blur", "mig": "MIG", "sigma": r"$\sigma$",
+               "judge_fd": "judge FD", "recon_accuracy": "recon acc.", "mse": "MSE", "iwae_k": "IWAE $k$",
+               "iwae_images": "IWAE images"}
+TEX_UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nats", "mutual_info": "nats"}
+TEX_KEYS = {"loss.beta": r"$\beta$", "model.latent_dim": r"latent dim", "loss.likelihood": "likelihood",
+            "loss.free_bits": "free bits", "loss.kl_schedule": "KL schedule", "optimizer.lr": "lr"}
+
+
+class ColumnError(ValueError):
+    """A --columns name that is not a metric; the message names it and the choices."""
+
+
+def paper_columns(c: Comparison, chosen: Optional[List[str]] = None) -> List[str]:
+    """The metrics settings.tex shows: `chosen` (COLUMNS' names, in that order) or PAPER_COLUMNS, less those no
+    run has."""
+    unknown = [m for m in chosen or [] if m not in COLUMNS]
+    if unknown:
+        raise ColumnError(f"--columns {','.join(unknown)}: not a metric; choose from {', '.join(COLUMNS)}")
+    return [m for m in (chosen or PAPER_COLUMNS) if c.stats()[f"{c.split}/{m}"].notna().any()]
+
+
+def _tex(text: object) -> str:
+    """Plain text as LaTeX: its special characters escaped."""
+    out = str(text)
+    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+                          ("$", r"\$"), ("{", r"\{"), ("}", r"\}")):
+        out = out.replace(char, escaped)
+    return out.replace(">=", r"$\geq$").replace("≥", r"$\geq$").replace("±", r"$\pm$")
+
+
+def _tex_cell(cell: str) -> str:
+    """A number cell as LaTeX: a leading minus as math, ± and ≥ as $\\pm$ and $\\geq$."""
+    cell = _tex(cell)
+    return "$-$" + cell[1:] if cell.startswith("-") and len(cell) > 1 else cell
+
+
+def export_tables(c: Comparison, out: Path, chosen: Optional[List[str]] = None, label: str = "vae-sweep") -> None:
     """Paper-ready: settings.csv (one row per setting: n, and each metric's mean and sd with its unit in the
-    header) and settings.tex (a booktabs table of the display columns, mean ± sd)."""
+    header) and settings.tex (a booktabs table, one row per setting: the swept settings, the likelihood kind where
+    kinds differ, n, and the `chosen` metrics (paper_columns) as mean ± sd; a caption and a label)."""
     stats = c.stats()
     csv = pd.DataFrame({k: stats[k] for k in c.swept})
     csv["n"] = stats["n"]
@@ -153,14 +216,38 @@ def export_tables(c: Comparison, out: Path) -> None:
             csv[f"{c.split}/{metric} mean ({unit})"] = stats[f"{c.split}/{metric}"]
             csv[f"{c.split}/{metric} sd ({unit})"] = stats[f"{c.split}/{metric} sd"]
     csv.to_csv(out / "settings.csv", index=False)
-    shown = _stats_table(c).rename(columns=lambda name: name.replace("_", r"\_").replace(">", "$>$"))
-    body = shown.to_latex(index=False, escape=False, column_format="l" * len(c.swept) + "r" * (len(shown.columns)
-                                                                                                - len(c.swept)))
-    body = body.replace("±", r"$\pm$").replace(r"\toprule", r"\toprule").replace(r"\midrule", r"\midrule")
-    caption = (f"Final {c.split} metrics, mean $\\pm$ sample sd over n seeds; NLLs and KL in nats per image; "
-               f"collapsed: KL $\\le$ {c.collapse_nats:g} nats.")
-    (out / "settings.tex").write_text("% needs \\usepackage{booktabs}\n\\begin{table}[t]\n\\centering\n"
-                                      f"\\caption{{{caption}}}\n{body}\\end{{table}}\n")
+    (out / "settings.tex").write_text(settings_tex(c, paper_columns(c, chosen), label))
+
+
+def settings_tex(c: Comparison, metrics: List[str], label: str) -> str:
+    shown = display_table(c)  # the table a reader sees: pooled over seeds, grouped by kind
+    names = columns(c)
+    short = short_names(c.swept)
+    keys = [(short[k], TEX_KEYS.get(k, _tex(short[k]))) for k in c.swept] or \
+        [("setting", "setting") if "setting" in shown else ("run", "run")]
+    keys += [("kind", "kind")] if "kind" in shown else []
+    keys += [("n", "$n$")] if "n" in shown else []
+    heads = [(names[m][0], TEX_METRICS.get(m, _tex(names[m][0])) + (f" ({TEX_UNITS[m]})" if m in TEX_UNITS else ""))
+             for m in metrics if names[m][0] in shown]
+    if "kl_active_units" in metrics and names["kl_active_units"][0] in shown:
+        heads = [(n, f"KL $>$ {c.collapse_nats:g} dims" if n == names["kl_active_units"][0] else h) for n, h in heads]
+    text = {n for n, _ in keys} - {"n"}
+    body = [" & ".join(_tex(row[n]) if n in text else _tex_cell(str(row[n])) for n, _ in keys + heads) + r" \\"
+            for _, row in shown.iterrows()]
+    seeds = f"mean $\\pm$ sample sd over $n$ seeds" if c.seeds else "one run per setting"
+    kinds = sorted(set(c.kinds()), key=list(KINDS).index)
+    caption = (f"Final {c.split}-split metrics of each setting, {seeds}. NLLs and KL in nats per image; "
+               + " ".join(f"{_tex(k.capitalize())}: {_tex(KINDS[k])}." for k in kinds if k != "density" or len(kinds) > 1)
+               + (" NLLs compare only within a kind." if len(kinds) > 1 else "")
+               + f" A dim counts as used when its KL exceeds {c.collapse_nats:g} nats."
+               + "".join(f" {_tex(line)}" for line in _provenance_lines(c) if line.startswith("IWAE")))
+    columns_spec = "".join("r" if n == "n" else "l" for n, _ in keys) + "r" * len(heads)
+    return ("% settings.tex from python -m src.compare; needs \\usepackage{booktabs}\n"
+            "\\begin{table}[t]\n\\centering\n\\small\n"
+            f"\\caption{{{caption}}}\n\\label{{tab:{label}}}\n"
+            f"\\begin{{tabular}}{{{columns_spec}}}\n\\toprule\n"
+            + " & ".join(h for _, h in keys + heads) + " \\\\\n\\midrule\n"
+            + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}\n\\end{table}\n")
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -397,28 +484,10 @@ def plot_kl_heatmap(c: Comparison, path: Path) -> None:
     plt.close(fig)
 
 
-def _metric_rows(run: Path, prefix: str) -> pd.DataFrame:
-    """The run's metrics.jsonl rows that have `prefix/...` keys, as a frame (empty when there are none)."""
-    path = run / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        text = path.read_bytes().decode("utf-8", errors="replace")  # a damaged file: its readable rows still count
-        if "\ufffd" in text:
-            log.warning("%s is not all UTF-8: its damaged lines are left out", path)
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if any(k.startswith(prefix + "/") for k in row):
-                rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def plot_learning_curves(c: Comparison, path: Path) -> bool:
     """Validation -ELBO, KL and IWAE NLL over training steps, every run overlaid; one colour per setting (its
     seeds share it). False when no run logged a validation row."""
-    frames = [_metric_rows(r["path"], "val") for r in c.runs]
+    frames = [metric_rows(r["path"], "val") for r in c.runs]
     if all(f.empty or "val/neg_elbo" not in f for f in frames):
         return False
     colour = {}
@@ -452,7 +521,7 @@ def plot_kl_over_training(c: Comparison, path: Path) -> bool:
     """Per-dim KL over training steps (train/kl_per_dim, log scale) for one run of each setting: when does each
     dim die? The dotted line is collapse_nats. False when no run logged it."""
     chosen = [idx[0] for idx in c.settings()][:KL_PANELS]
-    frames = {j: _metric_rows(c.runs[j]["path"], "train") for j in chosen}
+    frames = {j: metric_rows(c.runs[j]["path"], "train") for j in chosen}
     frames = {j: f for j, f in frames.items() if not f.empty and "train/kl_per_dim" in f}
     if not frames:
         return False
@@ -631,11 +700,44 @@ def header_lines(c: Comparison) -> List[str]:
     elif kinds != ["density"]:
         lines.append(f"NLL: {KINDS[kinds[0]]}.")
     lines += _fixed_lines(c.fixed, c.runs)
+    lines += _provenance_lines(c)
     blur, mi_max = table[f"{c.split}/data_blur"].median(), table[f"{c.split}/mutual_info_max"].max()
     if pd.notna(blur):
         lines.append(f"metrics: final, on the {c.split} split; NLLs and KL in nats per image; blur 0 (sharp) to 1 "
                      f"(flat), the real {c.split} images' own is {blur:.3f}; MI cannot exceed log N = {mi_max:.2f}; "
                      f"a dim with mean KL at or below {c.collapse_nats:g} nats counts as collapsed.")
+    return lines
+
+
+def _provenance_lines(c: Comparison) -> List[str]:
+    """Where the numbers come from and what they can be trusted for: which runs' test numbers are src.evaluate's,
+    each IWAE's k and images, the mean-image MSE baseline, and the runs that had not converged."""
+    table, lines = c.table, []
+    done = table[table["status"].eq("finished")]
+    careful = done["numbers"].str.startswith("src.evaluate") if "numbers" in done else pd.Series(False, index=done.index)
+    if careful.any():
+        lines.append(f"numbers: {int(careful.sum())} of {len(done)} finished runs' {c.split} numbers are "
+                     "src.evaluate's (the table.csv column `numbers` names each file); the others come from "
+                     "training's final eval.")
+    k, images = done[f"{c.split}/iwae_k"].dropna(), done[f"{c.split}/iwae_images"].dropna()
+    if len(k):
+        pairs = sorted({(int(a), int(b)) for a, b in zip(k, images)})
+        size = done.get(f"{c.split}/data_size")
+        text = "; ".join(f"k = {a:,} importance samples per image over {b:,} images" for a, b in pairs)
+        lines.append(f"IWAE NLL: {text}" + (" (it differs between runs: see the IWAE k and IWAE images columns)"
+                                            if len(pairs) > 1 else "") + ".")
+    baseline = done[f"{c.split}/mse_mean_image"].dropna()
+    if len(baseline):
+        lines.append(f"MSE per pixel (0-1 pixel values): always predicting the mean training image gives "
+                     f"{baseline.median():.4f}, the trivial baseline a reconstruction must beat.")
+    falling = c.still_falling()
+    if falling:
+        labels = c.labels(seed=True)
+        lines.append(f"NOT CONVERGED: {len(falling)} of {len(done)} finished runs' validation -ELBO still fell by more "
+                     f"than {STILL_FALLING:.0%} over the last quarter of training ("
+                     + ", ".join(f"{labels[i]}: {table.loc[i, 'val/drop_last_quarter']:.1f} nats" for i in falling[:6])
+                     + (", ..." if len(falling) > 6 else "") + "); their numbers are not final: train longer "
+                     "(a larger trainer.max_steps or max_epochs continues them).")
     return lines
 
 
@@ -678,7 +780,7 @@ def write_report(c: Comparison, figures: List[str], out: Path, sources: List[Pat
 
 
 
-def render(c: Comparison, out: Path, sources: List[Path]) -> List[str]:
+def render(c: Comparison, out: Path, sources: List[Path], paper: Optional[List[str]] = None) -> List[str]:
     """Write table.csv (one row per run), table.md, settings.csv and settings.tex (one row per setting, mean and
     sd over seeds), the plots (when some run finished), the montages and report.html into `out`; returns the
     figures' file names."""
@@ -686,7 +788,7 @@ def render(c: Comparison, out: Path, sources: List[Path]) -> List[str]:
     c.table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text("\n\n".join(header_lines(c)) + "\n\n" + display_table(c).to_markdown(index=False)
                                   + "\n")
-    export_tables(c, out)
+    export_tables(c, out, paper, label=re.sub(r"[^A-Za-z0-9]+", "-", sources[0].resolve().name).strip("-") or "vae")
     figures = []
     if c.finished():
         for name, plot in (("collapse.png", plot_collapse), ("blur.png", plot_blur),

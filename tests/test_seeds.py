@@ -5,6 +5,8 @@ with chosen numbers, so every figure here is known in advance."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -73,6 +75,38 @@ def test_the_paper_export_has_units_in_its_headers_and_mean_pm_sd_in_latex(seede
     # the shared-settings fold lists what means something for these runs: shapes' sizes, not a Bernoulli's sigma
     assert "<td>data.test_size</td>" in report and "<td>loss.sigma</td>" not in report
     assert "<td>loss.warmup_steps</td>" not in report  # no linear KL schedule here
+
+
+PDFLATEX = shutil.which("pdflatex")
+
+
+def test_settings_tex_is_a_paper_table_with_kinds_math_and_a_label(tmp_path):
+    """Mixed likelihoods with seeds: settings.tex keeps each row's kind, says $\beta$ and $-$ELBO in math, has a
+    caption and a label, shows the columns asked for, and counts' means keep their decimals; an unknown column is
+    one line naming it."""
+    sweep = tmp_path / "beta-study"
+    kl = {1: [2.0, 1.0, 0.5, 0.2], 2: [2.0, 1.0, 0.05, 0.2]}  # seed 2 uses one dim fewer: 3.67 dims over 3 seeds
+    for i, (likelihood, seed) in enumerate([(lk, sd) for lk in ("bernoulli", "gaussian") for sd in (0, 1, 2)]):
+        write_run(sweep / str(i), [f"loss.likelihood={likelihood}", f"seed={seed}", "loss.beta=2"],
+                  kl[2 if seed == 2 else 1], 250.0 + seed if likelihood == "bernoulli" else -1729.5 - seed, 4)
+    c = collect([sweep])
+    render(c, sweep / "compare", [sweep], paper=["neg_elbo", "kl", "kl_active_units"])
+    tex = (sweep / "compare" / "settings.tex").read_text()
+    assert r"\label{tab:beta-study}" in tex and r"\caption{" in tex and r"$-$ELBO (nats)" in tex
+    assert r"kind & $n$ & $-$ELBO (nats) & KL (nats) & KL $>$ 0.1 dims \\" in tex
+    assert r"bernoulli & discrete & 3 & 251.0 $\pm$ 1.0" in tex and r"gaussian & density & 3 & $-$1730.5 $\pm$ 1.0" in tex
+    assert r"3.67 $\pm$ 0.58" in tex and "IWAE" not in tex.split(r"\midrule")[0].split(r"\label")[1]
+    assert display_table(c)["KL > 0.1 dims"].tolist() == ["3.67 ± 0.58"] * 2
+    with pytest.raises(ValueError, match="--columns nelbo: not a metric; choose from neg_elbo"):
+        render(c, tmp_path / "other", [sweep], paper=["nelbo"])
+    if PDFLATEX is None:  # CI installs texlive (.ci/run); a machine without it checks the text above only
+        return
+    doc = tmp_path / "paper.tex"
+    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                   f"\\input{{{sweep / 'compare' / 'settings.tex'}}}\n\\end{{document}}\n")
+    made = subprocess.run([PDFLATEX, "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and (tmp_path / "paper.pdf").is_file(), made.stdout[-3000:]
 
 
 def test_the_collapse_count_is_the_kl_count_whatever_active_units_say(seeded):
@@ -154,6 +188,45 @@ def test_runs_without_a_test_eval_are_compared_on_val(tmp_path):
     assert c.split == "val" and list(c.table["val/neg_elbo"]) == [100.0, 101.0]
     render(c, tmp_path / "out", [tmp_path / "sweep"])
     assert "on the val split" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_the_cheap_sweep_path_puts_src_evaluate_numbers_in_the_comparison(tmp_path):
+    """eval.final=none, then src.evaluate: the comparison has test numbers (the judge's too), says they are
+    src.evaluate's and at which k over how many images; a larger k's file wins, and an evaluation of an earlier
+    checkpoint is not this run's result."""
+    from src.train import train
+
+    run = tmp_path / "sweep" / "0"
+    train(compose_cfg([*tiny_overrides(tmp_path / "cache"), "eval.final=none"]), run_dir=run)
+    for k in ("4", "8"):
+        assert run_cli([str(run), f"iwae_k={k}"], module="src.evaluate").returncode == 0
+    stale = json.loads((run / "eval_test_k8.json").read_text())
+    (run / "eval_test_k50.json").write_text(json.dumps({**stale, "step": 4, "test/iwae_k": 50}))  # an earlier one
+    c = collect([tmp_path / "sweep"])
+    careful = json.loads((run / "eval_test_k8.json").read_text())
+    assert c.split == "test" and c.table.loc[0, "test/neg_elbo"] == careful["test/neg_elbo"]
+    assert c.table.loc[0, "test/judge_fd"] == careful["test/judge_fd"]  # src.evaluate computes the judge's numbers
+    assert c.table.loc[0, "numbers"] == "src.evaluate (eval_test_k8.json)" and c.table.loc[0, "test/iwae_k"] == 8
+    lines = header_lines(c)
+    assert "IWAE NLL: k = 8 importance samples per image over 64 images." in lines
+    assert any(line.startswith("numbers: 1 of 1 finished runs' test numbers are src.evaluate's") for line in lines)
+    assert any("always predicting the mean training image gives" in line for line in lines)
+
+
+def test_a_run_still_improving_at_its_end_is_called_not_converged(tmp_path):
+    """Validation -ELBO still falling 170 nats per 20 steps at the end: the header says the numbers are not final
+    and names the run; a flat run is not named."""
+    for i, (beta, curve) in enumerate(((1.0, [900, 700, 530, 360]), (4.0, [300, 251, 250.5, 250.4]))):
+        folder = tmp_path / "sweep" / str(i)
+        write_run(folder, [f"loss.beta={beta}", "trainer.max_steps=80"], [1.0, 0.5, 0.2, 0.01], curve[-1], 4)
+        summary = json.loads((folder / "summary.json").read_text())
+        write_json(folder / "summary.json", {**summary, "step": 80, "val/neg_elbo": curve[-1]})
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": 20 * (j + 1), "val/neg_elbo": v}) + "\n"
+                                                      for j, v in enumerate(curve)))
+    c = collect([tmp_path / "sweep"])
+    assert c.still_falling() == [0]
+    [line] = [line for line in header_lines(c) if line.startswith("NOT CONVERGED")]
+    assert "1 of 2 finished runs" in line and "beta=1: 170.0 nats" in line and "beta=4" not in line
 
 
 def test_traversals_walk_the_most_and_the_least_active_dims():
