@@ -61,9 +61,9 @@ HOW_TO_READ = {
     "learning_curves.png": "Validation -ELBO, KL and IWAE NLL at every eval of every run, one colour per setting "
                            "(its seeds share it): did the runs converge, and did KL rise or fall on the way?",
     "kl_over_training.png": "Per-dim KL over training steps (log scale) for one run of each setting (the first "
-                            "seed), warm colours the dims that end with the most KL; the dotted line is "
-                            "eval.collapse_nats. A dim that falls below it and stays there has collapsed: read "
-                            "when it happened.",
+                            "seed, named in its title with that run's own count), each dim coloured by its final KL "
+                            "(the key on the right: warm = most); the dotted line is eval.collapse_nats. A dim that "
+                            "falls below it and stays there has collapsed: read when it happened.",
     "samples_montage.png": "Prior samples of every run: runs with the same latent size decode the same z, pixel for "
                            "pixel (runs of different latent sizes draw different z); compare sharpness and variety "
                            "across the swept values.",
@@ -74,6 +74,11 @@ HOW_TO_READ = {
                               "the same image's posterior mean: the two rows with most KL, then the two with least, "
                               "each labelled with its dim and KL. A row that does not change is a collapsed dim.",
 }
+TITLES = {"collapse.png": "Posterior collapse", "blur.png": "Blur", "quality.png": "Sample quality (the judge)",
+          "rate_distortion.png": "Rate and distortion", "kl_per_dim.png": "KL per latent dim",
+          "learning_curves.png": "Learning curves", "kl_over_training.png": "KL per dim over training",
+          "samples_montage.png": "Samples", "reconstructions_montage.png": "Reconstructions",
+          "traversals_montage.png": "Latent traversals"}
 MONTAGE_ROWS, MONTAGE_COLS = 4, 7  # the part of each run's grid a montage shows (7: a whole traversal row)
 MONTAGE_WIDTH = 300  # px: each run's part is enlarged by the smallest whole factor that makes it at least this wide
 
@@ -269,6 +274,11 @@ def _x_axis(c: Comparison):
     return x, short_names(swept)[key], series
 
 
+def _ordered(c: Comparison) -> bool:
+    """Whether the x axis (the first swept key) is a number, so lines between its values mean something."""
+    return not c.swept or pd.api.types.is_numeric_dtype(c.table[c.swept[0]])
+
+
 def _style_x(ax, c: Comparison, x) -> None:
     table = c.table
     key = c.swept[0] if c.swept else None
@@ -284,9 +294,11 @@ def _style_x(ax, c: Comparison, x) -> None:
     ax.grid(alpha=0.3)
 
 
-def _draw(ax, x, y, colour: str, style: str, label: str, hollow=None, alpha: float = 1.0) -> None:
+def _draw(ax, x, y, colour: str, style: str, label: str, hollow=None, alpha: float = 1.0, join: bool = True) -> None:
     """One series: the mean over seeds at each x (a line; error bars of one sample sd where n > 1) and, when
-    there are seeds, each run as a small point. `hollow`: runs drawn as open markers (an MI at its ceiling)."""
+    there are seeds, each run as a small point. `hollow`: runs drawn as open markers (an MI at its ceiling).
+    `join=False` (x is categorical: likelihood names) draws markers only: a line between categories means nothing."""
+    style = style if join else style.rstrip("-:")
     df = pd.DataFrame({"x": np.asarray(x, dtype=float), "y": pd.to_numeric(pd.Series(list(y)), errors="coerce")})
     df["hollow"] = np.asarray(hollow, dtype=bool) if hollow is not None else False
     df = df.dropna(subset=["y"])
@@ -304,6 +316,13 @@ def _draw(ax, x, y, colour: str, style: str, label: str, hollow=None, alpha: flo
         ax.scatter(opened["x"], opened["y"], s=30, facecolors="white", edgecolors=colour, zorder=4)
 
 
+def _save(fig, path: Path) -> None:
+    """The figure as a PNG for the report and as a PDF (vector) beside it, for a paper."""
+    fig.savefig(path, dpi=110)
+    fig.savefig(path.with_suffix(".pdf"))
+    plt.close(fig)
+
+
 def _finished(c: Comparison, idx) -> List[int]:
     done = c.table["status"].eq("finished").to_numpy()
     return [j for j in idx if done[j]]
@@ -318,11 +337,12 @@ def plot_collapse(c: Comparison, path: Path) -> None:
     for i, (name, idx) in enumerate(series):
         rows, colour = _finished(c, idx), f"C{i}"
         _draw(a, x[rows], table.loc[rows, f"{c.split}/kl_active_units"], colour, "o-",
-              f"KL > {c.collapse_nats:g} nats {name}".strip())
+              f"KL > {c.collapse_nats:g} nats {name}".strip(), join=_ordered(c))
         _draw(a, x[rows], table.loc[rows, f"{c.split}/active_units"], colour, "s:", f"active units {name}".strip(),
-              alpha=0.55)
+              alpha=0.55, join=_ordered(c))
         capped = table.loc[rows, f"{c.split}/mutual_info_capped"].fillna(False).astype(bool).to_numpy()
-        _draw(b, x[rows], table.loc[rows, f"{c.split}/mutual_info"], colour, "o-", name, hollow=capped)
+        _draw(b, x[rows], table.loc[rows, f"{c.split}/mutual_info"], colour, "o-", name, hollow=capped,
+              join=_ordered(c))
     latent = table.get("model.latent_dim", pd.Series([c.fixed.get("model.latent_dim")]))
     top = max(float(pd.to_numeric(latent, errors="coerce").max() or 0), float(table[f"{c.split}/active_units"].max()))
     a.set_ylim(-0.3, top + 0.5)
@@ -343,8 +363,7 @@ def plot_collapse(c: Comparison, path: Path) -> None:
     if len(series) > 1:
         b.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_blur(c: Comparison, path: Path) -> None:
@@ -355,9 +374,10 @@ def plot_blur(c: Comparison, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, idx) in enumerate(series):
         rows = _finished(c, idx)
-        _draw(ax, x[rows], table.loc[rows, f"{c.split}/sample_blur"], f"C{i}", "o-", f"samples {name}".strip())
+        _draw(ax, x[rows], table.loc[rows, f"{c.split}/sample_blur"], f"C{i}", "o-", f"samples {name}".strip(),
+              join=_ordered(c))
         _draw(ax, x[rows], table.loc[rows, f"{c.split}/recon_blur"], f"C{i}", "s--", f"reconstructions {name}".strip(),
-              alpha=0.7)
+              alpha=0.7, join=_ordered(c))
     data_blur = table[f"{c.split}/data_blur"].median()
     ax.axhline(data_blur, color="grey", ls=":", lw=1)
     ax.annotate(f"real images {data_blur:.3f}", (0.01, data_blur), xycoords=("axes fraction", "data"),
@@ -370,8 +390,7 @@ def plot_blur(c: Comparison, path: Path) -> None:
     _style_x(ax, c, x)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_quality(c: Comparison, path: Path) -> bool:
@@ -384,8 +403,8 @@ def plot_quality(c: Comparison, path: Path) -> bool:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, (name, idx) in enumerate(series):
         rows = _finished(c, idx)
-        _draw(a, x[rows], table.loc[rows, f"{c.split}/judge_fd"], f"C{i}", "o-", name)
-        _draw(b, x[rows], table.loc[rows, f"{c.split}/recon_accuracy"], f"C{i}", "o-", name)
+        _draw(a, x[rows], table.loc[rows, f"{c.split}/judge_fd"], f"C{i}", "o-", name, join=_ordered(c))
+        _draw(b, x[rows], table.loc[rows, f"{c.split}/recon_accuracy"], f"C{i}", "o-", name, join=_ordered(c))
     ceiling = table[f"{c.split}/judge_accuracy"].median()
     if pd.notna(ceiling):
         b.axhline(ceiling, color="grey", ls=":", lw=1)
@@ -399,8 +418,7 @@ def plot_quality(c: Comparison, path: Path) -> bool:
         if len(series) > 1:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -418,8 +436,7 @@ def plot_rate_distortion(c: Comparison, path: Path) -> None:
             title = f"{PANEL_TITLES[kind]} ({c.split}; dotted: equal -ELBO)"
         _rate_distortion_panel(ax, c, settings, title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 PANEL_TITLES = {"discrete": "Bernoulli, binary pixels", "cross-entropy": "Bernoulli on grey levels (cross-entropy)",
@@ -480,37 +497,40 @@ def plot_kl_heatmap(c: Comparison, path: Path) -> None:
     bar = fig.colorbar(im, ax=ax, label="nats (log scale)", pad=0.08)
     bar.ax.axhline(c.collapse_nats, color="white", lw=1.5)  # the collapse threshold on the scale
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_learning_curves(c: Comparison, path: Path) -> bool:
-    """Validation -ELBO, KL and IWAE NLL over training steps, every run overlaid; one colour per setting (its
-    seeds share it). False when no run logged a validation row."""
+    """Validation -ELBO, KL and IWAE NLL over training steps, every run overlaid, a marker at every eval (so a run
+    with one eval shows); one colour per setting (its seeds share it); a row of panels per likelihood kind, whose
+    NLLs do not share a scale. False when no run logged a validation row."""
     frames = [metric_rows(r["path"], "val") for r in c.runs]
     if all(f.empty or "val/neg_elbo" not in f for f in frames):
         return False
     colour = {}
     for i, idx in enumerate(c.settings()):
         colour.update({j: f"C{i % 10}" for j in idx})
-    labels = c.labels()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    labels, kinds = c.labels(), c.kinds()
+    rows = [k for k in KINDS if k in kinds]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(13, 3.8 * len(rows)), squeeze=False)
     named = set()
     for j, f in enumerate(frames):
         if f.empty or "val/neg_elbo" not in f:
             continue
         label = labels[j] if labels[j] not in named else None
         named.add(labels[j])
-        for ax, key in zip(axes, ("val/neg_elbo", "val/kl", "val/iwae_nll")):
+        for ax, key in zip(axes[rows.index(kinds[j])], ("val/neg_elbo", "val/kl", "val/iwae_nll")):
             if key in f:
-                ax.plot(f["step"], f[key], "-", color=colour[j], lw=1.2, alpha=0.85, label=label)
-    for ax, title in zip(axes, ("-ELBO (nats per image)", "KL (nats per image)", "IWAE NLL (nats per image)")):
-        ax.set(xlabel="training step", title=f"validation {title}")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+                points = f.dropna(subset=[key])
+                ax.plot(points["step"], points[key], "o-", ms=3, color=colour[j], lw=1.2, alpha=0.85, label=label)
+    for kind, panels in zip(rows, axes):
+        for ax, title in zip(panels, ("-ELBO (nats per image)", "KL (nats per image)", "IWAE NLL (nats per image)")):
+            ax.set(xlabel="training step", title=f"validation {title}" + (f", {kind}" if len(rows) > 1 else ""))
+            ax.grid(alpha=0.3)
+        if panels[0].get_legend_handles_labels()[0]:
+            panels[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -528,19 +548,20 @@ def plot_kl_over_training(c: Comparison, path: Path) -> bool:
     cols = min(4, len(frames))
     rows = -(-len(frames) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False, sharey=True)
-    labels = c.labels()
+    labels = c.labels(seed=True)  # the run drawn is one seed: its title says which, and its count is that run's
     for ax, (j, f) in zip(axes.flat, frames.items()):
         f = f.dropna(subset=["train/kl_per_dim"])
         kl = np.array(f["train/kl_per_dim"].tolist(), dtype=float)  # (log steps, latent dims)
-        order = np.argsort(-kl[-1])  # dims by their final KL: the legend-free colours run hot to cold
+        order = np.argsort(-kl[-1])  # dims by their final KL: colours run from warm (most) to cold (least)
+        marker = "o" if len(kl) <= 5 else None  # a run with few log rows still shows its points
         for rank, d in enumerate(order):
-            ax.plot(f["step"], np.clip(kl[:, d], 1e-4, None), lw=0.9,
+            ax.plot(f["step"], np.clip(kl[:, d], 1e-4, None), lw=0.9, marker=marker, ms=3,
                     color=plt.cm.viridis(1 - rank / max(1, len(order) - 1)))
         ax.axhline(c.collapse_nats, color="black", ls=":", lw=0.8)
         ax.set_yscale("log")
         used = c.table.loc[j, f"{c.split}/kl_active_units"]  # on the test split, as the heatmap counts
-        used = f"{used:.0f}/{kl.shape[1]} in use on {c.split}" if pd.notna(used) else f"{kl.shape[1]} dims"
-        ax.set_title(f"{labels[j]} ({used})", fontsize=8)
+        used = f"{used:.0f}/{kl.shape[1]} dims in use on {c.split}" if pd.notna(used) else f"{kl.shape[1]} dims"
+        ax.set_title(f"{labels[j]}\n{used}", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(frames):]:
@@ -550,8 +571,10 @@ def plot_kl_over_training(c: Comparison, path: Path) -> bool:
     for ax in axes[-1]:
         ax.set_xlabel("training step", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    key = fig.colorbar(plt.cm.ScalarMappable(cmap="viridis_r"), ax=axes, fraction=0.025, pad=0.02, ticks=[0, 1])
+    key.ax.set_yticklabels(["most KL", "least KL"], fontsize=7)  # each dim's colour: its rank by final KL
+    key.set_label("dim, by final KL", fontsize=8)
+    _save(fig, path)
     return True
 
 
@@ -763,14 +786,22 @@ figcaption {{ font-size: 13px; color: #444; max-width: 900px; }} details {{ font
 """
 
 
+def _vector_link(figure: str) -> str:
+    """A plot's PDF beside its PNG, for a paper (montages are pixels: PNG only)."""
+    if "montage" in figure:
+        return ""
+    pdf = html.escape(figure.replace(".png", ".pdf"))
+    return f' Vector: <a href="{pdf}">{pdf}</a>.'
+
+
 def write_report(c: Comparison, figures: List[str], out: Path, sources: List[Path]) -> None:
     """report.html: the header, the short table, every figure with its how-to-read line; readable offline."""
     what = "".join(f"<p>{html.escape(line)}</p>" for line in header_lines(c))
     what += f"<p>Runs from {html.escape(', '.join(map(str, sources)))}.</p>"
     figs = "\n".join(
-        f'<h2>{html.escape(f.removesuffix(".png").replace("_", " ").capitalize())}</h2><figure>'
+        f'<h2>{html.escape(TITLES[f])}</h2><figure>'
         f'<img src="{html.escape(f)}"{" class=pixels" if "montage" in f else ""} alt="{html.escape(f)}">'
-        f"<figcaption>{html.escape(HOW_TO_READ[f])}</figcaption></figure>" for f in figures)
+        f"<figcaption>{html.escape(HOW_TO_READ[f])}{_vector_link(f)}</figcaption></figure>" for f in figures)
     shown = {k: v for k, v in c.fixed.items() if applies(k, c.fixed)}  # not loss.sigma of a Bernoulli decoder
     fixed = pd.DataFrame({"setting": list(shown), "value": [fmt(v) for v in shown.values()]})
     (out / "report.html").write_text(PAGE.format(

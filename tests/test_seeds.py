@@ -229,6 +229,33 @@ def test_a_run_still_improving_at_its_end_is_called_not_converged(tmp_path):
     assert "1 of 2 finished runs" in line and "beta=1: 170.0 nats" in line and "beta=4" not in line
 
 
+def test_figures_of_a_likelihood_study_keep_kinds_apart_and_draw_single_points(tmp_path):
+    """Likelihood names on x are categories: markers, no lines between them; one eval per run still draws (a
+    marker); discrete and density NLLs get a row of curves each; every plot has a PDF beside its PNG; titles are
+    written, not derived from file names."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from src.report import _draw
+
+    for i, (likelihood, neg_elbo) in enumerate((("bernoulli", 250.0), ("gaussian", -1900.0))):
+        folder = tmp_path / "sweep" / str(i)
+        write_run(folder, [f"loss.likelihood={likelihood}"], [1.0, 0.5, 0.2, 0.01], neg_elbo, 4)
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 8, "val/neg_elbo": neg_elbo, "val/kl": 1.7}) + "\n")
+    c = collect([tmp_path / "sweep"])
+    figures = render(c, tmp_path / "out", [tmp_path / "sweep"])
+    for name in ("collapse", "blur", "rate_distortion", "kl_per_dim", "learning_curves"):
+        assert f"{name}.png" in figures and (tmp_path / "out" / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    with Image.open(tmp_path / "out" / "learning_curves.png") as img:
+        assert img.height > 1.5 * 3.8 * 110  # two rows of panels: discrete, density
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>KL per latent dim</h2>" in report and "Kl per dim" not in report and 'href="collapse.pdf"' in report
+    fig, ax = plt.subplots()
+    _draw(ax, [0.0, 1.0], [2.0, 3.0], "C0", "o-", "categories", join=False)
+    assert all(line.get_linestyle() == "None" and line.get_marker() == "o" for line in ax.lines)
+    plt.close(fig)
+
+
 def test_traversals_walk_the_most_and_the_least_active_dims():
     from src.visuals import traversal_dims
 
