@@ -3,6 +3,7 @@ exactly (loop engine, bitwise) or up to summation order (vmap engine, 1e-5), and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -325,6 +326,9 @@ def test_packed_launcher_packs_by_architecture_and_keeps_each_members_contract(t
     proc = run_cli(args)  # the driver in this process; each pack is its own process, as submitit starts it
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pack 0: members 0, 1, 2, 3" in proc.stdout and "pack 1: members 4, 5, 6, 7" in proc.stdout
+    # the packs' own logs are told in the sweep's terminal: where they are, the engine, each member finished
+    assert proc.stdout.count("its log is") == 2 and "pack of members 0-3 (job" in proc.stdout
+    assert proc.stdout.count(": Finished: val/neg_elbo") == 8 and "engine" in proc.stdout.split("its log is")[-1]
     contract = {".hydra", "checkpoints", "metrics.jsonl", "summary.json", "train.log", "trained_with.yaml",
                 "samples.png", "reconstructions.png", "traversals.png", "samples", "recons", "traversals", "wandb",
                 "wandb_run_id"}
@@ -471,3 +475,23 @@ def test_a_vmap_packs_batched_eval_is_each_members_own_eval(tmp_path, tiny, monk
                     assert summaries[i][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (i, key)
                 else:
                     assert summaries[i][key] == value, (i, key)
+
+
+def test_a_jobs_log_is_relayed_its_news_at_once_and_its_progress_at_most_every_30_s(tmp_path, caplog):
+    """What a watcher of a packed or submitit sweep sees in the terminal: warnings and finished members as they
+    come, the step counter throttled, a torn last line kept until it is whole."""
+    from hydra_plugins.vae_sweeps.launchers import Relay
+
+    path = tmp_path / "job_0_log.err"
+    relay = Relay("pack of members 0-3 (job 7)", path)
+    relay()  # not written yet: nothing, no error
+    path.write_text("[t][src.loop][INFO] - step 2/8 | loss 1.0\n[t][src.loop][WARNING] - member 2 diverged\n"
+                    "[t][src.loop][INFO] - step 4/8 | loss 0.9\n[t][src.loop][INFO] - Finished: val/neg_elbo 1")
+    with caplog.at_level(logging.INFO, logger="hydra_plugins"):
+        relay()
+        told = [r.getMessage() for r in caplog.records]
+        assert told == ["pack of members 0-3 (job 7): member 2 diverged"]  # progress waits; the torn line too
+        relay(final=True)
+    told = [r.getMessage() for r in caplog.records]
+    assert told[1:] == ["pack of members 0-3 (job 7): Finished: val/neg_elbo 1",
+                        told[2]] and told[2].startswith("pack of members 0-3 (job 7): step 4/8 (50%")

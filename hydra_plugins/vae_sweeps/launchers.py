@@ -17,6 +17,7 @@ import copy
 import io
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -65,6 +66,42 @@ class Unit:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+class Relay:
+    """A job's own log, told in the sweep's terminal: a submitit job writes to `<sweep>/.submitit/<job>/<job>_0_log.err`,
+    which nobody watches. Its warnings, errors, engine choice, resumes, interruptions and finished members are
+    passed on as they come, and its progress (the loop's `step N/M` lines) at most every PROGRESS_S seconds."""
+
+    PROGRESS_S = 30.0
+    TOLD = re.compile(r"\]\[(WARNING|ERROR)\]|engine|Resuming|Interrupted|Finished|diverged|froze", re.IGNORECASE)
+    STEP = re.compile(r"\bstep (\d+)/(\d+)")
+
+    def __init__(self, name: str, path: Path):
+        self.name, self.path = name, path
+        self.offset, self.step, self.told_at, self.started = 0, None, time.monotonic(), time.monotonic()
+
+    def __call__(self, final: bool = False) -> None:
+        """Pass on what the log gained since the last call (whole lines; at the end, the rest too)."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:  # not written yet (a queued SLURM job), or on a file system this machine cannot see
+            return
+        whole = data if final else data[: data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        for line in whole.decode("utf-8", errors="replace").replace("\r", "\n").splitlines():
+            if (step := self.STEP.search(line)) is not None:
+                self.step = (int(step.group(1)), int(step.group(2)))
+            elif self.TOLD.search(line):
+                log.info("%s: %s", self.name, line.split("] - ", 1)[-1].strip())
+        now = time.monotonic()
+        if self.step is not None and (now - self.told_at >= self.PROGRESS_S or final):
+            done, total = self.step
+            log.info("%s: step %d/%d (%.0f%%, %.1f min in)", self.name, done, total, 100 * done / max(total, 1),
+                     (now - self.started) / 60)
+            self.told_at, self.step = now, None
 
 
 class KeepGoing:
@@ -120,21 +157,33 @@ class KeepGoing:
 
     def _collect(self, jobs: List[Any], units: List[Unit], sweep: SweepDir,
                  done: Dict[int, JobReturn]) -> List[JobReturn]:
-        """Wait for every job; the members of a job that ended without a result are recorded as lost."""
+        """Wait for every job, relaying its log (Relay); the members of a job that ended without a result are
+        recorded as lost."""
         pending = dict(enumerate(jobs))
         returns: Dict[int, JobReturn] = dict(done)
         ended: Dict[str, str] = {}
+        relays = {k: Relay(self._job_name(units[k], job), Path(job.paths.stderr)) for k, job in pending.items()}
+        for relay in relays.values():
+            log.info("%s: its log is %s", relay.name, relay.path)
         next_ask = time.monotonic()
         while pending:
             if time.monotonic() >= next_ask:
                 ended, next_ask = self._ended(list(pending.values())), time.monotonic() + self.POLL_S
             for k, job in list(pending.items()):
+                relays[k]()
                 if job.paths.result_pickle.exists() or job.job_id in ended:
+                    relays[k](final=True)
                     returns.update(zip(units[k].indices, self._results(job, units[k], sweep, ended.get(job.job_id))))
                     del pending[k]
             if pending:
                 time.sleep(self.RESULT_POLL_S)
         return [returns[idx] for idx in sorted(returns)]
+
+    @staticmethod
+    def _job_name(unit: Unit, job: Any) -> str:
+        members = unit.indices
+        who = f"member {members[0]}" if len(members) == 1 else f"pack of members {members[0]}-{members[-1]}"
+        return f"{who} (job {job.job_id})"
 
     def _ended(self, jobs: List[Any]) -> Dict[str, str]:
         """The jobs among `jobs` that ended, with their state. Local jobs: their process, whose state submitit calls
