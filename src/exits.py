@@ -76,6 +76,23 @@ def end_requeued(e: Requeued, what: str = "") -> NoReturn:
     sys.exit(REQUEUED_EXIT)
 
 
+class SweepInterrupted(Exception):
+    """The driver of a submitit sweep stopped by a signal, after its local jobs stopped: the message is the one
+    line the command ends with (what stopped, how to resume), `exit_code` 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resume_sweep_command(sweep_dir: str) -> str:
+    """The command that resumes this sweep: the one that was typed, with its sweep dir named."""
+    args = sys.argv[1:]
+    if not any(a.startswith("hydra.sweep.dir=") for a in args):
+        args.append(f"hydra.sweep.dir={sweep_dir}")
+    return " ".join(["python -m src.train", *map(shlex.quote, args)])
+
+
 def run_member(train: Callable[[], Dict[str, Any]], hydra_cfg: DictConfig) -> float:
     """A member of `python -m src.train` (a single run or a multirun's member): `train()`'s val/neg_elbo (nats per
     image), the objective sweepers minimise, or how it ended. A single run that fails on bad input or diverges exits
@@ -249,6 +266,9 @@ def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
             except SubmitRefused as e:  # sbatch said no: SLURM's reason and the key to change
                 print(f"Launch error: {e}", file=sys.stderr)
                 sys.exit(2)
+            except SweepInterrupted as e:  # a submitit sweep's driver stopped, its local jobs with it
+                log.error("%s", e)
+                sys.exit(e.exit_code)
             except (HydraException, OmegaConfBaseException) as e:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise

@@ -105,6 +105,9 @@ def _train_members(cfgs: Sequence[Any], run_dirs: Sequence[str | Path], engine: 
             run.__exit__(type(e) if e else None, e, e.__traceback__ if e else None)
             if isinstance(e, Exception) and logs is not None:
                 exits.report_failure(e, run.dir.root, multirun=True)
+            if isinstance(e, (Interrupted, Requeued)) and logs is not None:  # its train.log says why it stopped
+                log.error("Stopped: %s; its checkpoint is at step %s; rerun the sweep to resume it", e,
+                          run.summary.get("step"))
         outcomes[i] = (run.summary, e)
 
     with stop, (logs or nullcontext()):

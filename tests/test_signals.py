@@ -94,6 +94,47 @@ def test_a_member_of_a_named_study_stopped_by_a_signal_prints_a_resume_line_that
     assert resumed.returncode == 0 and "Resuming from" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
 
 
+@pytest.mark.parametrize("launcher,how", [("packed", "ctrl-c"), ("parallel", "ctrl-c"), ("packed", "sigterm")])
+def test_a_submitit_sweep_stopped_is_one_line_with_its_resume_command_and_leaves_nothing_running(
+        tmp_path, cache_dir, launcher, how):
+    """Ctrl-C in the terminal (SIGINT to the whole process group) or SIGTERM to the sweep's driver alone: every
+    member stops after its checkpoint, its train.log says so, the sweep ends with one line naming the command that
+    resumes it and 128 + the signal, no traceback, no job left training; the command resumes every member."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", f"hydra/launcher={launcher}", *_signal_args(cache_dir), "trainer.max_steps=300", "trainer.max_epochs=null",
+            "loss.beta=1,4",
+            f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", *args], cwd=ROOT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    rows = [sweep / m / "metrics.jsonl" for m in "01"]
+    deadline = time.time() + 180
+    while time.time() < deadline and not all(r.is_file() and len(r.read_text().splitlines()) >= 3 for r in rows):
+        time.sleep(0.05)
+    signum = signal.SIGINT if how == "ctrl-c" else signal.SIGTERM
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the foreground group
+    else:
+        proc.send_signal(signal.SIGTERM)  # the driver alone
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out and "ended without a result" not in out
+    [line] = [line for line in out.splitlines() if "resume with:" in line and "sweep" in line]
+    assert f"Interrupted by {signal.Signals(signum).name}" in line and "each member after its checkpoint" in line
+    for m in "01":
+        summary = json.loads((sweep / m / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and (sweep / m / "checkpoints" / "last.pt").is_file()
+        log_name = "train.log" if (sweep / m / "train.log").is_file() else "main.log"
+        assert "interrupted by SIG" in (sweep / m / log_name).read_text()
+    leftover = subprocess.run(["pgrep", "-f", str(sweep)], capture_output=True, text=True).stdout.split()
+    assert leftover == [], "a job still runs after the sweep ended"
+    command = shlex.split(line.split("resume with: ")[1])
+    resumed = subprocess.run([sys.executable, *command[1:3], *command[3:]], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert all(json.loads((sweep / m / "summary.json").read_text())["status"] == "finished" for m in "01")
+
+
 # --------------------------------------------------------------------------------------------- signals and decode
 
 

@@ -18,6 +18,8 @@ import io
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -30,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from src import slurm
 from src.config import ConfigError
+from src.exits import SweepInterrupted, resume_sweep_command
 from src.rundir import RunDir, SweepDir, read_summary
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ class Unit:
         return [idx for _, idx in self.members]
 
     def __call__(self) -> List[JobReturn]:
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # a local job's controller ignores Ctrl-C (KeepGoing.
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # launch); the job itself stops on it
         if self.threads:
             import torch
 
@@ -66,6 +71,35 @@ class Unit:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _descendants(pid: int) -> List[int]:
+    """The processes below `pid`, from Linux's /proc (elsewhere: none): a local job's shell, controller and task."""
+    parents: Dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        below = frontier.pop()
+        children = [child for child, parent in parents.items() if parent == below]
+        found += children
+        frontier += children
+    return found
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM to a sweep's driver, raised where it waits, as Ctrl-C is."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
 
 
 class Relay:
@@ -116,6 +150,9 @@ class KeepGoing:
         if "max_num_timeout" in self.params:  # SLURM: requeues after a time-out or a preemption
             init[f"{executor_name}_max_num_timeout"] = self.params["max_num_timeout"]
         executor = submitit.AutoExecutor(cluster=executor_name, **init)
+        if executor_name == "local":  # submitit's local controller turns a Ctrl-C into a traceback and a SIGKILL
+            # of its job 1 s later, mid-checkpoint: it is started ignoring SIGINT (its job restores it, Unit)
+            executor.update_parameters(local_setup=["trap '' INT"])
         base = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in base else f"{executor_name}_{k}": v for k, v in self.params.items()
                                       if k not in ("submitit_folder", "max_num_timeout", "threads")})
@@ -166,6 +203,56 @@ class KeepGoing:
         for relay in relays.values():
             log.info("%s: its log is %s", relay.name, relay.path)
         next_ask = time.monotonic()
+        previous = signal.signal(signal.SIGTERM, _raise_stop) \
+            if threading.current_thread() is threading.main_thread() else None
+        try:
+            self._wait(pending, units, sweep, returns, ended, relays, next_ask)
+        except KeyboardInterrupt as e:
+            self._stop(pending, relays, sweep, e)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return [returns[idx] for idx in sorted(returns)]
+
+    STOP_WAIT_S = 300.0  # how long stopped local jobs may take to write their checkpoints and end
+    CTRL_C_GRACE_S = 3.0  # how long a Ctrl-C that reached the jobs too is left to them alone
+
+    def _stop(self, pending: Dict[int, Any], relays: Dict[int, "Relay"], sweep: SweepDir, e: BaseException) -> None:
+        """The driver was stopped (Ctrl-C, SIGTERM): local jobs are stopped too (SIGTERM to each controller, which
+        passes it on: each member writes its checkpoint) and waited for, their logs relayed; SLURM jobs go on.
+        Ends with SweepInterrupted: one line, the command that resumes, exit 128 + the signal."""
+        signum = getattr(e, "signum", signal.SIGINT)
+        local = [job for job in pending.values() if getattr(job, "_process", None) is not None]
+        # a terminal's Ctrl-C reached the jobs' processes too (one process group): a moment for them to take it,
+        # then the signal goes to whatever still runs below each job (its controller and the shell before it
+        # ignore SIGINT, so it reaches the job itself, which stops after its checkpoint)
+        deadline = time.monotonic() + (self.CTRL_C_GRACE_S if signum == signal.SIGINT else 0.0)
+        while any(not job.done() for job in local) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for job in local:
+            for pid in _descendants(job._process.pid) if not job.done() else []:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signum)
+        deadline = time.monotonic() + self.STOP_WAIT_S
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: stop waiting
+            while any(not job.done() for job in local) and time.monotonic() < deadline:
+                for relay in relays.values():
+                    relay()
+                time.sleep(self.RESULT_POLL_S)
+        for k, relay in relays.items():
+            if k in pending:
+                relay(final=True)
+        running = [job.job_id for job in local if not job.done()]
+        others = [job.job_id for job in pending.values() if job not in local]
+        said = [f"Interrupted by {signal.Signals(signum).name}: "]
+        said.append(f"the sweep's local jobs stopped, each member after its checkpoint" if not running else
+                    f"jobs {', '.join(running)} had not stopped after {self.STOP_WAIT_S:.0f} s")
+        if others:
+            said.append(f"; its SLURM jobs {', '.join(others)} go on (scancel them to stop them)")
+        said.append(f"; resume with: {resume_sweep_command(str(sweep.root))}")
+        raise SweepInterrupted("".join(said), 128 + int(signum)) from None
+
+    def _wait(self, pending, units, sweep, returns, ended, relays, next_ask) -> None:
         while pending:
             if time.monotonic() >= next_ask:
                 ended, next_ask = self._ended(list(pending.values())), time.monotonic() + self.POLL_S
@@ -177,7 +264,6 @@ class KeepGoing:
                     del pending[k]
             if pending:
                 time.sleep(self.RESULT_POLL_S)
-        return [returns[idx] for idx in sorted(returns)]
 
     @staticmethod
     def _job_name(unit: Unit, job: Any) -> str:
