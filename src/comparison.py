@@ -40,7 +40,7 @@ BINARY_SOURCES = {"shapes"}  # sources whose pixels are 0 or 255 as decoded
 METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_units", "kl_active_units",
            "collapsed_units", "mutual_info", "mutual_info_max", "mutual_info_capped", "mig", "sample_blur",
            "recon_blur", "data_blur", "sharpness_ratio", "mse", "mse_mean_image", "sigma", "judge_fd", "recon_accuracy",
-           "judge_accuracy", "iwae_k", "iwae_images"]
+           "judge_accuracy", "iwae_k", "iwae_images", "mutual_info_se", "mig_se"]
 
 
 @dataclass

@@ -87,8 +87,20 @@ MI_MAX_ELEMENTS = 1 << 25  # the (rows, N, D) densities of mutual_info at most 3
 
 def mutual_info(mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 256,
                 generator: Optional[torch.Generator] = None, max_elements: int = MI_MAX_ELEMENTS) -> float:
-    """I(x; z) under q: E[log q(z|x) - log q(z)], q(z) the aggregate posterior of these N images
-    (He et al. 2019, Lagging inference networks). One z per image, and both densities at that same z, so the
+    """I(x; z) under q in nats: the mean of mutual_info_terms."""
+    return float(mutual_info_terms(mu, logvar, chunk, generator, max_elements).mean())
+
+
+def mutual_info_se(terms: torch.Tensor) -> float:
+    """The standard error of the MI estimate (nats): its per-image terms' sd over sqrt(N), the noise of one z per
+    image and of these N images; two evaluations with other z or other images differ by about this much."""
+    return float(terms.std() / math.sqrt(len(terms))) if len(terms) > 1 else float("nan")
+
+
+def mutual_info_terms(mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 256,
+                      generator: Optional[torch.Generator] = None, max_elements: int = MI_MAX_ELEMENTS) -> torch.Tensor:
+    """Per image, log q(z|x) - log q(z) at one z ~ q(z|x), q(z) the aggregate posterior of these N images; their
+    mean is I(x; z) under q (He et al. 2019, Lagging inference networks). Both densities at that same z, so the
     Monte-Carlo noise cancels (it is exactly 0 when q ignores x); the N x N densities are chunked, at most `chunk`
     rows and `max_elements` numbers at a time (a latent of 100,000 dims once asked for 6.5 GB at once)."""
     n = len(mu)
@@ -99,7 +111,7 @@ def mutual_info(mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 256,
     for i in range(0, n, chunk):
         dens = gaussian_log_density(z[i : i + chunk, None], mu[None], logvar[None])  # (c, N)
         log_q_agg.append(torch.logsumexp(dens, 1) - math.log(n))
-    return float((log_q_own - torch.cat(log_q_agg)).mean())
+    return log_q_own - torch.cat(log_q_agg)  # (N,)
 
 
 def _discrete_mi(a: np.ndarray, b: np.ndarray) -> float:
@@ -128,6 +140,14 @@ def mig(mu: np.ndarray, factors: np.ndarray, bins: int = 20) -> float:
         mis = sorted((_discrete_mi(c, v) for c in codes), reverse=True) + [0.0]
         gaps.append((mis[0] - mis[1]) / entropy)
     return float(np.mean(gaps)) if gaps else float("nan")
+
+
+def mig_se(mu: np.ndarray, factors: np.ndarray, resamples: int = 20, seed: int = 0) -> float:
+    """MIG's standard error: its sd over `resamples` bootstrap resamples of the images (what another draw of the
+    same number of images would give). MIG bins and counts, so it moves more than its look suggests."""
+    rng = np.random.default_rng(seed)
+    draws = [mig(mu[idx], factors[idx]) for idx in (rng.integers(0, len(mu), len(mu)) for _ in range(resamples))]
+    return float(np.nanstd(draws, ddof=1))
 
 
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
@@ -303,8 +323,9 @@ def _finish(e: Evaluee, sums: Dict[str, torch.Tensor], mu_all: torch.Tensor, log
     out["kl_active_units"] = int(sum(kl > cfg.collapse_nats for kl in out["kl_per_dim"]))
     out["collapse_nats"] = cfg.collapse_nats
     mi_images = min(n, cfg.mi_images)
-    out["mutual_info"] = mutual_info(mu_all[:mi_images], logvar_all[:mi_images],
-                                     generator=torch.Generator().manual_seed(EVAL_SEED))
+    terms = mutual_info_terms(mu_all[:mi_images], logvar_all[:mi_images],
+                              generator=torch.Generator().manual_seed(EVAL_SEED))
+    out["mutual_info"], out["mutual_info_se"] = float(terms.mean()), mutual_info_se(terms)
     # the estimator cannot exceed log N (N images in the aggregate posterior): near it, MI is "at least"
     out["mutual_info_max"] = math.log(mi_images)
     out["mutual_info_capped"] = out["mutual_info"] >= out["mutual_info_max"] - MI_CAP_MARGIN
@@ -312,6 +333,7 @@ def _finish(e: Evaluee, sums: Dict[str, torch.Tensor], mu_all: torch.Tensor, log
     out.update(blur_metrics(model, images, z_samples, device))
     if factors is not None:
         out["mig"] = mig(mu_all.numpy(), np.asarray(factors)[:n])
+        out["mig_se"] = mig_se(mu_all.numpy(), np.asarray(factors)[:n])
     return out
 
 

@@ -103,6 +103,9 @@ def display_table(c: Comparison) -> pd.DataFrame:
         if values.isna().all():
             continue
         cells = [("-" if pd.isna(v) else pattern.format(v)) for v in values]
+        if f"{c.split}/{metric}_se" in table:  # an estimate with its standard error (MI, MIG): value ± se
+            cells = [cell if pd.isna(se) or cell == "-" else f"{cell} ± {pattern.format(se)}"
+                     for cell, se in zip(cells, table[f"{c.split}/{metric}_se"])]
         if metric == "mutual_info":
             capped = table[f"{c.split}/mutual_info_capped"].fillna(False).astype(bool)
             cells = [f"≥ {cell}" if cap else cell for cell, cap in zip(cells, capped)]
@@ -166,7 +169,8 @@ def _stats_table(c: Comparison) -> pd.DataFrame:
 UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nats", "bits_per_dim": "bits/dim",
          "active_units": "dims", "kl_active_units": "dims", "collapsed_units": "dims", "mutual_info": "nats",
          "mutual_info_max": "nats", "mig": "0-1", "sample_blur": "0-1", "recon_blur": "0-1", "data_blur": "0-1",
-         "sharpness_ratio": "ratio", "mse": "per pixel", "sigma": "pixel units 0-1", "judge_fd": "judge feature units",
+         "sharpness_ratio": "ratio", "mse": "per pixel", "mse_mean_image": "per pixel", "mutual_info_se": "nats",
+         "mig_se": "0-1", "sigma": "pixel units 0-1", "judge_fd": "judge feature units",
          "recon_accuracy": "0-1", "judge_accuracy": "0-1"}
 
 
@@ -749,6 +753,12 @@ def _provenance_lines(c: Comparison) -> List[str]:
         text = "; ".join(f"k = {a:,} importance samples per image over {b:,} images" for a, b in pairs)
         lines.append(f"IWAE NLL: {text}" + (" (it differs between runs: see the IWAE k and IWAE images columns)"
                                             if len(pairs) > 1 else "") + ".")
+    se = {m: done[f"{c.split}/{m}_se"].dropna() for m in ("mutual_info", "mig")}
+    if len(se["mutual_info"]):
+        lines.append(f"uncertainty of one run's estimates: MI ± its standard error over images and z (at most "
+                     f"{se['mutual_info'].max():.3f} nats here)" + (f", MIG ± its bootstrap standard error (at most "
+                     f"{se['mig'].max():.3f})" if len(se["mig"]) else "") + ("; the table pools seeds, so its ± is the sd over "
+                     "seeds, which includes this noise (table.csv has each run's *_se)." if c.seeds else "."))
     baseline = done[f"{c.split}/mse_mean_image"].dropna()
     if len(baseline):
         lines.append(f"MSE per pixel (0-1 pixel values): always predicting the mean training image gives "

@@ -176,6 +176,24 @@ def test_mutual_info_in_small_pieces_is_the_same_number():
     assert pieces == pytest.approx(whole, abs=1e-6)
 
 
+def test_the_mutual_info_standard_error_is_the_spread_of_repeated_estimates():
+    """Estimates from other images and other z scatter by about the standard error the estimate reports (the
+    linear-Gaussian encoder: 25 independent estimates of 400 images each), and it shrinks as 1/sqrt(N)."""
+    from src.metrics import mutual_info_se, mutual_info_terms
+
+    estimates, ses = [], []
+    for seed in range(25):
+        x = torch.randn(400, 2, generator=torch.Generator().manual_seed(seed))
+        terms = mutual_info_terms(x, torch.zeros_like(x), generator=torch.Generator().manual_seed(100 + seed))
+        estimates.append(float(terms.mean()))
+        ses.append(mutual_info_se(terms))
+    spread, se = float(np.std(estimates, ddof=1)), float(np.mean(ses))
+    assert 0.5 < spread / se < 2.0, (spread, se)
+    x = torch.randn(1600, 2, generator=torch.Generator().manual_seed(0))
+    big = mutual_info_se(mutual_info_terms(x, torch.zeros_like(x), generator=torch.Generator().manual_seed(0)))
+    assert big == pytest.approx(se / 2, rel=0.25)  # four times the images: half the error
+
+
 def test_mutual_info_matches_closed_form_for_well_separated_posteriors():
     # N posteriors so far apart that q(z) is a mixture of disjoint parts: I(x; z) = log N exactly
     mu = torch.arange(50, dtype=torch.float32).view(50, 1) * 100
@@ -244,3 +262,11 @@ def test_mig_is_high_for_an_encoder_reading_the_factors_and_zero_for_noise(shape
     reading = np.concatenate([factors / factors.max(0), rng.normal(size=(len(factors), 5))], 1)
     assert mig(reading + 1e-3 * rng.normal(size=reading.shape), factors) > 0.7
     assert mig(rng.normal(size=(len(factors), 10)), factors) < 0.05
+    # its bootstrap standard error is the spread of MIG over other images: 8 disjoint sets of 250
+    from src.metrics import mig_se
+
+    noisy = reading + 0.3 * rng.normal(size=reading.shape)
+    parts = [slice(i, i + 250) for i in range(0, 2000, 250)]
+    spread = float(np.std([mig(noisy[p], factors[p]) for p in parts], ddof=1))
+    se = float(np.mean([mig_se(noisy[p], factors[p]) for p in parts[:3]]))
+    assert 0.4 < spread / se < 2.5, (spread, se)

@@ -211,6 +211,9 @@ def test_the_cheap_sweep_path_puts_src_evaluate_numbers_in_the_comparison(tmp_pa
     assert "IWAE NLL: k = 8 importance samples per image over 64 images." in lines
     assert any(line.startswith("numbers: 1 of 1 finished runs' test numbers are src.evaluate's") for line in lines)
     assert any("always predicting the mean training image gives" in line for line in lines)
+    assert c.table.loc[0, "test/mutual_info_se"] > 0 and any(line.startswith("uncertainty of one run's") for line in lines)
+    mi = display_table(c)["MI (nats)"][0]  # the estimate with its standard error
+    assert mi == f"{careful['test/mutual_info']:.2f} ± {careful['test/mutual_info_se']:.2f}"
 
 
 def test_a_run_still_improving_at_its_end_is_called_not_converged(tmp_path):
