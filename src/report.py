@@ -678,8 +678,10 @@ def _fixed_lines(fixed: Dict[str, object], runs: List[Dict[str, object]]) -> Lis
     if has("data.name", "data.image_size", "data.channels"):
         size = fixed["data.image_size"]
         sizes = "/".join(f"{summary[f'data/{s}_size']:,}" for s in ("train", "val", "test") if f"data/{s}_size" in summary)
+        binarised = fixed.get("data.binarize", "none")
         lines.append(f"data: {fixed['data.name']}, {size}x{size}x{fixed['data.channels']}"
-                     + (f", train/val/test {sizes} images" if sizes else ""))
+                     + (f", train/val/test {sizes} images" if sizes else "")
+                     + (f", pixels binarised ({binarised})" if binarised != "none" else ""))
     if has("model.name"):
         latent = f", latent_dim {fixed['model.latent_dim']}" if has("model.latent_dim") else ""
         widths = f" {fmt(fixed['model.hidden_channels'])}" if has("model.hidden_channels") else ""
@@ -742,10 +744,15 @@ def _provenance_lines(c: Comparison) -> List[str]:
     table, lines = c.table, []
     done = table[table["status"].eq("finished")]
     careful = done["numbers"].str.startswith("src.evaluate") if "numbers" in done else pd.Series(False, index=done.index)
+    missing = done[f"{c.split}/neg_elbo"].isna()
     if careful.any():
+        rest = int((~careful & ~missing).sum())
         lines.append(f"numbers: {int(careful.sum())} of {len(done)} finished runs' {c.split} numbers are "
-                     "src.evaluate's (the table.csv column `numbers` names each file); the others come from "
-                     "training's final eval.")
+                     "src.evaluate's (the table.csv column `numbers` names each file)"
+                     + (f"; {rest} come from training's final eval" if rest else "") + ".")
+    if missing.any():
+        lines.append(f"{int(missing.sum())} of {len(done)} finished runs have no {c.split} numbers (eval.final=none): "
+                     "python -m src.evaluate <run dir> adds them; a setting's row averages the runs that have them.")
     k, images = done[f"{c.split}/iwae_k"].dropna(), done[f"{c.split}/iwae_images"].dropna()
     if len(k):
         pairs = sorted({(int(a), int(b)) for a, b in zip(k, images)})
