@@ -54,8 +54,8 @@ class Unit:
         return [idx for _, idx in self.members]
 
     def __call__(self) -> List[JobReturn]:
-        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # a local job's controller ignores Ctrl-C (KeepGoing.
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # launch); the job itself stops on it
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # inherited from a local job's controller, which
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # ignores Ctrl-C (KeepGoing.launch); not the job
         if self.threads:
             import torch
 
@@ -71,6 +71,19 @@ class Unit:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _ignoring_sigint():
+    """SIGINT ignored while the processes started here inherit it (a disposition of SIG_IGN survives exec)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _descendants(pid: int) -> List[int]:
@@ -150,9 +163,6 @@ class KeepGoing:
         if "max_num_timeout" in self.params:  # SLURM: requeues after a time-out or a preemption
             init[f"{executor_name}_max_num_timeout"] = self.params["max_num_timeout"]
         executor = submitit.AutoExecutor(cluster=executor_name, **init)
-        if executor_name == "local":  # submitit's local controller turns a Ctrl-C into a traceback and a SIGKILL
-            # of its job 1 s later, mid-checkpoint: it is started ignoring SIGINT (its job restores it, Unit)
-            executor.update_parameters(local_setup=["trap '' INT"])
         base = set(OmegaConf.structured(BaseQueueConf).keys())
         executor.update_parameters(**{k if k in base else f"{executor_name}_{k}": v for k, v in self.params.items()
                                       if k not in ("submitit_folder", "max_num_timeout", "threads")})
@@ -169,8 +179,11 @@ class KeepGoing:
             log.info("Each job trains with %d torch thread%s", threads, "" if threads == 1 else "s")
             for unit in units:
                 unit.threads = threads
+            # submitit's local controller turns a Ctrl-C into a traceback and a SIGKILL of its job a second later,
+            # mid-checkpoint: it is started ignoring SIGINT (inherited; its job restores it, Unit)
+            quiet = _ignoring_sigint() if executor_name == "local" else contextlib.nullcontext()
             try:
-                with contextlib.redirect_stderr(io.StringIO()):  # sbatch's own error lines: the refusal says it once
+                with contextlib.redirect_stderr(io.StringIO()), quiet:  # sbatch's own error lines: said once below
                     with executor.batch():
                         for unit in units:
                             jobs.append(executor.submit(unit))
@@ -224,8 +237,8 @@ class KeepGoing:
         signum = getattr(e, "signum", signal.SIGINT)
         local = [job for job in pending.values() if getattr(job, "_process", None) is not None]
         # a terminal's Ctrl-C reached the jobs' processes too (one process group): a moment for them to take it,
-        # then the signal goes to whatever still runs below each job (its controller and the shell before it
-        # ignore SIGINT, so it reaches the job itself, which stops after its checkpoint)
+        # then the signal goes to whatever still runs below each job's controller (which ignores SIGINT): the job
+        # itself, which stops after its checkpoint
         deadline = time.monotonic() + (self.CTRL_C_GRACE_S if signum == signal.SIGINT else 0.0)
         while any(not job.done() for job in local) and time.monotonic() < deadline:
             time.sleep(0.1)
