@@ -174,7 +174,7 @@ UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nat
          "recon_accuracy": "0-1", "judge_accuracy": "0-1"}
 
 
-PAPER_COLUMNS = ["neg_elbo", "iwae_nll", "kl", "kl_active_units", "mutual_info", "sample_blur", "judge_fd"]
+PAPER_COLUMNS = ["neg_elbo", "iwae_nll", "kl", "kl_active_units", "mutual_info"]  # a text column's worth
 TEX_METRICS = {"neg_elbo": r"$-$ELBO", "recon_nll": "recon NLL", "kl": "KL", "iwae_nll": "IWAE NLL",
                "bits_per_dim": "bits/dim", "active_units": "active dims", "mutual_info": r"$I(x; z)$",
                "sample_blur": "sample blur", "recon_blur": "recon blur", "mig": "MIG", "sigma": r"$\sigma$",
@@ -245,18 +245,20 @@ def settings_tex(c: Comparison, metrics: List[str], label: str) -> str:
             for _, row in shown.iterrows()]
     seeds = f"mean $\\pm$ sample sd over $n$ seeds" if c.seeds else "one run per setting"
     kinds = sorted(set(c.kinds()), key=list(KINDS).index)
-    caption = (f"Final {c.split}-split metrics of each setting, {seeds}. NLLs and KL in nats per image; "
+    caption = (f"Final {c.split}-split metrics of each setting, {seeds}. NLLs and KL in nats per image. "
                + " ".join(f"{_tex(k.capitalize())}: {_tex(KINDS[k])}." for k in kinds if k != "density" or len(kinds) > 1)
                + (" NLLs compare only within a kind." if len(kinds) > 1 else "")
                + f" A dim counts as used when its KL exceeds {c.collapse_nats:g} nats."
                + "".join(f" {_tex(line)}" for line in _provenance_lines(c) if line.startswith("IWAE")))
     columns_spec = "".join("r" if n == "n" else "l" for n, _ in keys) + "r" * len(heads)
-    return ("% settings.tex from python -m src.compare; needs \\usepackage{booktabs}\n"
-            "\\begin{table}[t]\n\\centering\n\\small\n"
+    # a table wider than the text (many columns, --columns) is scaled down to it, never up
+    return ("% settings.tex from python -m src.compare; needs \\usepackage{booktabs} and \\usepackage{graphicx}\n"
+            "\\begin{table}[t]\n\\centering\n\\small\n\\setlength{\\tabcolsep}{4pt}\n"
             f"\\caption{{{caption}}}\n\\label{{tab:{label}}}\n"
+            "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%\n"
             f"\\begin{{tabular}}{{{columns_spec}}}\n\\toprule\n"
             + " & ".join(h for _, h in keys + heads) + " \\\\\n\\midrule\n"
-            + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+            + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}}\n\\end{table}\n")
 
 
 # ------------------------------------------------------------------------------------------- plots

@@ -102,11 +102,12 @@ def test_settings_tex_is_a_paper_table_with_kinds_math_and_a_label(tmp_path):
     if PDFLATEX is None:  # CI installs texlive (.ci/run); a machine without it checks the text above only
         return
     doc = tmp_path / "paper.tex"
-    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+    doc.write_text("\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n"
                    f"\\input{{{sweep / 'compare' / 'settings.tex'}}}\n\\end{{document}}\n")
     made = subprocess.run([PDFLATEX, "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert made.returncode == 0 and (tmp_path / "paper.pdf").is_file(), made.stdout[-3000:]
+    assert "Overfull \\hbox" not in (tmp_path / "paper.log").read_text()  # it fits the text width
 
 
 def test_the_collapse_count_is_the_kl_count_whatever_active_units_say(seeded):
