@@ -768,6 +768,12 @@ def _provenance_lines(c: Comparison) -> List[str]:
                      f"{se['mutual_info'].max():.3f} nats here)" + (f", MIG ± its bootstrap standard error (at most "
                      f"{se['mig'].max():.3f})" if len(se["mig"]) else "") + ("; the table pools seeds, so its ± is the sd over "
                      "seeds, which includes this noise (table.csv has each run's *_se)." if c.seeds else "."))
+    binarised = any(r["settings"].get("data.binarize", c.fixed.get("data.binarize", "none")) != "none" for r in c.runs)
+    if binarised and done[f"{c.split}/judge_accuracy"].notna().any():
+        lines.append("judge under data.binarize: it learnt the grey-level train images, and reads binarised real "
+                     "test images but grey-level samples and reconstructions (Bernoulli means), so its accuracy on "
+                     "the real images is no ceiling here and its FD mixes the two kinds of image; compare its "
+                     "numbers only between these runs.")
     baseline = done[f"{c.split}/mse_mean_image"].dropna()
     if len(baseline):
         lines.append(f"MSE per pixel (0-1 pixel values): always predicting the mean training image gives "

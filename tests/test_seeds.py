@@ -159,8 +159,11 @@ def test_a_bernoulli_nll_of_grey_levels_is_called_a_cross_entropy_not_the_probab
     assert "binary cross-entropy" in line and "probability of no image" in line and "8-bit" not in line
     for i, binarize in enumerate(("none", "dynamic")):
         write_run(tmp_path / "both" / str(i), [*grey, f"data.binarize={binarize}"], [1.0, 0.5, 0.2, 0.01], 250.0, 4)
+    summary = json.loads((tmp_path / "both" / "1" / "summary.json").read_text())  # the binarised run, judged
+    write_json(tmp_path / "both" / "1" / "summary.json", {**summary, "test/judge_accuracy": 0.5})
     c = collect([tmp_path / "both"])
     assert c.kinds() == ["cross-entropy", "discrete"] and list(display_table(c)["kind"]) == ["discrete", "cross-entropy"]
+    assert any(line.startswith("judge under data.binarize") and "no ceiling" in line for line in header_lines(c))
     assert any("probability of the binary image" in line and "2 kinds" in line for line in header_lines(c))
 
 
