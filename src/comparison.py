@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -92,24 +92,24 @@ class Comparison:
             rows.append(row)
         return pd.DataFrame(rows)
 
+    def setting(self, run: Dict[str, object], key: str) -> object:
+        """`key` as `run` was trained with: its own setting, the one all runs share, or (a run of a release
+        before the key) the key's default."""
+        return run["settings"].get(key, self.fixed.get(key, DEFAULTS[key]))
+
     def kinds(self) -> List[str]:
         """Each run's kind of likelihood (a key of KINDS): "discrete" (bernoulli on binary pixels),
         "cross-entropy" (bernoulli on grey levels) or "density" (the others)."""
-        def setting(run, key):
-            return run["settings"].get(key, self.fixed.get(key, DEFAULTS[key]))
-
-        return [likelihood_kind(str(setting(r, "loss.likelihood")), str(setting(r, "data.binarize")),
-                                str(setting(r, "data.name"))) for r in self.runs]
+        return [likelihood_kind(*(str(self.setting(r, k)) for k in ("loss.likelihood", "data.binarize", "data.name")))
+                for r in self.runs]
 
     def still_falling(self) -> List[int]:
         """The finished runs whose validation -ELBO still fell by more than STILL_FALLING of its final value over
         the last quarter of training: not converged, so their numbers are not final ones."""
         if "val/drop_last_quarter" not in self.table:
             return []
-        drop = self.table["val/drop_last_quarter"]
-        final = self.table.get("val/neg_elbo_final", pd.Series(np.nan, index=self.table.index))
-        scale = final.abs().clip(lower=1.0).fillna(1.0)
-        return [int(i) for i in self.table.index[(drop > STILL_FALLING * scale).fillna(False)]]
+        drop, final = self.table["val/drop_last_quarter"], self.table["val/neg_elbo_final"]  # (set together)
+        return [int(i) for i in self.table.index[drop > STILL_FALLING * final.abs().clip(lower=1.0).fillna(1.0)]]
 
     def finished(self) -> int:
         return int(self.table["status"].eq("finished").sum())
@@ -206,11 +206,11 @@ def last_quarter_drop(run: Path, step: object) -> float:
     return float(before["val/neg_elbo"].iloc[-1] - evals["val/neg_elbo"].iloc[-1])
 
 
-def careful_eval(run: Path, summary: Dict[str, object]) -> Optional[Path]:
+def careful_eval(run: Path, summary: Dict[str, object]) -> Optional[Tuple[Path, Dict[str, object]]]:
     """The run's careful test numbers: the `src.evaluate` file (eval_test_k<k>.json) of the largest k whose IWAE
     covered the whole split, else of the largest k, made from the checkpoint the run ended on (its step is the
     summary's: an evaluation of an earlier checkpoint or of best.pt is not this run's final result); None where
-    there is none."""
+    there is none; else (its path, its numbers)."""
     found = []
     for path in run.glob("eval_test_k*.json"):
         try:
@@ -235,8 +235,7 @@ def read_run(run: Path) -> Dict[str, object]:
     recorded = _trained_with(run)
     careful = careful_eval(run, summary) if summary.get("status") == "finished" else None
     if careful is not None:
-        path, ev = careful
-        summary = {**summary, **{k: v for k, v in ev.items() if k.startswith(f"{SPLIT}/")}}
+        summary = {**summary, **{k: v for k, v in careful[1].items() if k.startswith(f"{SPLIT}/")}}
     return {"path": run, "recorded": recorded, "settings": _settings(run, recorded), "overrides": _overrides(run),
             "summary": summary, "evaluated": careful[0].name if careful else None}
 

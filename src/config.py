@@ -5,6 +5,8 @@ against these dataclasses; `src.config_check.parse()` then checks values, names 
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any, List, Optional
 
@@ -139,9 +141,14 @@ def register_configs() -> None:
 
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     """The run's length in optimisation steps: trainer.max_steps or max_epochs, whichever ends first."""
-    t = cfg.trainer
-    limits = [t.max_steps, None if t.max_epochs is None else t.max_epochs * steps_per_epoch]
-    return min(s for s in limits if s is not None)
+    return int(budget_steps(cfg.trainer.max_steps, cfg.trainer.max_epochs, steps_per_epoch))
+
+
+def budget_steps(max_steps: Optional[int], max_epochs: Optional[int], steps_per_epoch: int) -> float:
+    """The optimisation steps a budget allows: the smaller of max_steps and max_epochs epochs (None: no limit of
+    that kind; both None: inf, which config_check refuses for a run)."""
+    limits = [s for s in (max_steps, None if max_epochs is None else max_epochs * steps_per_epoch) if s is not None]
+    return min(limits, default=math.inf)
 
 
 # keys that mean something only under another setting: key -> (that setting, the values under which it applies)

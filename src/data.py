@@ -149,9 +149,9 @@ def binarize(data: ImageData, how: str, seed: int) -> None:
         rng = np.random.default_rng([seed, i])  # one stream per split: val and test are the same under either mode
         grey = data.images[split]
         binary = np.empty_like(grey)
-        for i in range(0, len(grey), 4096):  # in chunks: float noise for a whole split would be 4x its bytes
-            chunk = grey[i : i + 4096]
-            binary[i : i + 4096] = (rng.random(chunk.shape, dtype=np.float32) * 255 < chunk) * np.uint8(255)
+        for at in range(0, len(grey), 4096):  # in chunks: float noise for a whole split would be 4x its bytes
+            chunk = grey[at : at + 4096]
+            binary[at : at + 4096] = (rng.random(chunk.shape, dtype=np.float32) * 255 < chunk) * np.uint8(255)
         data.images[split] = binary
 
 

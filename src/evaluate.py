@@ -15,7 +15,7 @@ import pandas as pd
 
 from .config import total_steps
 from .data import cache_folder, load_data
-from .judge import judge_for, judge_real, sample_quality
+from .judge import judged_split, sample_quality
 from .losses import Objective
 from .metrics import Evaluee, evaluate_split
 from .rundir import write_json
@@ -45,13 +45,13 @@ def main(argv=None) -> int:
     objective = Objective(run.cfg.loss, steps, likelihood=run.model.likelihood)  # the run's, learned sigma included
     [metrics] = evaluate_split([Evaluee(run.model, objective, run.cfg)], data, args["split"], device=device,
                                step=run.step, iwae_k=args["iwae_k"])
-    split = args["split"]
-    if run.cfg.eval.judge and (judge := judge_for(data, cache_folder(run.cfg.data), device)) is not None:
-        real = judge_real(judge, data.images[split], data.labels[split], run.cfg.eval.fid_images)
-        metrics.update(sample_quality(run.model, real, run.cfg.eval.fid_images, device, split))
+    split, images = args["split"], run.cfg.eval.fid_images
+    real = judged_split(data, cache_folder(run.cfg.data), device, split, images) if run.cfg.eval.judge else None
+    if real is not None:
+        metrics.update(sample_quality(run.model, real, images, device, split))
     metrics.update({"checkpoint": str(run.checkpoint), "step": run.step, f"data/{split}_size":
                     len(data.images[split])})
-    out = run.run_dir / f"eval_{args['split']}_k{args['iwae_k']}.json"  # one file per k: a careful k keeps its own
+    out = run.run_dir / f"eval_{split}_k{args['iwae_k']}.json"  # one file per k: a careful k keeps its own
     write_json(out, metrics)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     print(pd.Series(scalars, name="value").to_frame().to_string(float_format=lambda v: f"{v:.5g}"))

@@ -9,7 +9,6 @@ record means that key's default, so runs of earlier versions still resume or are
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -18,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Config, ConfigError, as_dict
+from .config import Config, ConfigError, as_dict, budget_steps
 from .rundir import RunDir, RunDirRefused, finished_summary, write_text
 
 log = logging.getLogger(__name__)
@@ -80,17 +79,11 @@ def compare(recorded: Dict[str, Any], current: Dict[str, Any],
     shrunk = next((d for d in budget if not _larger(d.current, d.recorded)), None)
     grown = next((d for d in budget if _larger(d.current, d.recorded)), None)
     if steps_per_epoch:
-        before, after = (_steps({k: c.get(k, DEFAULTS[k]) for k in BUDGET}, steps_per_epoch) for c in (old, new))
+        before, after = (budget_steps(*(c.get(k, DEFAULTS[k]) for k in BUDGET), steps_per_epoch) for c in (old, new))
         if after == before:
             return "same", None
         return ("larger_budget", grown) if after > before else ("different", shrunk)
     return ("different", shrunk) if shrunk else ("larger_budget", grown)
-
-
-def _steps(budget: Dict[str, Optional[int]], steps_per_epoch: int) -> float:
-    """The optimizer steps a budget allows: the smaller of max_steps and max_epochs epochs (None: no limit)."""
-    steps, epochs = budget["trainer.max_steps"], budget["trainer.max_epochs"]
-    return min(math.inf if steps is None else steps, math.inf if epochs is None else epochs * steps_per_epoch)
 
 
 def _larger(new: Optional[int], old: Optional[int]) -> bool:

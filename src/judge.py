@@ -129,6 +129,13 @@ class JudgedReal:
     accuracy: float  # the judge's own accuracy on them: the ceiling of recon_accuracy
 
 
+def judged_split(data, folder: Path, device: torch.device, split: str, n: int) -> Optional[JudgedReal]:
+    """The data set's judge and its view of the first `n` real images of `split`; None where the data has no
+    classes."""
+    judge = judge_for(data, folder, device)
+    return None if judge is None else judge_real(judge, data.images[split], data.labels[split], n)
+
+
 def judge_real(judge: Judge, images: np.ndarray, labels: np.ndarray, n: int) -> JudgedReal:
     x = torch.from_numpy(np.array(images[:n])).float().div(255)  # a copy: the cache is a read-only memory map
     return JudgedReal(judge, x, np.asarray(labels[:n]), features(judge, x), accuracy(judge, x, labels[:n]))

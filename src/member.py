@@ -24,7 +24,7 @@ from .config_check import parse
 from .data import TrainBatches, cache_folder, load_data, mean_image, resolve_on_device
 from .device import resolve_device, resolve_precision, setup_backends
 from .identity import check_checkpoint, plan_rerun
-from .judge import JudgedReal, judge_for, judge_real
+from .judge import JudgedReal, judged_split
 from .lifecycle import RunLifecycle
 from .loggers import RunLogger
 from .losses import Objective
@@ -76,9 +76,7 @@ class SharedData:
         """The data set's judge and its view of the first eval.fid_images real test images (None: no classes)."""
         key = (str(device), cfg.eval.fid_images)
         if key not in self._judged:
-            judge = judge_for(self.data, cache_folder(cfg.data), device)
-            self._judged[key] = None if judge is None else judge_real(judge, self.data.images["test"],
-                                                                       self.data.labels["test"], cfg.eval.fid_images)
+            self._judged[key] = judged_split(self.data, cache_folder(cfg.data), device, "test", cfg.eval.fid_images)
         return self._judged[key]
 
     def load(self, cfg: Config, device: torch.device) -> "SharedData":

@@ -236,10 +236,9 @@ def settings_tex(c: Comparison, metrics: List[str], label: str) -> str:
         [("setting", "setting") if "setting" in shown else ("run", "run")]
     keys += [("kind", "kind")] if "kind" in shown else []
     keys += [("n", "$n$")] if "n" in shown else []
-    heads = [(names[m][0], TEX_METRICS.get(m, _tex(names[m][0])) + (f" ({TEX_UNITS[m]})" if m in TEX_UNITS else ""))
+    tex = {**TEX_METRICS, "kl_active_units": f"KL $>$ {c.collapse_nats:g} dims"}
+    heads = [(names[m][0], tex.get(m, _tex(names[m][0])) + (f" ({TEX_UNITS[m]})" if m in TEX_UNITS else ""))
              for m in metrics if names[m][0] in shown]
-    if "kl_active_units" in metrics and names["kl_active_units"][0] in shown:
-        heads = [(n, f"KL $>$ {c.collapse_nats:g} dims" if n == names["kl_active_units"][0] else h) for n, h in heads]
     text = {n for n, _ in keys} - {"n"}
     body = [" & ".join(_tex(row[n]) if n in text else _tex_cell(str(row[n])) for n, _ in keys + heads) + r" \\"
             for _, row in shown.iterrows()]
@@ -249,7 +248,7 @@ def settings_tex(c: Comparison, metrics: List[str], label: str) -> str:
                + " ".join(f"{_tex(k.capitalize())}: {_tex(KINDS[k])}." for k in kinds if k != "density" or len(kinds) > 1)
                + (" NLLs compare only within a kind." if len(kinds) > 1 else "")
                + f" A dim counts as used when its KL exceeds {c.collapse_nats:g} nats."
-               + "".join(f" {_tex(line)}" for line in _provenance_lines(c) if line.startswith("IWAE")))
+               + (f" {_tex(iwae)}" if (iwae := _iwae_line(c)) is not None else ""))
     columns_spec = "".join("r" if n == "n" else "l" for n, _ in keys) + "r" * len(heads)
     # a table wider than the text (many columns, --columns) is scaled down to it, never up
     return ("% settings.tex from python -m src.compare; needs \\usepackage{booktabs} and \\usepackage{graphicx}\n"
@@ -340,15 +339,16 @@ def plot_collapse(c: Comparison, path: Path) -> None:
     table = c.table
     x, xlabel, series = _x_axis(c)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    join = _ordered(c)  # categories (likelihood names) are not joined by lines
     for i, (name, idx) in enumerate(series):
         rows, colour = _finished(c, idx), f"C{i}"
         _draw(a, x[rows], table.loc[rows, f"{c.split}/kl_active_units"], colour, "o-",
-              f"KL > {c.collapse_nats:g} nats {name}".strip(), join=_ordered(c))
+              f"KL > {c.collapse_nats:g} nats {name}".strip(), join=join)
         _draw(a, x[rows], table.loc[rows, f"{c.split}/active_units"], colour, "s:", f"active units {name}".strip(),
-              alpha=0.55, join=_ordered(c))
+              alpha=0.55, join=join)
         capped = table.loc[rows, f"{c.split}/mutual_info_capped"].fillna(False).astype(bool).to_numpy()
         _draw(b, x[rows], table.loc[rows, f"{c.split}/mutual_info"], colour, "o-", name, hollow=capped,
-              join=_ordered(c))
+              join=join)
     latent = table.get("model.latent_dim", pd.Series([c.fixed.get("model.latent_dim")]))
     top = max(float(pd.to_numeric(latent, errors="coerce").max() or 0), float(table[f"{c.split}/active_units"].max()))
     a.set_ylim(-0.3, top + 0.5)
@@ -378,12 +378,13 @@ def plot_blur(c: Comparison, path: Path) -> None:
     done = table["status"].eq("finished").to_numpy()
     x, xlabel, series = _x_axis(c)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    join = _ordered(c)  # categories (likelihood names) are not joined by lines
     for i, (name, idx) in enumerate(series):
         rows = _finished(c, idx)
         _draw(ax, x[rows], table.loc[rows, f"{c.split}/sample_blur"], f"C{i}", "o-", f"samples {name}".strip(),
-              join=_ordered(c))
+              join=join)
         _draw(ax, x[rows], table.loc[rows, f"{c.split}/recon_blur"], f"C{i}", "s--", f"reconstructions {name}".strip(),
-              alpha=0.7, join=_ordered(c))
+              alpha=0.7, join=join)
     data_blur = table[f"{c.split}/data_blur"].median()
     ax.axhline(data_blur, color="grey", ls=":", lw=1)
     ax.annotate(f"real images {data_blur:.3f}", (0.01, data_blur), xycoords=("axes fraction", "data"),
@@ -407,10 +408,11 @@ def plot_quality(c: Comparison, path: Path) -> bool:
         return False
     x, xlabel, series = _x_axis(c)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    join = _ordered(c)  # categories (likelihood names) are not joined by lines
     for i, (name, idx) in enumerate(series):
         rows = _finished(c, idx)
-        _draw(a, x[rows], table.loc[rows, f"{c.split}/judge_fd"], f"C{i}", "o-", name, join=_ordered(c))
-        _draw(b, x[rows], table.loc[rows, f"{c.split}/recon_accuracy"], f"C{i}", "o-", name, join=_ordered(c))
+        _draw(a, x[rows], table.loc[rows, f"{c.split}/judge_fd"], f"C{i}", "o-", name, join=join)
+        _draw(b, x[rows], table.loc[rows, f"{c.split}/recon_accuracy"], f"C{i}", "o-", name, join=join)
     ceiling = table[f"{c.split}/judge_accuracy"].median()
     if pd.notna(ceiling):
         b.axhline(ceiling, color="grey", ls=":", lw=1)
@@ -740,6 +742,17 @@ def header_lines(c: Comparison) -> List[str]:
     return lines
 
 
+def _iwae_line(c: Comparison) -> Optional[str]:
+    """At which k and over how many images the finished runs' IWAE NLLs were computed (header and caption)."""
+    done = c.table[c.table["status"].eq("finished")][[f"{c.split}/iwae_k", f"{c.split}/iwae_images"]].dropna()
+    pairs = sorted({(int(k), int(n)) for k, n in done.itertuples(index=False)})
+    if not pairs:
+        return None
+    text = "; ".join(f"k = {k:,} importance samples per image over {n:,} images" for k, n in pairs)
+    return f"IWAE NLL: {text}" + (" (it differs between runs: see the IWAE k and IWAE images columns)"
+                                  if len(pairs) > 1 else "") + "."
+
+
 def _provenance_lines(c: Comparison) -> List[str]:
     """Where the numbers come from and what they can be trusted for: which runs' test numbers are src.evaluate's,
     each IWAE's k and images, the mean-image MSE baseline, and the runs that had not converged."""
@@ -755,20 +768,15 @@ def _provenance_lines(c: Comparison) -> List[str]:
     if missing.any():
         lines.append(f"{int(missing.sum())} of {len(done)} finished runs have no {c.split} numbers (eval.final=none): "
                      "python -m src.evaluate <run dir> adds them; a setting's row averages the runs that have them.")
-    k, images = done[f"{c.split}/iwae_k"].dropna(), done[f"{c.split}/iwae_images"].dropna()
-    if len(k):
-        pairs = sorted({(int(a), int(b)) for a, b in zip(k, images)})
-        size = done.get(f"{c.split}/data_size")
-        text = "; ".join(f"k = {a:,} importance samples per image over {b:,} images" for a, b in pairs)
-        lines.append(f"IWAE NLL: {text}" + (" (it differs between runs: see the IWAE k and IWAE images columns)"
-                                            if len(pairs) > 1 else "") + ".")
+    if (iwae := _iwae_line(c)) is not None:
+        lines.append(iwae)
     se = {m: done[f"{c.split}/{m}_se"].dropna() for m in ("mutual_info", "mig")}
     if len(se["mutual_info"]):
         lines.append(f"uncertainty of one run's estimates: MI ± its standard error over images and z (at most "
                      f"{se['mutual_info'].max():.3f} nats here)" + (f", MIG ± its bootstrap standard error (at most "
                      f"{se['mig'].max():.3f})" if len(se["mig"]) else "") + ("; the table pools seeds, so its ± is the sd over "
                      "seeds, which includes this noise (table.csv has each run's *_se)." if c.seeds else "."))
-    binarised = any(r["settings"].get("data.binarize", c.fixed.get("data.binarize", "none")) != "none" for r in c.runs)
+    binarised = any(c.setting(r, "data.binarize") != "none" for r in c.runs)
     if binarised and done[f"{c.split}/judge_accuracy"].notna().any():
         lines.append("judge under data.binarize: it learnt the grey-level train images, and reads binarised real "
                      "test images but grey-level samples and reconstructions (Bernoulli means), so its accuracy on "

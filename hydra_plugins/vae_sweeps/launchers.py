@@ -86,21 +86,17 @@ def _ignoring_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
-def _descendants(pid: int) -> List[int]:
-    """The processes below `pid`, from Linux's /proc (elsewhere: none): a local job's shell, controller and task."""
-    parents: Dict[int, int] = {}
+def _children(pid: int) -> List[int]:
+    """The processes `pid` started, from Linux's /proc (elsewhere: none): a local job controller's tasks. Not
+    their own children (a W&B service, a decode pool): each task stops those itself."""
+    children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
         except (OSError, ValueError, IndexError):  # gone meanwhile
             continue
-    found, frontier = [], [pid]
-    while frontier:
-        below = frontier.pop()
-        children = [child for child, parent in parents.items() if parent == below]
-        found += children
-        frontier += children
-    return found
+    return children
 
 
 class _Stopped(KeyboardInterrupt):
@@ -211,15 +207,13 @@ class KeepGoing:
         recorded as lost."""
         pending = dict(enumerate(jobs))
         returns: Dict[int, JobReturn] = dict(done)
-        ended: Dict[str, str] = {}
         relays = {k: Relay(self._job_name(units[k], job), Path(job.paths.stderr)) for k, job in pending.items()}
         for relay in relays.values():
             log.info("%s: its log is %s", relay.name, relay.path)
-        next_ask = time.monotonic()
         previous = signal.signal(signal.SIGTERM, _raise_stop) \
             if threading.current_thread() is threading.main_thread() else None
         try:
-            self._wait(pending, units, sweep, returns, ended, relays, next_ask)
+            self._wait(pending, units, sweep, returns, relays)
         except KeyboardInterrupt as e:
             self._stop(pending, relays, sweep, e)
         finally:
@@ -231,19 +225,19 @@ class KeepGoing:
     CTRL_C_GRACE_S = 3.0  # how long a Ctrl-C that reached the jobs too is left to them alone
 
     def _stop(self, pending: Dict[int, Any], relays: Dict[int, "Relay"], sweep: SweepDir, e: BaseException) -> None:
-        """The driver was stopped (Ctrl-C, SIGTERM): local jobs are stopped too (SIGTERM to each controller, which
-        passes it on: each member writes its checkpoint) and waited for, their logs relayed; SLURM jobs go on.
-        Ends with SweepInterrupted: one line, the command that resumes, exit 128 + the signal."""
+        """The driver was stopped (Ctrl-C, SIGTERM): local jobs are stopped too (the signal to each controller's
+        task: each member writes its checkpoint) and waited for, their logs relayed; SLURM jobs go on. Ends with
+        SweepInterrupted: one line, the command that resumes, exit 128 + the signal."""
         signum = getattr(e, "signum", signal.SIGINT)
         local = [job for job in pending.values() if getattr(job, "_process", None) is not None]
         # a terminal's Ctrl-C reached the jobs' processes too (one process group): a moment for them to take it,
-        # then the signal goes to whatever still runs below each job's controller (which ignores SIGINT): the job
-        # itself, which stops after its checkpoint
+        # then the signal goes to each job's task still running (its controller ignores SIGINT), which stops after
+        # its checkpoint
         deadline = time.monotonic() + (self.CTRL_C_GRACE_S if signum == signal.SIGINT else 0.0)
         while any(not job.done() for job in local) and time.monotonic() < deadline:
             time.sleep(0.1)
         for job in local:
-            for pid in _descendants(job._process.pid) if not job.done() else []:
+            for pid in _children(job._process.pid) if not job.done() else []:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signum)
         deadline = time.monotonic() + self.STOP_WAIT_S
@@ -265,7 +259,11 @@ class KeepGoing:
         said.append(f"; resume with: {resume_sweep_command(str(sweep.root))}")
         raise SweepInterrupted("".join(said), 128 + int(signum)) from None
 
-    def _wait(self, pending, units, sweep, returns, ended, relays, next_ask) -> None:
+    def _wait(self, pending: Dict[int, Any], units: List[Unit], sweep: SweepDir, returns: Dict[int, JobReturn],
+              relays: Dict[int, "Relay"]) -> None:
+        """Until every pending job has ended: its results into `returns` (removed from `pending` as they come)."""
+        ended: Dict[str, str] = {}
+        next_ask = time.monotonic()
         while pending:
             if time.monotonic() >= next_ask:
                 ended, next_ask = self._ended(list(pending.values())), time.monotonic() + self.POLL_S
