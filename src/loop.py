@@ -164,6 +164,8 @@ def fit(members: List[Member], engine_name: str, stop: StopSignals, end: Callabl
             stop.stop(step)
     bar.close()
     stop.defer = False
+    if stop.received:  # it arrived during the last step's turns, after the loop read it: every checkpoint is written
+        stop.stop(step)
     rate, loop_s = meter.images_per_s(), time.perf_counter() - started
     ks = [k for k in range(len(members)) if live[k]]  # 3. the final evals: the test split of all at once, then each
     clock = time.perf_counter()  # member's own (grids, judge); a member is ended finished as soon as it is done

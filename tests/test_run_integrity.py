@@ -265,6 +265,29 @@ def test_a_stopped_budget_extension_keeps_the_finished_result_and_the_original_c
         assert continued[key] == pytest.approx(uninterrupted[key], rel=1e-6), key
 
 
+def test_a_signal_during_the_last_steps_checkpoint_stops_before_the_final_eval_and_the_resume_is_exact(tmp_path, base):
+    """A stop that arrives after the loop read the signal flag for its last step (here: as the last checkpoint is
+    written; on SLURM, the time limit's SIGUSR2 at that moment) is acted on before the final eval, not dropped: the
+    run records "interrupted" at its last step, and the resume runs only the final eval, to the uninterrupted
+    run's numbers. (It was dropped: the run went on into the final eval that the time limit would cut short.)"""
+    from src.lifecycle import Interrupted
+
+    from .conftest import signal_when
+
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    with signal_when("checkpointed", run, step=8) as sent, pytest.raises(Interrupted):
+        train(compose_cfg(base), run_dir=run)
+    assert sent == [8]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["step"]) == ("interrupted", 8) and "test/neg_elbo" not in summary
+    resumed = train(compose_cfg(base), run_dir=run)
+    uninterrupted = train(compose_cfg(base), run_dir=whole)
+    assert (resumed["status"], resumed["step"]) == ("finished", 8)
+    assert_same_as_uninterrupted(whole, run)
+    for key in ("test/neg_elbo", "test/kl"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-6), key
+
+
 def test_resume_never_with_a_bad_data_root_leaves_the_old_run_in_place(tmp_path, base):
     run = tmp_path / "run"
     train(compose_cfg(base), run_dir=run)
