@@ -1,12 +1,17 @@
-"""A sample-quality number that works offline: a small classifier (the judge) trained once per data set on its own
-train split, whose features give a Fréchet distance between a model's prior samples and the real test images (as
-FID does with Inception's, Heusel et al. 2017), and whose accuracy on reconstructions says whether the content
-survived the code.
+"""A sample-quality judge that works offline: a small classifier trained once per data set on its own train split,
+in whose features a model's prior samples are compared with the real test images (as FID does with Inception's,
+Heusel et al. 2017), and whose accuracy on reconstructions says whether the content survived the code.
+
+In those features torch-fidelity computes the Fréchet distance, KID (Bińkowski et al. 2018: unbiased at the 2,000
+samples a member can afford, where FD is not) and precision and recall (Kynkäänniemi et al. 2019: fidelity, the
+share of samples that land on the data, and diversity, the share of the data the samples reach); density and
+coverage (Naeem et al. 2020, the same two questions, robust to outliers) are a few lines here on the same features.
 
 Blur measures blur; a Gaussian decoder's incoherent blends of two classes can be sharp and still wrong. The judge
 knows the classes, so blends sit far from the real images in its feature space. It is trained in seconds to a
 minute on a CPU, cached beside the decoded data (keyed like the data), and loaded weights-only. Data sets without
-classes (a plain image folder) skip these metrics with one line.
+classes (a plain image folder) skip these metrics with one line, and so does a judge that cannot tell the classes
+apart (its accuracy on the real images near chance): its features would score noise as well as data.
 """
 from __future__ import annotations
 
@@ -31,6 +36,11 @@ FEATURES = 128
 TRAIN_STEPS = 1500  # at most (two epochs of a small train split are fewer)
 BATCH = 128
 MIN_FD_IMAGES = 2  # a Fréchet distance compares covariances: one image has none
+PRC_NEIGHBOURS = 3  # k of precision and recall's k-NN balls (Kynkäänniemi et al.; torch-fidelity's default)
+DC_NEIGHBOURS = 5  # k of density and coverage (Naeem et al.'s choice)
+KID_SUBSETS, KID_SUBSET = 10, 1000  # KID's mean and sd over 10 random subsets of min(1000, N) images (torch-fidelity's
+# default of 100 subsets cost 11 s a member on a 2-core CPU, more than the rest of a small model's final eval)
+CHANCE_LEAD = 0.1  # the judge must beat always guessing the commonest class by this much (and by 3 standard errors)
 
 
 class Judge(nn.Module):
@@ -106,16 +116,39 @@ def accuracy(judge: Judge, images: torch.Tensor, labels: np.ndarray, batch: int 
     return float((predicted.numpy() == np.asarray(labels)).mean())
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets (N, D): 0 for identical sets."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # Tr (S_a S_b)^(1/2) = Tr (S_a^(1/2) S_b S_a^(1/2))^(1/2): symmetric matrices only, so no complex rounding
-    # and no failure when fewer images than features leave a covariance singular
-    w, v = np.linalg.eigh(cov_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
-    return float(max(0.0, ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross))
+def sample_scores(fake: np.ndarray, real: np.ndarray) -> Dict[str, float]:
+    """Samples' features against real images' ((N, D) each, N >= 2): judge_fd (Fréchet distance), judge_kid and
+    judge_kid_sd (KID, mean and sd over subsets), judge_precision and judge_recall (k = PRC_NEIGHBOURS), and
+    judge_density and judge_coverage (k = DC_NEIGHBOURS), each where N allows its k; computed by torch-fidelity's
+    own functions on these features, density and coverage here."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    a, b = torch.from_numpy(fake).double(), torch.from_numpy(real).double()
+    stats = [fid_features_to_statistics(t) for t in (a, b)]
+    out = {"judge_fd": max(0.0, fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"])}
+    kid = kid_features_to_metric(a, b, kid_subsets=KID_SUBSETS, kid_subset_size=min(KID_SUBSET, len(a), len(b)),
+                                 kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
+                                 kid_kernel_poly_coef0=1, rng_seed=2020, verbose=False)
+    out["judge_kid"], out["judge_kid_sd"] = kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]
+    if min(len(a), len(b)) > PRC_NEIGHBOURS:
+        prc = prc_features_to_metric(a, b, prc_neighborhood=PRC_NEIGHBOURS, prc_batch_size=10000, save_cpu_ram=False,
+                                     verbose=False)
+        out["judge_precision"], out["judge_recall"] = prc["precision"], prc["recall"]
+    if len(b) > DC_NEIGHBOURS:
+        out.update(density_coverage(a, b, DC_NEIGHBOURS))
+    return out
+
+
+def density_coverage(fake: torch.Tensor, real: torch.Tensor, k: int) -> Dict[str, float]:
+    """Naeem et al. 2020 on features (M, D) and (N, D): each real image's ball reaches its k-th nearest real
+    neighbour. judge_density: the mean number of balls a sample falls in, over k (about 1 where samples follow the
+    data, above 1 where they crowd its dense parts); judge_coverage: the share of real images whose ball holds a
+    sample (0 to 1: how much of the data the samples reach)."""
+    radius = torch.cdist(real, real).kthvalue(k + 1, dim=1).values  # (N,): the k-th neighbour, past itself
+    inside = torch.cdist(fake, real) <= radius  # (M, N)
+    return {"judge_density": float(inside.sum() / (k * len(fake))), "judge_coverage": float(inside.any(0).float().mean())}
 
 
 @dataclass
@@ -127,6 +160,13 @@ class JudgedReal:
     labels: np.ndarray  # (n,)
     features: np.ndarray  # (n, 128)
     accuracy: float  # the judge's own accuracy on them: the ceiling of recon_accuracy
+    chance: float  # the accuracy of always guessing their commonest class
+
+    def at_chance(self) -> bool:
+        """The judge cannot tell these images' classes apart: its accuracy is within CHANCE_LEAD, or 3 standard
+        errors, of always guessing the commonest class."""
+        se = float(np.sqrt(self.chance * (1 - self.chance) / max(1, len(self.labels))))
+        return self.accuracy < self.chance + max(CHANCE_LEAD, 3 * se)
 
 
 def judged_split(data, folder: Path, device: torch.device, split: str, n: int) -> Optional[JudgedReal]:
@@ -138,15 +178,25 @@ def judged_split(data, folder: Path, device: torch.device, split: str, n: int) -
 
 def judge_real(judge: Judge, images: np.ndarray, labels: np.ndarray, n: int) -> JudgedReal:
     x = torch.from_numpy(np.array(images[:n])).float().div(255)  # a copy: the cache is a read-only memory map
-    return JudgedReal(judge, x, np.asarray(labels[:n]), features(judge, x), accuracy(judge, x, labels[:n]))
+    labels = np.asarray(labels[:n])
+    chance = float(np.bincount(labels).max() / len(labels))
+    return JudgedReal(judge, x, labels, features(judge, x), accuracy(judge, x, labels), chance)
 
 
 @torch.no_grad()
 def content_metrics(model, real: JudgedReal, z: torch.Tensor, device: torch.device) -> Dict[str, float]:
-    """judge_fd: Fréchet distance (judge features) between decoded prior samples z and the real images (lower is
-    better; real images against other real images of the data sit near 0); recon_accuracy: the judge's accuracy
-    on the reconstructions (posterior means) of those images; judge_accuracy: on the images themselves, the
-    ceiling recon_accuracy can reach."""
+    """The judge's view of decoded prior samples z against the real images: sample_scores' judge_* (lower FD and
+    KID, higher precision, recall and coverage, density near 1 are better), recon_accuracy (the judge's accuracy on
+    the reconstructions, posterior means, of those images) and judge_accuracy (on the images themselves: the
+    ceiling recon_accuracy can reach) with judge_chance (always guessing the commonest class). A judge at chance
+    gives only the last two, and one line saying why (so does a split of one image, whose classes cannot be told
+    apart; eval.fid_images is at least MIN_FD_IMAGES, so the scores always have the two images a covariance needs)."""
+    out = {"judge_accuracy": real.accuracy, "judge_chance": real.chance}
+    if real.at_chance():
+        log.warning("Judge metrics skipped: the judge classifier is at chance on the real images (accuracy %.3f, "
+                    "commonest class %.3f over %d images), so its features would score noise as well as data; "
+                    "more train images per class, or eval.judge=false", real.accuracy, real.chance, len(real.labels))
+        return out
     was_training = model.training
     model.eval()
     n = min(len(real.x), len(z))
@@ -155,12 +205,8 @@ def content_metrics(model, real: JudgedReal, z: torch.Tensor, device: torch.devi
     recons = torch.cat([model.likelihood.mean(model.decode(model.encode(real.x[i: i + 512].to(device))[0])).float()
                         .cpu() for i in range(0, n, 512)])
     model.train(was_training)
-    out = {"recon_accuracy": accuracy(real.judge, recons, real.labels[:n]), "judge_accuracy": real.accuracy}
-    if n < MIN_FD_IMAGES:  # a covariance of one image does not exist: no distance, rather than a failed run
-        log.warning("judge_fd skipped: a Fréchet distance needs at least %d images; the test split or eval.fid_images "
-                    "gives %d", MIN_FD_IMAGES, n)
-        return out
-    return {"judge_fd": frechet_distance(features(real.judge, samples), real.features[:n]), **out}
+    out["recon_accuracy"] = accuracy(real.judge, recons, real.labels[:n])
+    return {**sample_scores(features(real.judge, samples), real.features[:n]), **out}
 
 
 def sample_quality(model, real: JudgedReal, images: int, device: torch.device, split: str = "test") -> Dict[str, float]:

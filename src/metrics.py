@@ -114,6 +114,43 @@ def mutual_info_terms(mu: torch.Tensor, logvar: torch.Tensor, chunk: int = 256,
     return log_q_own - torch.cat(log_q_agg)  # (N,)
 
 
+def log_aggregate_posterior(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
+                            max_elements: int = MI_MAX_ELEMENTS) -> torch.Tensor:
+    """log q(z) at each row of z (P, D), q(z) = mean_n N(z; mu_n, diag exp(logvar_n)) over the N rows of mu and
+    logvar: (P,), the (rows, N, D) densities chunked as mutual_info_terms does."""
+    chunk = max(1, max_elements // max(1, len(mu) * mu.shape[1]))
+    return torch.cat([torch.logsumexp(gaussian_log_density(z[i: i + chunk, None], mu[None], logvar[None]), 1)
+                      for i in range(0, len(z), chunk)]) - math.log(len(mu))
+
+
+def marginal_kl_terms(mu: torch.Tensor, logvar: torch.Tensor, mi_terms: torch.Tensor) -> torch.Tensor:
+    """Per image, KL(q(z|x) || N(0, I)) minus its mutual_info_terms at the same z: their mean estimates the marginal
+    KL(q(z) || p(z)), the holes of the latent space (ELBO surgery, Hoffman and Johnson 2016: the mean KL term is
+    I(x; z) plus this); 0 where the aggregate posterior is the prior. (N,), nats."""
+    kl = 0.5 * (mu.double() ** 2 + logvar.double().exp() - 1 - logvar.double()).sum(1)
+    return kl - mi_terms.double()
+
+
+HOLE_QUANTILE = 0.01  # a prior sample is in a hole where q(z) is below the density of 99% of the encoded data
+
+
+def prior_hole_share(mu: torch.Tensor, logvar: torch.Tensor, prior_z: torch.Tensor,
+                     generator: Optional[torch.Generator] = None, quantile: float = HOLE_QUANTILE) -> float:
+    """The share of prior samples `prior_z` (P, D) that fall in a hole of the latent space: where the aggregate
+    posterior of the first half of these N images is below the density it gives the codes z ~ q(z|x) of 99% of the
+    other half (held out, so that no code is scored by its own component). About 0.01 (the quantile) where q(z)
+    covers the prior; 0.5 where it covers half of it; 1 where the prior's samples all land where no image was
+    encoded, and the decoder never learnt what to draw there."""
+    half = len(mu) // 2
+    if half < 2:
+        return float("nan")
+    held_mu, held_logvar = mu[half: 2 * half], logvar[half: 2 * half]
+    codes = held_mu + torch.exp(0.5 * held_logvar) * torch.randn(held_mu.shape, generator=generator,
+                                                                  dtype=mu.dtype, device=mu.device)
+    floor = torch.quantile(log_aggregate_posterior(codes, mu[:half], logvar[:half]), quantile)
+    return float((log_aggregate_posterior(prior_z.to(mu), mu[:half], logvar[:half]) < floor).float().mean())
+
+
 def _discrete_mi(a: np.ndarray, b: np.ndarray) -> float:
     """Mutual information in nats between two integer label arrays, from their joint histogram."""
     joint = np.zeros((a.max() + 1, b.max() + 1))
@@ -329,6 +366,13 @@ def _finish(e: Evaluee, sums: Dict[str, torch.Tensor], mu_all: torch.Tensor, log
     # the estimator cannot exceed log N (N images in the aggregate posterior): near it, MI is "at least"
     out["mutual_info_max"] = math.log(mi_images)
     out["mutual_info_capped"] = out["mutual_info"] >= out["mutual_info_max"] - MI_CAP_MARGIN
+    # ELBO surgery (Hoffman and Johnson 2016): mean KL(q(z|x) || p(z)) = I(x; z) + KL(q(z) || p(z)), on the same
+    # images and the same z; where MI is capped (at least) the marginal KL is at most this
+    marginal = marginal_kl_terms(mu_all[:mi_images], logvar_all[:mi_images], terms)
+    out["marginal_kl"], out["marginal_kl_se"] = float(marginal.mean()), mutual_info_se(marginal)
+    out["prior_hole_share"] = prior_hole_share(mu_all[:mi_images], logvar_all[:mi_images],
+                                               fixed_latents(mi_images // 2, model.latent_dim),
+                                               generator=torch.Generator().manual_seed(EVAL_SEED))
     z_samples = fixed_latents(cfg.blur_samples, model.latent_dim).to(device)
     out.update(blur_metrics(model, images, z_samples, device))
     if factors is not None:

@@ -270,3 +270,45 @@ def test_mig_is_high_for_an_encoder_reading_the_factors_and_zero_for_noise(shape
     spread = float(np.std([mig(noisy[p], factors[p]) for p in parts], ddof=1))
     se = float(np.mean([mig_se(noisy[p], factors[p]) for p in parts[:3]]))
     assert 0.4 < spread / se < 2.5, (spread, se)
+
+
+# ------------------------------------------------------------------------------ holes of the latent space
+
+
+def _aggregate_gaussian(n: int, d: int, m: float, s: float, sigma: float, seed: int = 0):
+    """Posteriors N(mu_n, sigma^2 I) with mu_n ~ N(m, s^2 - sigma^2): their aggregate posterior is N(m, s^2 I)."""
+    g = torch.Generator().manual_seed(seed)
+    mu = m + math.sqrt(s**2 - sigma**2) * torch.randn(n, d, generator=g)
+    return mu, torch.full((n, d), 2 * math.log(sigma))
+
+
+@pytest.mark.parametrize("m,s", [(0.0, 1.0), (1.0, 0.5), (-0.5, 1.5)])
+def test_the_marginal_kl_is_the_closed_form_of_a_gaussian_aggregate_posterior(m, s):
+    """KL(N(m, s^2 I) || N(0, I)) = d/2 (s^2 + m^2 - 1 - log s^2): 0 where the aggregate posterior is the prior."""
+    from src.metrics import marginal_kl_terms, mutual_info_se, mutual_info_terms
+
+    d = 2
+    mu, logvar = _aggregate_gaussian(4000, d, m, s, sigma=0.3 * s)
+    terms = marginal_kl_terms(mu, logvar, mutual_info_terms(mu, logvar, generator=torch.Generator().manual_seed(1)))
+    exact = d / 2 * (s**2 + m**2 - 1 - math.log(s**2))
+    assert float(terms.mean()) == pytest.approx(exact, abs=max(0.03, 4 * mutual_info_se(terms))), exact
+
+
+def test_the_hole_share_is_its_floor_where_q_covers_the_prior_and_half_where_it_covers_half():
+    """A prior sample is in a hole where the aggregate posterior is below the density of 99% of held-out codes:
+    1% of the prior where q(z) is the prior itself; 0.5 where q covers the half z_0 > 0 (here 2 active dims of 8,
+    the other 6 collapsed to the prior, which neither hides nor makes a hole)."""
+    from src.metrics import prior_hole_share
+    from src.visuals import fixed_latents
+
+    prior = fixed_latents(1000, 8)
+    covered = prior_hole_share(*_aggregate_gaussian(2000, 8, 0.0, 1.0, sigma=0.5), prior,
+                               generator=torch.Generator().manual_seed(1))
+    assert covered < 0.04, covered
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.zeros(2000, 8), torch.zeros(2000, 8)
+    mu[:, :2] = torch.randn(2000, 2, generator=g)
+    mu[:, 0] = mu[:, 0].abs()
+    logvar[:, :2] = 2 * math.log(0.02)
+    half = prior_hole_share(mu, logvar, prior, generator=torch.Generator().manual_seed(1))
+    assert 0.4 < half < 0.6, half
