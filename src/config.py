@@ -104,7 +104,9 @@ class EvalConfig:
     fid: bool = False  # FID and KID at the final test eval (optional extra: pip install -e ".[fid]")
     fid_images: int = 2000  # real images, prior samples and reconstructions each
     collapse_nats: float = 0.1  # a dim with mean KL above this (nats per image) is in use; at or below, collapsed
-    judge: bool = True  # sample quality by a small classifier of the data's classes (judge_fd, recon_accuracy)
+    judge: bool = True  # sample quality by a small classifier of the data's classes (judge_*, recon_accuracy)
+    gmm_components: int = 10  # the final eval's mixture prior fitted to the encoded train split (src/prior.py); 0: none
+    gmm_images: int = 10000  # train images whose posterior means the mixture is fitted to
 
 
 @dataclass

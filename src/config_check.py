@@ -163,6 +163,10 @@ def parse(cfg: DictConfig | Config) -> Config:
     _check(cfg.eval.fid_images >= MIN_FD_IMAGES, "eval.fid_images", cfg.eval.fid_images,
            f"a Fréchet distance compares covariances: at least {MIN_FD_IMAGES} images (default 2000)")
     _check(cfg.eval.traversal_dims >= 0, "eval.traversal_dims", cfg.eval.traversal_dims, "must be >= 0")
+    _check(cfg.eval.gmm_components >= 0, "eval.gmm_components", cfg.eval.gmm_components,
+           "must be >= 0 (components of the mixture prior; 0 fits none)")
+    _check(cfg.eval.gmm_images >= max(1, cfg.eval.gmm_components), "eval.gmm_images", cfg.eval.gmm_images,
+           f"must be at least eval.gmm_components ({cfg.eval.gmm_components}): one image per component or more")
     _check(cfg.eval.iwae_images is None or cfg.eval.iwae_images > 0, "eval.iwae_images", cfg.eval.iwae_images,
            "must be a positive number of images, or null for the whole split")
     _choice("eval.final", cfg.eval.final, ("test", "none"))

@@ -1,7 +1,8 @@
 """Evaluate a run again, more carefully: `python -m src.evaluate <run dir> [split=test] [iwae_k=5000]`.
 
 Recomputes the final metrics over the whole split (ELBO terms and IWAE in nats per image, bits per dim, active
-units, mutual information, blur, MIG on shapes, the judge's sample quality where the data has classes) with the
+units, mutual information and the marginal KL, blur, MIG on shapes, the judge's sample quality where the data
+has classes, and the mixture prior's, refitted to this checkpoint: prior_gmm.npz) with the
 run's own data and preprocessing, writes
 eval_<split>_k<iwae_k>.json beside summary.json (one file per k, so a careful k=5000 is not overwritten by a quick
 check), and prints a table. `src.compare` takes a run's test numbers from the file of the largest k made from the
@@ -18,6 +19,7 @@ from .data import cache_folder, load_data
 from .judge import judged_split, sample_quality
 from .losses import Objective
 from .metrics import Evaluee, evaluate_split
+from .prior import mixture_quality
 from .rundir import write_json
 from .tool_args import parse_args, require, run_cli
 from .trained import RunError, load_run
@@ -49,6 +51,9 @@ def main(argv=None) -> int:
     real = judged_split(data, cache_folder(run.cfg.data), device, split, images) if run.cfg.eval.judge else None
     if real is not None:
         metrics.update(sample_quality(run.model, real, images, device, split))
+    if run.cfg.eval.gmm_components > 0:  # the mixture prior of this checkpoint (prior_gmm.npz, src.sample prior=gmm)
+        metrics.update(mixture_quality(run.model, data.images["train"], real, run.cfg, device, run.run_dir, run.step,
+                                       split))
     metrics.update({"checkpoint": str(run.checkpoint), "step": run.step, f"data/{split}_size":
                     len(data.images[split])})
     out = run.run_dir / f"eval_{split}_k{args['iwae_k']}.json"  # one file per k: a careful k keeps its own

@@ -38,7 +38,7 @@ BATCH = 128
 MIN_FD_IMAGES = 2  # a Fréchet distance compares covariances: one image has none
 PRC_NEIGHBOURS = 3  # k of precision and recall's k-NN balls (Kynkäänniemi et al.; torch-fidelity's default)
 DC_NEIGHBOURS = 5  # k of density and coverage (Naeem et al.'s choice)
-KID_SUBSETS, KID_SUBSET = 10, 1000  # KID's mean and sd over 10 random subsets of min(1000, N) images (torch-fidelity's
+KID_SUBSETS, KID_SUBSET = 10, 1000  # KID's mean and sd over 10 random subsets of min(1000, N/2) images (torch-fidelity's
 # default of 100 subsets cost 11 s a member on a 2-core CPU, more than the rest of a small model's final eval)
 CHANCE_LEAD = 0.1  # the judge must beat always guessing the commonest class by this much (and by 3 standard errors)
 
@@ -128,7 +128,7 @@ def sample_scores(fake: np.ndarray, real: np.ndarray) -> Dict[str, float]:
     a, b = torch.from_numpy(fake).double(), torch.from_numpy(real).double()
     stats = [fid_features_to_statistics(t) for t in (a, b)]
     out = {"judge_fd": max(0.0, fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"])}
-    kid = kid_features_to_metric(a, b, kid_subsets=KID_SUBSETS, kid_subset_size=min(KID_SUBSET, len(a), len(b)),
+    kid = kid_features_to_metric(a, b, kid_subsets=KID_SUBSETS, kid_subset_size=min(KID_SUBSET, max(2, min(len(a), len(b)) // 2)),
                                  kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
                                  kid_kernel_poly_coef0=1, rng_seed=2020, verbose=False)
     out["judge_kid"], out["judge_kid_sd"] = kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]

@@ -32,6 +32,7 @@ from .lifecycle import DivergedError, StopSignals
 from .state import LoopSums
 from .loggers import MemberLogs
 from .member import Member
+from .prior import mixture_quality
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +304,12 @@ def final_test_eval(m: Member, test: Dict[str, Any]) -> Dict[str, Any]:
     test = dict(test)
     if cfg.eval.fid:
         test.update(evaluate_fid(model, m.shared.data.images["test"], cfg, device, "test"))
-    if cfg.eval.judge and (real := m.shared.judged(cfg, device)) is not None:
+    real = m.shared.judged(cfg, device) if cfg.eval.judge else None
+    if real is not None:
         test.update(sample_quality(model, real, cfg.eval.fid_images, device))
+    if cfg.eval.gmm_components > 0:  # the mixture prior, its grid, and its samples' scores where the judge can tell
+        test.update(mixture_quality(model, m.shared.data.images["train"], real, cfg, device, m.run.dir.root,
+                                    m.state.step))
     return test
 
 

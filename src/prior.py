@@ -1,0 +1,115 @@
+"""Samples from where the data is: a Gaussian mixture fitted to the encoded training images (an ex-post density
+estimate of the aggregate posterior, Ghosh et al. 2020, "From variational to deterministic autoencoders").
+
+A VAE's prior N(0, I) puts samples wherever the aggregate posterior q(z) leaves holes, and the decoder never learnt
+what to draw there. The final test eval (eval.gmm_components > 0) fits k diagonal Gaussians with scikit-learn to
+the posterior means of the first eval.gmm_images training images, saves them in the run dir (prior_gmm.npz: plain
+arrays, loaded without unpickling), and scores the mixture's samples with the judge beside the standard-normal
+prior's (test/gmm_judge_*), so a sweep shows how much sample quality the holes cost each setting.
+`python -m src.sample <run> prior=gmm` draws from it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from .judge import JudgedReal, content_metrics
+from .rundir import atomic_write
+from .visuals import save_samples
+
+log = logging.getLogger(__name__)
+
+GMM_FILE = "prior_gmm.npz"
+GMM_SEED = 0  # the mixture's k-means start and its samples: the same in every run and eval
+GMM_GRID = "samples_gmm.png"  # beside samples.png: the same number of samples, from the mixture
+
+
+class PriorError(ValueError):
+    """A saved mixture that is missing or damaged; the message names the file and the fix."""
+
+
+@dataclass
+class MixturePrior:
+    """p(z) = sum_k weights_k N(z; means_k, diag variances_k): weights (K,), means and variances (K, D); `step`:
+    the training step of the checkpoint whose encoder it was fitted to."""
+    weights: np.ndarray
+    means: np.ndarray
+    variances: np.ndarray
+    step: int = -1
+
+    def sample(self, n: int, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
+        """(n, D) float32 latents: a component by its weight, then its mean plus temperature x its sd x N(0, I)."""
+        which = torch.multinomial(torch.from_numpy(self.weights), n, replacement=True, generator=generator)
+        means, sds = torch.from_numpy(self.means)[which], torch.from_numpy(np.sqrt(self.variances))[which]
+        return (means + temperature * sds * torch.randn(means.shape, generator=generator, dtype=means.dtype)).float()
+
+    def save(self, path: Path) -> None:
+        with atomic_write(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, weights=self.weights, means=self.means, variances=self.variances, step=np.int64(self.step))
+
+    @classmethod
+    def load(cls, path: Path) -> "MixturePrior":
+        try:
+            with np.load(path, allow_pickle=False) as saved:  # arrays only: a file that holds objects is refused
+                prior = cls(saved["weights"].astype(np.float64), saved["means"].astype(np.float64),
+                            saved["variances"].astype(np.float64), int(saved["step"]))
+        except FileNotFoundError:
+            raise PriorError(f"{path} not found: the final test eval writes it where eval.gmm_components > 0, and so "
+                             "does `python -m src.evaluate <run dir>`") from None
+        except (OSError, ValueError, KeyError) as e:
+            raise PriorError(f"{path} is not a saved mixture ({type(e).__name__}: {str(e)[:80]}); delete it and "
+                             "run the final eval again") from None
+        if prior.means.ndim != 2 or prior.variances.shape != prior.means.shape or len(prior.weights) != len(prior.means):
+            raise PriorError(f"{path} holds arrays of inconsistent shapes; delete it and run the final eval again")
+        return prior
+
+
+def fit_mixture(codes: np.ndarray, components: int, step: int = -1, seed: int = GMM_SEED) -> MixturePrior:
+    """k diagonal Gaussians fitted by EM (scikit-learn) to codes (N, D); at most one component per code."""
+    from sklearn.mixture import GaussianMixture
+
+    k = max(1, min(components, len(codes)))
+    gmm = GaussianMixture(k, covariance_type="diag", random_state=seed, reg_covar=1e-6).fit(codes.astype(np.float64))
+    return MixturePrior(gmm.weights_ / gmm.weights_.sum(), gmm.means_, gmm.covariances_, step)
+
+
+@torch.no_grad()
+def encoded_means(model, images: np.ndarray, n: int, batch: int, device: torch.device) -> np.ndarray:
+    """(min(n, N), D) posterior means of the first n of uint8 images (N, C, H, W), in eval mode."""
+    was_training = model.training
+    model.eval()
+    means = [model.encode(torch.from_numpy(np.array(images[i: i + batch])).to(device).float().div(255))[0].float().cpu()
+             for i in range(0, min(n, len(images)), batch)]
+    model.train(was_training)
+    return torch.cat(means).numpy()
+
+
+def mixture_quality(model, train_images: np.ndarray, real: Optional[JudgedReal], cfg, device: torch.device,
+                    run_dir: Path, step: int, split: str = "test") -> Dict[str, float]:
+    """The mixture prior of the checkpoint at `step`: fitted to the posterior means of the first eval.gmm_images
+    train images, saved as run_dir/prior_gmm.npz, its samples drawn as samples_gmm.png; with a judge that beats
+    chance, its eval.fid_images samples scored against the real images of `split` as the standard prior's are:
+    <split>/gmm_judge_*. The one definition the final eval and src.evaluate share."""
+    codes = encoded_means(model, train_images, cfg.eval.gmm_images, cfg.data.eval_batch_size, device)
+    prior = fit_mixture(codes, cfg.eval.gmm_components, step)
+    prior.save(run_dir / GMM_FILE)
+    z = prior.sample(max(cfg.eval.fid_images, cfg.trainer.num_samples), torch.Generator().manual_seed(GMM_SEED))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():  # the grid samples.png is, from this prior
+        save_samples(model, z[: cfg.trainer.num_samples].to(device), run_dir / GMM_GRID)
+    model.train(was_training)
+    log.info("Mixture prior: %d components fitted to %d encoded train images (%s, %s)", len(prior.weights),
+             len(codes), GMM_FILE, GMM_GRID)
+    out = {f"{split}/gmm_components": len(prior.weights)}
+    if real is None or real.at_chance():  # (sample_quality said why, once)
+        return out
+    scores = content_metrics(model, real, z[: cfg.eval.fid_images], device)
+    return {**out, **{f"{split}/gmm_{k}": v for k, v in scores.items()
+                      if k.startswith("judge_") and k not in ("judge_accuracy", "judge_chance")}}
