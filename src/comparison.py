@@ -40,7 +40,10 @@ BINARY_SOURCES = {"shapes"}  # sources whose pixels are 0 or 255 as decoded
 METRICS = ["neg_elbo", "recon_nll", "kl", "iwae_nll", "bits_per_dim", "active_units", "kl_active_units",
            "collapsed_units", "mutual_info", "mutual_info_max", "mutual_info_capped", "mig", "sample_blur",
            "recon_blur", "data_blur", "sharpness_ratio", "mse", "mse_mean_image", "sigma", "judge_fd", "recon_accuracy",
-           "judge_accuracy", "iwae_k", "iwae_images", "mutual_info_se", "mig_se"]
+           "judge_accuracy", "iwae_k", "iwae_images", "mutual_info_se", "mig_se", "judge_kid", "judge_kid_sd",
+           "judge_precision", "judge_recall", "judge_density", "judge_coverage", "judge_chance", "marginal_kl",
+           "marginal_kl_se", "prior_hole_share", "prior_hole_floor", "gmm_components", "gmm_judge_fd", "gmm_judge_kid",
+           "gmm_judge_precision", "gmm_judge_recall", "gmm_judge_density", "gmm_judge_coverage"]
 
 
 @dataclass

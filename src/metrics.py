@@ -373,6 +373,7 @@ def _finish(e: Evaluee, sums: Dict[str, torch.Tensor], mu_all: torch.Tensor, log
     out["prior_hole_share"] = prior_hole_share(mu_all[:mi_images], logvar_all[:mi_images],
                                                fixed_latents(mi_images // 2, model.latent_dim),
                                                generator=torch.Generator().manual_seed(EVAL_SEED))
+    out["prior_hole_floor"] = HOLE_QUANTILE  # the share where q(z) covers the prior: the report's reference line
     z_samples = fixed_latents(cfg.blur_samples, model.latent_dim).to(device)
     out.update(blur_metrics(model, images, z_samples, device))
     if factors is not None:

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from .judge import JudgedReal, content_metrics
-from .rundir import atomic_write
+from .rundir import RunDir, atomic_write
 from .visuals import save_samples
 
 log = logging.getLogger(__name__)
 
-GMM_FILE = "prior_gmm.npz"
+GMM_FILE = RunDir("").mixture.name  # prior_gmm.npz
 GMM_SEED = 0  # the mixture's k-means start and its samples: the same in every run and eval
-GMM_GRID = "samples_gmm.png"  # beside samples.png: the same number of samples, from the mixture
+GMM_GRID = RunDir("").mixture_samples.name  # samples_gmm.png, beside samples.png: its samples, from the mixture
 
 
 class PriorError(ValueError):

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from .config import applies  # noqa: E402
 from .comparison import KINDS, STILL_FALLING, Comparison, fmt, metric_rows  # noqa: E402
 from .naming import short_names  # noqa: E402
+from .rundir import RunDir  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +34,40 @@ COLUMNS = {"neg_elbo": ("-ELBO (nats)", "{:.1f}"), "recon_nll": ("recon (nats)",
            "kl_active_units": ("KL > 0.1 dims", "{:.0f}"), "mutual_info": ("MI (nats)", "{:.2f}"),
            "sample_blur": ("sample blur (0-1)", "{:.3f}"), "recon_blur": ("recon blur (0-1)", "{:.3f}"),
            "mig": ("MIG (0-1)", "{:.3f}"), "sigma": ("sigma (0-1 px)", "{:.3f}"),
-           "judge_fd": ("judge FD (lower better)", "{:.2f}"), "recon_accuracy": ("recon class acc", "{:.3f}"),
-           "mse": ("MSE (per px)", "{:.4f}")}
+           "marginal_kl": ("marginal KL (nats)", "{:.2f}"), "prior_hole_share": ("prior in holes (0-1)", "{:.3f}"),
+           "judge_fd": ("judge FD (lower better)", "{:.2f}"),
+           "judge_precision": ("precision (0-1)", "{:.3f}"), "judge_recall": ("recall (0-1)", "{:.3f}"),
+           "gmm_judge_precision": ("mixture prior: precision", "{:.3f}"),
+           "gmm_judge_recall": ("mixture prior: recall", "{:.3f}"),
+           "recon_accuracy": ("recon class acc", "{:.3f}"), "mse": ("MSE (per px)", "{:.4f}")}
+JUDGED = {"judge_fd", "judge_precision", "judge_recall", "gmm_judge_precision", "gmm_judge_recall",
+          "recon_accuracy"}  # the judge's numbers: "at chance" where the judge could not tell the classes apart
 HOW_TO_READ = {
     "collapse.png": "Left: latent dims still in use, out of latent_dim. The solid line counts dims whose mean KL "
                     "exceeds eval.collapse_nats (posterior collapse as Lucas et al. 2019 define it; the same count as "
                     "the KL heatmap's); the dotted one counts active units (Burda et al.: the dim's posterior mean "
-                    "moves with the image, Cov > 0.01), which can stay high while a dim carries almost no KL. Right: "
-                    "mutual information I(x; z); a hollow point sits at the estimator's ceiling log N and means 'at "
-                    "least'. With seeds: the mean over seeds, error bars of one sample sd, each seed a small dot.",
+                    "moves with the image, Cov > 0.01), which can stay high while a dim carries almost no KL. Middle: "
+                    "the KL term split in two (ELBO surgery, Hoffman and Johnson 2016): the mutual information I(x; z) "
+                    "the code carries about the image (solid), and the marginal KL(q(z) || p(z)) between the encoded "
+                    "images' aggregate posterior and the prior (dashed), the nats spent on holes; a hollow point sits "
+                    "at the MI estimator's ceiling log N: MI at least, marginal KL at most. Right: the share of prior "
+                    "samples that land in a hole of q(z) (below the density of 99% of held-out images' codes; the "
+                    "dotted line is what no holes give): the decoder never learnt what to draw there. With seeds: the "
+                    "mean over seeds, error bars of one sample sd, each seed a small dot.",
     "blur.png": "Blur of prior samples and of reconstructions, 0 = sharp, 1 = flat, on the same fixed z and inputs "
                 "for every run. The dashed line is the real test images' own blur: the closer to it, the sharper. "
                 "It measures blur, not whether the content is right: judge that from the montages. With seeds: "
                 "mean, one sd, each seed a dot.",
-    "quality.png": "Left: the Fréchet distance between each run's prior samples and real test images in the feature "
-                   "space of a small classifier of the data's own classes (the judge; an offline FID): lower is "
-                   "closer to the data, in content as well as sharpness, so sharp but incoherent samples (blends of "
-                   "two classes) score badly here even where blur calls them sharp. Right: the judge's accuracy on "
-                   "reconstructions; the dotted line is its accuracy on the real images, the ceiling.",
+    "quality.png": "In the feature space of a small classifier of the data's own classes (the judge), each "
+                   "setting's prior samples against the real test images. Left: fidelity against diversity "
+                   "(Kynkäänniemi et al. 2019): precision, the share of samples that land on the data, and recall, "
+                   "the share of the data the samples reach; blurry or incoherent samples lose precision, collapsed "
+                   "or too-narrow ones lose recall; top right is best. The arrow leads to the same model sampled "
+                   "from a mixture fitted to its encoded training images (the mixture prior): a long arrow means "
+                   "the holes of its latent space cost it that much. Middle: the Fréchet distance under both "
+                   "priors (lower is closer to the data, in content as well as sharpness). Right: the judge's "
+                   "accuracy on reconstructions; the dotted line is its accuracy on the real images, the ceiling. "
+                   "With seeds: mean, one sd, each seed a dot.",
     "rate_distortion.png": "One point per setting (with seeds: their mean, one sd either way, each seed a dot): "
                            "further right spends more nats on the code (rate), lower reconstructs better "
                            "(distortion). Along a dotted line -ELBO = KL + recon is constant: a point on a lower "
@@ -66,7 +83,9 @@ HOW_TO_READ = {
                             "falls below it and stays there has collapsed: read when it happened.",
     "samples_montage.png": "Prior samples of every run: runs with the same latent size decode the same z, pixel for "
                            "pixel (runs of different latent sizes draw different z); compare sharpness and variety "
-                           "across the swept values.",
+                           "across the swept values. Where the runs fitted a mixture prior (eval.gmm_components), "
+                           "each run shows N(0, I)'s samples on the left and the mixture's on the right: samples "
+                           "from where its training images were encoded; what improves is what the holes cost.",
     "reconstructions_montage.png": "Each run's reconstructions of the same validation images: rows marked input "
                                    "and output, each output under its input. Where detail is lost, the code "
                                    "carries less.",
@@ -74,7 +93,7 @@ HOW_TO_READ = {
                               "the same image's posterior mean: the two rows with most KL, then the two with least, "
                               "each labelled with its dim and KL. A row that does not change is a collapsed dim.",
 }
-TITLES = {"collapse.png": "Posterior collapse", "blur.png": "Blur", "quality.png": "Sample quality (the judge)",
+TITLES = {"collapse.png": "Posterior collapse and holes", "blur.png": "Blur", "quality.png": "Sample quality: fidelity, diversity and holes (the judge)",
           "rate_distortion.png": "Rate and distortion", "kl_per_dim.png": "KL per latent dim",
           "learning_curves.png": "Learning curves", "kl_over_training.png": "KL per dim over training",
           "samples_montage.png": "Samples", "reconstructions_montage.png": "Reconstructions",
@@ -100,17 +119,33 @@ def display_table(c: Comparison) -> pd.DataFrame:
     table = table.loc[out.index]
     for metric, (name, pattern) in columns(c).items():
         values = table[f"{c.split}/{metric}"]
-        if values.isna().all():
+        if values.isna().all() and not _judged_blind(c, table, metric).any():
             continue
         cells = [("-" if pd.isna(v) else pattern.format(v)) for v in values]
+        cells = _marked(c, table, metric, cells)
         if f"{c.split}/{metric}_se" in table:  # an estimate with its standard error (MI, MIG): value ± se
             cells = [cell if pd.isna(se) or cell == "-" else f"{cell} ± {pattern.format(se)}"
                      for cell, se in zip(cells, table[f"{c.split}/{metric}_se"])]
-        if metric == "mutual_info":
-            capped = table[f"{c.split}/mutual_info_capped"].fillna(False).astype(bool)
-            cells = [f"≥ {cell}" if cap else cell for cell, cap in zip(cells, capped)]
         out[name] = cells
     return out
+
+
+def _judged_blind(c: Comparison, rows: pd.DataFrame, metric: str) -> pd.Series:
+    """Rows (runs, or settings pooled over seeds) where `metric` is one of the judge's and is missing because the
+    judge was at chance (its accuracy recorded, its scores not)."""
+    if metric not in JUDGED or f"{c.split}/judge_chance" not in rows:
+        return pd.Series(False, index=rows.index)
+    return rows[f"{c.split}/{metric}"].isna() & rows[f"{c.split}/judge_chance"].notna()
+
+
+def _marked(c: Comparison, rows: pd.DataFrame, metric: str, cells: List[str]) -> List[str]:
+    """Cells as a reader must take them: an MI at the estimator's ceiling is a lower bound ('≥'), so the marginal
+    KL computed from it is an upper bound ('≤'); a judge at chance gave no number ('at chance')."""
+    if metric in ("mutual_info", "marginal_kl"):
+        capped = rows[f"{c.split}/mutual_info_capped"].fillna(0).astype(float) > 0  # (pooled: the share of seeds)
+        mark = "≥" if metric == "mutual_info" else "≤"
+        cells = [f"{mark} {cell}" if cap and cell != "-" else cell for cell, cap in zip(cells, capped)]
+    return [("at chance" if blind else cell) for cell, blind in zip(cells, _judged_blind(c, rows, metric))]
 
 
 def _by_kind(c: Comparison, out: pd.DataFrame, kinds: List[str]) -> pd.DataFrame:
@@ -150,19 +185,16 @@ def _mean_sd(metric: str, pattern: str, mean: float, sd: float) -> str:
 
 def _stats_table(c: Comparison) -> pd.DataFrame:
     """One row per setting: mean ± sd over its finished seeds, and n; an MI where some seed sits at the
-    estimator's ceiling is a lower bound, shown as '≥'."""
+    estimator's ceiling is a lower bound, shown as '≥' (and the marginal KL from it '≤')."""
     stats = c.stats()
     out = pd.DataFrame({short: stats[k].map(fmt) for k, short in short_names(c.swept).items()}) if c.swept else \
         pd.DataFrame({"setting": ["all runs"]})
     out["n"] = stats["n"]
     for metric, (name, pattern) in columns(c).items():
         mean, sd = stats[f"{c.split}/{metric}"], stats[f"{c.split}/{metric} sd"]
-        if mean.isna().all():
+        if mean.isna().all() and not _judged_blind(c, stats, metric).any():
             continue
-        out[name] = [_mean_sd(metric, pattern, m, d) for m, d in zip(mean, sd)]
-        if metric == "mutual_info":
-            capped = stats[f"{c.split}/mutual_info_capped"].fillna(0) > 0  # the share of seeds at the ceiling
-            out[name] = [f"≥ {cell}" if cap and cell != "-" else cell for cell, cap in zip(out[name], capped)]
+        out[name] = _marked(c, stats, metric, [_mean_sd(metric, pattern, m, d) for m, d in zip(mean, sd)])
     return out
 
 
@@ -171,7 +203,11 @@ UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nat
          "mutual_info_max": "nats", "mig": "0-1", "sample_blur": "0-1", "recon_blur": "0-1", "data_blur": "0-1",
          "sharpness_ratio": "ratio", "mse": "per pixel", "mse_mean_image": "per pixel", "mutual_info_se": "nats",
          "mig_se": "0-1", "sigma": "pixel units 0-1", "judge_fd": "judge feature units",
-         "recon_accuracy": "0-1", "judge_accuracy": "0-1"}
+         "recon_accuracy": "0-1", "judge_accuracy": "0-1", "judge_chance": "0-1", "judge_kid": "judge feature units",
+         "judge_kid_sd": "judge feature units", "judge_precision": "0-1", "judge_recall": "0-1", "judge_density": "ratio",
+         "judge_coverage": "0-1", "marginal_kl": "nats", "marginal_kl_se": "nats", "prior_hole_share": "0-1", "prior_hole_floor": "0-1",
+         "gmm_judge_fd": "judge feature units", "gmm_judge_kid": "judge feature units", "gmm_judge_precision": "0-1",
+         "gmm_judge_recall": "0-1", "gmm_judge_density": "ratio", "gmm_judge_coverage": "0-1", "gmm_components": "count"}
 
 
 PAPER_COLUMNS = ["neg_elbo", "iwae_nll", "kl", "kl_active_units", "mutual_info"]  # a text column's worth
@@ -179,8 +215,12 @@ TEX_METRICS = {"neg_elbo": r"$-$ELBO", "recon_nll": "recon NLL", "kl": "KL", "iw
                "bits_per_dim": "bits/dim", "active_units": "active dims", "mutual_info": r"$I(x; z)$",
                "sample_blur": "sample blur", "recon_blur": "recon blur", "mig": "MIG", "sigma": r"$\sigma$",
                "judge_fd": "judge FD", "recon_accuracy": "recon acc.", "mse": "MSE", "iwae_k": "IWAE $k$",
+               "marginal_kl": r"KL$(q(z) \| p(z))$", "prior_hole_share": "prior in holes", "judge_kid": "judge KID",
+               "judge_precision": "precision", "judge_recall": "recall", "gmm_judge_precision": "GMM precision",
+               "gmm_judge_recall": "GMM recall",
                "iwae_images": "IWAE images"}
-TEX_UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nats", "mutual_info": "nats"}
+TEX_UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nats", "mutual_info": "nats",
+             "marginal_kl": "nats"}
 TEX_KEYS = {"loss.beta": r"$\beta$", "model.latent_dim": r"latent dim", "loss.likelihood": "likelihood",
             "loss.free_bits": "free bits", "loss.kl_schedule": "KL schedule", "optimizer.lr": "lr"}
 
@@ -338,7 +378,7 @@ def plot_collapse(c: Comparison, path: Path) -> None:
     units beside it, and mutual information (its ceiling marked), per swept value: means over seeds with one sd."""
     table = c.table
     x, xlabel, series = _x_axis(c)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a, b, h) = plt.subplots(1, 3, figsize=(16, 4.2))
     join = _ordered(c)  # categories (likelihood names) are not joined by lines
     for i, (name, idx) in enumerate(series):
         rows, colour = _finished(c, idx), f"C{i}"
@@ -347,8 +387,11 @@ def plot_collapse(c: Comparison, path: Path) -> None:
         _draw(a, x[rows], table.loc[rows, f"{c.split}/active_units"], colour, "s:", f"active units {name}".strip(),
               alpha=0.55, join=join)
         capped = table.loc[rows, f"{c.split}/mutual_info_capped"].fillna(False).astype(bool).to_numpy()
-        _draw(b, x[rows], table.loc[rows, f"{c.split}/mutual_info"], colour, "o-", name, hollow=capped,
-              join=join)
+        _draw(b, x[rows], table.loc[rows, f"{c.split}/mutual_info"], colour, "o-", f"I(x; z) {name}".strip(),
+              hollow=capped, join=join)
+        _draw(b, x[rows], table.loc[rows, f"{c.split}/marginal_kl"], colour, "s--", f"KL(q(z) || p(z)) {name}".strip(),
+              hollow=capped, alpha=0.7, join=join)
+        _draw(h, x[rows], table.loc[rows, f"{c.split}/prior_hole_share"], colour, "o-", name, join=join)
     latent = table.get("model.latent_dim", pd.Series([c.fixed.get("model.latent_dim")]))
     top = max(float(pd.to_numeric(latent, errors="coerce").max() or 0), float(table[f"{c.split}/active_units"].max()))
     a.set_ylim(-0.3, top + 0.5)
@@ -360,14 +403,23 @@ def plot_collapse(c: Comparison, path: Path) -> None:
         b.axhline(ceiling, color="grey", ls=":", lw=1)
         b.annotate(f"ceiling log N = {ceiling:.2f}", (0.01, ceiling), xycoords=("axes fraction", "data"),
                    xytext=(0, -11), textcoords="offset points", fontsize=8, color="grey")
-    top_mi = max(float(table[f"{c.split}/mutual_info"].max()), float(ceiling) if pd.notna(ceiling) else 0.0)
-    b.set_ylim(0, 1.08 * top_mi if top_mi > 0 else 1)  # room above the ceiling for its hollow points
-    b.set(xlabel=xlabel, ylabel="I(x; z) (nats)", title="Mutual information")
-    for ax in (a, b):
+    top_mi = max(float(table[f"{c.split}/mutual_info"].max()), float(ceiling) if pd.notna(ceiling) else 0.0,
+                 float(table[f"{c.split}/marginal_kl"].max()) if table[f"{c.split}/marginal_kl"].notna().any() else 0.0)
+    b.set_ylim(min(0.0, float(table[f"{c.split}/marginal_kl"].min()) if table[f"{c.split}/marginal_kl"].notna().any()
+                   else 0.0), 1.08 * top_mi if top_mi > 0 else 1)  # room above the ceiling for its hollow points
+    b.set(xlabel=xlabel, ylabel="nats per image", title="The KL term split: I(x; z) + KL(q(z) || p(z))")
+    floor = table[f"{c.split}/prior_hole_floor"].median()  # the share where q(z) covers the prior
+    if pd.notna(floor):
+        h.axhline(floor, color="grey", ls=":", lw=1)
+        h.annotate(f"no holes: {floor:g}", (0.01, floor), xycoords=("axes fraction", "data"), xytext=(0, 4),
+                   textcoords="offset points", fontsize=8, color="grey")
+    h.set(xlabel=xlabel, ylabel="share of prior samples (0-1)", title="Prior samples in holes of q(z)", ylim=(0, 1.02))
+    for ax in (a, b, h):
         _style_x(ax, c, x)
     a.legend(fontsize=7)
+    b.legend(fontsize=7)
     if len(series) > 1:
-        b.legend(fontsize=7)
+        h.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
@@ -401,30 +453,52 @@ def plot_blur(c: Comparison, path: Path) -> None:
 
 
 def plot_quality(c: Comparison, path: Path) -> bool:
-    """The judge's Fréchet distance of samples and its accuracy on reconstructions per swept value (means over
-    seeds with one sd); False when no run has them (data without classes, or eval.judge=false)."""
-    table = c.table
-    if table[f"{c.split}/judge_fd"].isna().all():
+    """Blur, collapse and holes told apart in the judge's features: each setting's fidelity (precision: the share
+    of its prior samples that land on the data) against its diversity (recall: the share of the data its samples
+    reach), mean ± sd over seeds both ways, with an arrow to the same model sampled from its mixture prior (what
+    the holes cost it); the judge's FD per swept value under both priors; its accuracy on reconstructions under its
+    ceiling. False when no run has the judge's numbers (no classes, eval.judge=false, or a judge at chance)."""
+    table, stats = c.table, c.stats()
+    if table[f"{c.split}/judge_precision"].isna().all() and table[f"{c.split}/judge_fd"].isna().all():
         return False
     x, xlabel, series = _x_axis(c)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (p, a, b) = plt.subplots(1, 3, figsize=(16, 4.6))
+    labels = c.labels()
+    for i, idx in enumerate(c.settings()):
+        row, colour = stats.iloc[i], f"C{i % 10}"
+        at = [row.get(f"{c.split}/judge_precision"), row.get(f"{c.split}/judge_recall")]
+        if any(pd.isna(v) for v in at):
+            continue
+        err = [row.get(f"{c.split}/judge_precision sd"), row.get(f"{c.split}/judge_recall sd")]
+        p.errorbar(*at, xerr=None if pd.isna(err[0]) else err[0], yerr=None if pd.isna(err[1]) else err[1], fmt="o",
+                   color=colour, capsize=3, ms=6, label=labels[idx[0]])
+        to = [row.get(f"{c.split}/gmm_judge_precision"), row.get(f"{c.split}/gmm_judge_recall")]
+        if not any(pd.isna(v) for v in to):
+            p.annotate("", xy=to, xytext=at, arrowprops=dict(arrowstyle="->", color=colour, lw=1.2, alpha=0.8))
+            p.scatter(*to, s=36, facecolors="white", edgecolors=colour, zorder=4)
+    p.set(xlabel="precision: samples on the data (fidelity)", ylabel="recall: data the samples reach (diversity)",
+          title="Fidelity and diversity (o: N(0, I); arrow: mixture prior)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    p.legend(fontsize=7, loc="best")
     join = _ordered(c)  # categories (likelihood names) are not joined by lines
     for i, (name, idx) in enumerate(series):
         rows = _finished(c, idx)
-        _draw(a, x[rows], table.loc[rows, f"{c.split}/judge_fd"], f"C{i}", "o-", name, join=join)
+        _draw(a, x[rows], table.loc[rows, f"{c.split}/judge_fd"], f"C{i}", "o-", f"N(0, I) {name}".strip(), join=join)
+        _draw(a, x[rows], table.loc[rows, f"{c.split}/gmm_judge_fd"], f"C{i}", "s--", f"mixture {name}".strip(),
+              alpha=0.7, join=join)
         _draw(b, x[rows], table.loc[rows, f"{c.split}/recon_accuracy"], f"C{i}", "o-", name, join=join)
     ceiling = table[f"{c.split}/judge_accuracy"].median()
     if pd.notna(ceiling):
         b.axhline(ceiling, color="grey", ls=":", lw=1)
         b.annotate(f"real images {ceiling:.3f}", (0.01, ceiling), xycoords=("axes fraction", "data"),
                    xytext=(0, -11), textcoords="offset points", fontsize=8, color="grey")
-    a.set(xlabel=xlabel, ylabel="Fréchet distance (judge features)", title="Samples against real images")
+    a.set(xlabel=xlabel, ylabel="Fréchet distance (judge features)", title="Samples against real images (lower better)")
     a.set_ylim(bottom=0)
+    a.legend(fontsize=7)
     b.set(xlabel=xlabel, ylabel="accuracy (0-1)", title="Judge's accuracy on reconstructions", ylim=(0, 1.02))
     for ax in (a, b):
         _style_x(ax, c, x)
-        if len(series) > 1:
-            ax.legend(fontsize=7)
+    if len(series) > 1:
+        b.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
     return True
@@ -614,6 +688,28 @@ def _image(path: Path) -> Optional[Image.Image]:
         return None
 
 
+MIXTURE_GRID = RunDir("").mixture_samples.name  # src/prior.py's grid: the samples montage pairs it with samples.png
+PAIR_GAP = 6  # px between a run's N(0, I) samples and its mixture prior's
+
+
+def _cropped(run: Dict[str, object], name: str) -> tuple:
+    """The part of a run's `name` grid a montage shows (MONTAGE_ROWS rows, see _grid_rows, of MONTAGE_COLS
+    images) and a label for each row; (None, []) where there is no readable grid."""
+    img = _image(run["path"] / name)
+    size = int(run["settings"].get("data.image_size") or 0)
+    if img is None or not size:
+        return img, []
+    available = (img.height - 2) // (size + 2)  # torchvision's grid: 2 px padding around (size)-px images
+    picked, texts = _grid_rows(name, run, min(MONTAGE_ROWS, available))
+    width = min(img.width, 2 + MONTAGE_COLS * (size + 2))
+    strips = [img.crop((0, 2 + row * (size + 2) - 2, width, 2 + (row + 1) * (size + 2))) for row in picked
+              if row < available]
+    out = Image.new("RGB", (width, 2 + len(strips) * (size + 2)), "white")
+    for i, strip in enumerate(strips):
+        out.paste(strip, (0, i * (size + 2)))
+    return out, texts
+
+
 def montage(c: Comparison, name: str, path: Path, per_row: int = 3) -> bool:
     """The runs' `name` grids side by side: MONTAGE_ROWS rows (see _grid_rows) of MONTAGE_COLS images of each,
     enlarged by one whole factor (nearest neighbour, so pixels stay pixels), each row labelled where a row means
@@ -623,20 +719,15 @@ def montage(c: Comparison, name: str, path: Path, per_row: int = 3) -> bool:
     if not any((r["path"] / name).is_file() for r in runs):
         return False
     grids, row_labels = [], []
+    paired = name == "samples.png" and any((r["path"] / MIXTURE_GRID).is_file() for r in runs)
     for r in runs:
-        path_r = r["path"] / name
-        img = _image(path_r)
-        size = int(r["settings"].get("data.image_size") or 0)
-        texts = []
-        if img is not None and size:  # torchvision's grid: 2 px padding around (size)-px images
-            available = (img.height - 2) // (size + 2)
-            picked, texts = _grid_rows(name, r, min(MONTAGE_ROWS, available))
-            width = min(img.width, 2 + MONTAGE_COLS * (size + 2))
-            strips = [img.crop((0, 2 + row * (size + 2) - 2, width, 2 + (row + 1) * (size + 2))) for row in picked
-                      if row < available]
-            img = Image.new("RGB", (width, 2 + len(strips) * (size + 2)), "white")
-            for i, strip in enumerate(strips):
-                img.paste(strip, (0, i * (size + 2)))
+        img, texts = _cropped(r, name)
+        if paired and img is not None:  # N(0, I) | the mixture prior, side by side, the same rows of each
+            mixture = _cropped(r, MIXTURE_GRID)[0] or Image.new("RGB", img.size, "lightgrey")
+            both = Image.new("RGB", (img.width + PAIR_GAP + mixture.width, max(img.height, mixture.height)), "white")
+            both.paste(img, (0, 0))
+            both.paste(mixture, (img.width + PAIR_GAP, 0))
+            img = both
         grids.append(img)
         row_labels.append(texts)
     if all(g is None for g in grids):  # (every one there was damaged)
@@ -652,6 +743,7 @@ def montage(c: Comparison, name: str, path: Path, per_row: int = 3) -> bool:
             Image.new("RGB", (widest * scale, widest * scale // 2), "lightgrey")
         status = r["summary"].get("status", "incomplete")
         caption = label if status == "finished" else f"{label} [{status}]"
+        caption += "   N(0, I) | mixture" if paired else ""
         tile = Image.new("RGB", (g.width + margin, g.height + 22), "white")
         tile.paste(g, (margin, 22))
         draw = ImageDraw.Draw(tile)
@@ -782,6 +874,13 @@ def _provenance_lines(c: Comparison) -> List[str]:
                      "test images but grey-level samples and reconstructions (Bernoulli means), so its accuracy on "
                      "the real images is no ceiling here and its FD mixes the two kinds of image; compare its "
                      "numbers only between these runs.")
+    blind = done[done[f"{c.split}/judge_chance"].notna() & done[f"{c.split}/judge_fd"].isna()]
+    if len(blind):
+        lines.append(f"judge at chance: for {len(blind)} of {len(done)} finished runs the judge classifier could not "
+                     f"tell the classes of the real {c.split} images apart (accuracy "
+                     f"{blind[f'{c.split}/judge_accuracy'].median():.3f} against {blind[f'{c.split}/judge_chance'].median():.3f}"
+                     " for always guessing the commonest class), so its sample scores would rate noise like data: "
+                     "they read 'at chance'. More training images per class make a judge that sees.")
     baseline = done[f"{c.split}/mse_mean_image"].dropna()
     if len(baseline):
         lines.append(f"MSE per pixel (0-1 pixel values): always predicting the mean training image gives "

@@ -5,6 +5,7 @@ Layout (the design's run-dir contract):
 
     .hydra/  trained_with.yaml  .lock  train.log  metrics.jsonl  summary.json  wandb_run_id  wandb/
     checkpoints/last.pt  checkpoints/best.pt  samples/ recons/ traversals/ (+ their final .png)  generated/
+    prior_gmm.npz  samples_gmm.png  (the final eval's mixture prior and its samples: src/prior.py)
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ class RunDir:
         self.last = self.checkpoints / "last.pt"
         self.best = self.checkpoints / "best.pt"
         self.generated = self.root / "generated"  # what src.sample, src.reconstruct ... write by default
+        self.mixture = self.root / "prior_gmm.npz"  # the mixture prior fitted to the encoded train split
+        self.mixture_samples = self.root / "samples_gmm.png"  # samples.png's grid, drawn from that mixture
 
     def checkpoint(self, which: str = "last") -> Path:
         return self.checkpoints / f"{which}.pt"
@@ -54,7 +57,7 @@ class RunDir:
     # what a finished or interrupted run leaves; `trainer.resume=never` sets these aside before starting over
     RESULT_NAMES = ("trained_with.yaml", ".hydra", "metrics.jsonl", "summary.json", "checkpoints", "samples",
                     "recons", "traversals", "samples.png", "reconstructions.png", "traversals.png", "wandb",
-                    "wandb_run_id", "generated")
+                    "wandb_run_id", "generated", "prior_gmm.npz", "samples_gmm.png")
 
     def set_aside(self) -> Optional[Path]:
         """Move an earlier run's files into <run dir>/replaced/<time>/; None if there were none."""
