@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from src.report import HOW_TO_READ, MONTAGE_COLS, MONTAGE_ROWS, MONTAGE_WIDTH
+from src.report import HOW_TO_READ, MONTAGE_COLS, MONTAGE_ROWS, MONTAGE_WIDTH, PAIR_GAP
 
 from .conftest import ROOT, leet, run_cli, tiny_overrides
 
@@ -22,6 +22,7 @@ from .conftest import ROOT, leet, run_cli, tiny_overrides
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     proc = run_cli(["-m", *tiny_overrides(root / "cache"), "trainer.max_steps=60", "trainer.eval_every=60", "loss.beta=0.5,4,-1",
+                    "data.num_train=2048", "data.test_size=256",  # a judge that sees the classes (256 images: chance)
                     "logger=wandb", f"hydra.sweep.dir={root / 'sweep'}"])
     return root / "sweep", proc
 
@@ -68,7 +69,10 @@ def test_compare_writes_table_plots_montages_and_report(compared):
     report = (out / "report.html").read_text()
     assert "Swept: loss.beta = 0.5, 4, -1." in report and "data: shapes, 16x16x1" in report
     assert "model: conv [8, 16], latent_dim 4" in report and "likelihood: bernoulli" in report
-    assert "max_epochs 3, max_steps 60, batch 32, trained 24 steps" in report  # 3 epochs of 8 steps end first
+    assert "max_epochs 3, max_steps 60, batch 32, trained 60 steps" in report  # 60 steps end before 3 epochs of 64
+    for column in ("marginal KL (nats)", "prior in holes (0-1)", "precision (0-1)", "recall (0-1)",
+                   "mixture prior: precision"):  # holes, fidelity and diversity, and what the mixture prior gains
+        assert column in header_row, column
     for name, how in HOW_TO_READ.items():
         assert (out / name).stat().st_size > 1000 and f'src="{name}"' in report, name
         assert html.escape(how) in report, name
@@ -77,12 +81,14 @@ def test_compare_writes_table_plots_montages_and_report(compared):
 def test_montage_tiles_are_the_runs_pixels_enlarged_whole(compared):
     folder, _ = compared
     sheet = np.asarray(Image.open(folder / "compare" / "samples_montage.png").convert("RGB"))
-    grid = np.asarray(Image.open(folder / "0" / "samples.png").convert("RGB"))  # 16 px images, 8 a row
-    rows, cols = min(grid.shape[0], 2 + MONTAGE_ROWS * 18), 2 + MONTAGE_COLS * 18  # the part a montage shows
-    scale = -(-MONTAGE_WIDTH // cols)  # 128 px wide: 3x
     top = 22  # below the caption
-    enlarged = grid[:rows, :cols].repeat(scale, 0).repeat(scale, 1)
-    assert scale == 3 and np.array_equal(sheet[top : top + rows * scale, : cols * scale], enlarged)
+    for name, left in (("samples.png", 0), ("samples_gmm.png", 1)):  # N(0, I) | the mixture prior, side by side
+        grid = np.asarray(Image.open(folder / "0" / name).convert("RGB"))  # 16 px images, 8 a row
+        rows, cols = min(grid.shape[0], 2 + MONTAGE_ROWS * 18), 2 + MONTAGE_COLS * 18  # the part a montage shows
+        scale = -(-MONTAGE_WIDTH // (2 * cols + PAIR_GAP))  # the pair, 262 px wide: 2x
+        x = left * (cols + PAIR_GAP) * scale
+        enlarged = grid[:rows, :cols].repeat(scale, 0).repeat(scale, 1)
+        assert scale == 2 and np.array_equal(sheet[top: top + rows * scale, x: x + cols * scale], enlarged), name
 
 
 def test_wandb_names_a_member_by_its_swept_keys_and_groups_it_by_the_sweep_folder(sweep):

@@ -209,7 +209,9 @@ def test_the_cheap_sweep_path_puts_src_evaluate_numbers_in_the_comparison(tmp_pa
     c = collect([tmp_path / "sweep"])
     careful = json.loads((run / "eval_test_k8.json").read_text())
     assert c.split == "test" and c.table.loc[0, "test/neg_elbo"] == careful["test/neg_elbo"]
-    assert c.table.loc[0, "test/judge_fd"] == careful["test/judge_fd"]  # src.evaluate computes the judge's numbers
+    # src.evaluate computes the judge's numbers (here a judge at chance on 256 train images: its accuracies)
+    assert c.table.loc[0, "test/judge_accuracy"] == careful["test/judge_accuracy"]
+    assert c.table.loc[0, "test/judge_chance"] == careful["test/judge_chance"]
     assert c.table.loc[0, "numbers"] == "src.evaluate (eval_test_k8.json)" and c.table.loc[0, "test/iwae_k"] == 8
     lines = header_lines(c)
     assert "IWAE NLL: k = 8 importance samples per image over 64 images." in lines
@@ -270,3 +272,25 @@ def test_traversals_walk_the_most_and_the_least_active_dims():
     assert traversal_dims(kl, 8) == [1, 3, 5, 0, 6, 7, 2, 8]  # six with most KL, then the two with least
     assert traversal_dims(kl[:3], 8) == [1, 0, 2]  # fewer dims than rows: all, by KL
     assert traversal_dims(kl, 3) == [1, 3, 5]
+
+
+def test_a_judge_at_chance_reads_at_chance_and_a_capped_mi_makes_the_marginal_kl_at_most(tmp_path):
+    """Beta 1's judge could not tell the classes apart (its accuracy, no scores): its precision cells read
+    'at chance' and a header line says why; beta 4's has numbers. Where MI sits at its ceiling (a lower bound), the
+    marginal KL computed from it is an upper bound: '≤'."""
+    for i, beta in enumerate((1, 4)):
+        folder = tmp_path / "sweep" / str(i)
+        write_run(folder, [f"loss.beta={beta}"], [1.0, 0.5, 0.2, 0.01], 100.0 + i, 4)
+        summary = json.loads((folder / "summary.json").read_text())
+        judged = {"test/judge_accuracy": 0.3, "test/judge_chance": 0.35} if beta == 1 else \
+            {"test/judge_accuracy": 0.9, "test/judge_chance": 0.35, "test/judge_fd": 2.0, "test/judge_precision": 0.7,
+             "test/judge_recall": 0.4}
+        write_json(folder / "summary.json", {**summary, **judged, "test/marginal_kl": 1.5 - i,
+                                             "test/mutual_info_capped": beta == 1})
+    c = collect([tmp_path / "sweep"])
+    table = display_table(c)
+    assert list(table["precision (0-1)"]) == ["at chance", "0.700"]
+    assert list(table["judge FD (lower better)"]) == ["at chance", "2.00"]
+    assert list(table["marginal KL (nats)"]) == ["≤ 1.50", "0.50"]
+    [line] = [line for line in header_lines(c) if line.startswith("judge at chance")]
+    assert "1 of 2 finished runs" in line and "0.300 against 0.350" in line
