@@ -52,8 +52,10 @@ HOW_TO_READ = {
                     "images' aggregate posterior and the prior (dashed), the nats spent on holes; a hollow point sits "
                     "at the MI estimator's ceiling log N: MI at least, marginal KL at most. Right: the share of prior "
                     "samples that land in a hole of q(z) (below the density of 99% of held-out images' codes; the "
-                    "dotted line is what no holes give): the decoder never learnt what to draw there. With seeds: the "
-                    "mean over seeds, error bars of one sample sd, each seed a small dot.",
+                    "dotted line is what no holes give): the decoder never learnt what to draw there. With many "
+                    "active dims and narrow posteriors this share sinks toward its floor even where the marginal KL "
+                    "is large (held-out images' codes are then far from every encoded image too), so read the two "
+                    "together. With seeds: the mean over seeds, error bars of one sample sd, each seed a small dot.",
     "blur.png": "Blur of prior samples and of reconstructions, 0 = sharp, 1 = flat, on the same fixed z and inputs "
                 "for every run. The dashed line is the real test images' own blur: the closer to it, the sharper. "
                 "It measures blur, not whether the content is right: judge that from the montages. With seeds: "
