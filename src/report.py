@@ -212,7 +212,8 @@ UNITS = {"neg_elbo": "nats", "recon_nll": "nats", "kl": "nats", "iwae_nll": "nat
          "gmm_judge_recall": "0-1", "gmm_judge_density": "ratio", "gmm_judge_coverage": "0-1", "gmm_components": "count"}
 
 
-PAPER_COLUMNS = ["neg_elbo", "iwae_nll", "kl", "kl_active_units", "mutual_info"]  # a text column's worth
+PAPER_COLUMNS = ["neg_elbo", "iwae_nll", "kl", "kl_active_units", "mutual_info", "marginal_kl", "judge_precision",
+                 "judge_recall"]  # the collapse question's, the holes' and the samples' (scaled to the text width)
 TEX_METRICS = {"neg_elbo": r"$-$ELBO", "recon_nll": "recon NLL", "kl": "KL", "iwae_nll": "IWAE NLL",
                "bits_per_dim": "bits/dim", "active_units": "active dims", "mutual_info": r"$I(x; z)$",
                "sample_blur": "sample blur", "recon_blur": "recon blur", "mig": "MIG", "sigma": r"$\sigma$",
@@ -246,7 +247,8 @@ def _tex(text: object) -> str:
     for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
                           ("$", r"\$"), ("{", r"\{"), ("}", r"\}")):
         out = out.replace(char, escaped)
-    return out.replace(">=", r"$\geq$").replace("≥", r"$\geq$").replace("±", r"$\pm$")
+    return (out.replace(">=", r"$\geq$").replace("≥", r"$\geq$").replace("≤", r"$\leq$")
+            .replace("±", r"$\pm$"))
 
 
 def _tex_cell(cell: str) -> str:
@@ -290,6 +292,11 @@ def settings_tex(c: Comparison, metrics: List[str], label: str) -> str:
                + " ".join(f"{_tex(k.capitalize())}: {_tex(KINDS[k])}." for k in kinds if k != "density" or len(kinds) > 1)
                + (" NLLs compare only within a kind." if len(kinds) > 1 else "")
                + f" A dim counts as used when its KL exceeds {c.collapse_nats:g} nats."
+               + (" KL$(q(z) \\| p(z))$: the marginal KL between the aggregate posterior and the prior (the holes; "
+                  "$\\leq$ where $I(x; z)$ is at its estimator's ceiling)." if "marginal_kl" in metrics else "")
+               + (" Precision and recall (0--1, higher is better): the share of prior samples on the data (fidelity) "
+                  "and of the data the samples reach (diversity), in the features of a classifier of the data's "
+                  "classes." if {"judge_precision", "judge_recall"} & set(metrics) else "")
                + (f" {_tex(iwae)}" if (iwae := _iwae_line(c)) is not None else ""))
     columns_spec = "".join("r" if n == "n" else "l" for n, _ in keys) + "r" * len(heads)
     # a table wider than the text (many columns, --columns) is scaled down to it, never up

@@ -294,3 +294,8 @@ def test_a_judge_at_chance_reads_at_chance_and_a_capped_mi_makes_the_marginal_kl
     assert list(table["marginal KL (nats)"]) == ["≤ 1.50", "0.50"]
     [line] = [line for line in header_lines(c) if line.startswith("judge at chance")]
     assert "1 of 2 finished runs" in line and "0.300 against 0.350" in line
+    render(c, tmp_path / "compare", [tmp_path / "sweep"])  # the paper table's default columns carry them too
+    tex = (tmp_path / "compare" / "settings.tex").read_text()
+    assert r"KL$(q(z) \| p(z))$ (nats) & precision & recall \\" in tex
+    assert r"$\leq$ 1.50 & at chance & at chance \\" in tex and r"0.50 & 0.700 & 0.400 \\" in tex
+    assert "Precision and recall (0--1, higher is better)" in tex
