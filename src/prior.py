@@ -11,6 +11,7 @@ prior's (test/gmm_judge_*), so a sweep shows how much sample quality the holes c
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
@@ -71,11 +72,22 @@ class MixturePrior:
 
 
 def fit_mixture(codes: np.ndarray, components: int, step: int = -1, seed: int = GMM_SEED) -> MixturePrior:
-    """k diagonal Gaussians fitted by EM (scikit-learn) to codes (N, D); at most one component per code."""
+    """k diagonal Gaussians fitted by EM (scikit-learn) to codes (N, D); at most one component per code. Codes
+    that all sit at a few points (a collapsed encoder) give components on those points, with one line instead of
+    scikit-learn's warning."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
     k = max(1, min(components, len(codes)))
-    gmm = GaussianMixture(k, covariance_type="diag", random_state=seed, reg_covar=1e-6).fit(codes.astype(np.float64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        gmm = GaussianMixture(k, covariance_type="diag", random_state=seed, reg_covar=1e-6).fit(codes.astype(np.float64))
+    for w in caught:  # (any other warning goes on as it came)
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        log.info("Mixture prior: %d components on %d codes that are not %d distinct clusters (a collapsed encoder "
+                 "puts its codes at few points); the mixture keeps them", k, len(codes), k)
     return MixturePrior(gmm.weights_ / gmm.weights_.sum(), gmm.means_, gmm.covariances_, step)
 
 
@@ -97,6 +109,10 @@ def mixture_quality(model, train_images: np.ndarray, real: Optional[JudgedReal],
     chance, its eval.fid_images samples scored against the real images of `split` as the standard prior's are:
     <split>/gmm_judge_*. The one definition the final eval and src.evaluate share."""
     codes = encoded_means(model, train_images, cfg.eval.gmm_images, cfg.data.eval_batch_size, device)
+    codes = codes[np.isfinite(codes).all(1)]  # an image the encoder maps to inf has no place in a density
+    if len(codes) == 0:
+        log.warning("Mixture prior skipped: the encoder gave no finite posterior mean for the train images")
+        return {}
     prior = fit_mixture(codes, cfg.eval.gmm_components, step)
     prior.save(run_dir / GMM_FILE)
     z = prior.sample(max(cfg.eval.fid_images, cfg.trainer.num_samples), torch.Generator().manual_seed(GMM_SEED))

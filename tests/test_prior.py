@@ -80,3 +80,18 @@ def test_the_final_eval_fits_the_mixture_scores_its_samples_and_src_sample_draws
 def test_eval_gmm_components_below_zero_is_one_line_naming_the_key(cache_dir):
     out = run_cli([*tiny_overrides(cache_dir), "eval.gmm_components=-1"])
     assert out.returncode == 2 and "eval.gmm_components" in out.stdout and "Traceback" not in out.stdout + out.stderr
+
+
+def test_codes_at_one_point_fit_without_scikit_learns_warning_and_sample_that_point(caplog):
+    """A collapsed encoder puts every posterior mean at 0: the mixture sits there (one line, no ConvergenceWarning
+    on stderr), and its samples are that point."""
+    import logging
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scikit-learn's warning would fail here
+        with caplog.at_level(logging.INFO, logger="src.prior"):
+            prior = fit_mixture(np.zeros((200, 4)), components=10)
+    assert "not 10 distinct clusters" in caplog.text
+    z = prior.sample(50, torch.Generator().manual_seed(0))
+    assert z.abs().max() < 0.01
