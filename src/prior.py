@@ -68,6 +68,10 @@ class MixturePrior:
                              "run the final eval again") from None
         if prior.means.ndim != 2 or prior.variances.shape != prior.means.shape or len(prior.weights) != len(prior.means):
             raise PriorError(f"{path} holds arrays of inconsistent shapes; delete it and run the final eval again")
+        if not (np.isfinite(prior.means).all() and np.isfinite(prior.variances).all() and (prior.variances >= 0).all()
+                and np.isfinite(prior.weights).all() and (prior.weights >= 0).all() and prior.weights.sum() > 0):
+            raise PriorError(f"{path} holds weights or variances that are not a mixture (negative or not finite); "
+                             "delete it and run the final eval again")
         return prior
 
 

@@ -54,6 +54,10 @@ def test_the_mixture_is_saved_as_plain_arrays_and_a_file_that_would_unpickle_is_
         MixturePrior.load(hostile)
     with pytest.raises(PriorError, match="not found"):
         MixturePrior.load(tmp_path / "missing.npz")
+    negative = tmp_path / "negative.npz"
+    np.savez(negative, weights=-prior.weights, means=prior.means, variances=prior.variances, step=1)
+    with pytest.raises(PriorError, match="not a mixture"):
+        MixturePrior.load(negative)
 
 
 def test_the_final_eval_fits_the_mixture_scores_its_samples_and_src_sample_draws_from_it(tmp_path, cache_dir):
