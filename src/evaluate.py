@@ -20,7 +20,7 @@ from .judge import judged_split, sample_quality
 from .losses import Objective
 from .metrics import Evaluee, evaluate_split
 from .prior import mixture_quality
-from .rundir import write_json
+from .rundir import RunDir, write_json
 from .tool_args import parse_args, require, run_cli
 from .trained import RunError, load_run
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         metrics.update(sample_quality(run.model, real, images, device, split))
     if run.cfg.eval.gmm_components > 0:  # the mixture prior of this checkpoint (prior_gmm.npz, src.sample prior=gmm)
         metrics.update(mixture_quality(run.model, data.images["train"], real, run.cfg, device, run.run_dir, run.step,
-                                       split))
+                                       split, grid=run.checkpoint.resolve() == RunDir(run.run_dir).last.resolve()))
     metrics.update({"checkpoint": str(run.checkpoint), "step": run.step, f"data/{split}_size":
                     len(data.images[split])})
     out = run.run_dir / f"eval_{split}_k{args['iwae_k']}.json"  # one file per k: a careful k keeps its own

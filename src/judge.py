@@ -128,9 +128,10 @@ def sample_scores(fake: np.ndarray, real: np.ndarray) -> Dict[str, float]:
     a, b = torch.from_numpy(fake).double(), torch.from_numpy(real).double()
     stats = [fid_features_to_statistics(t) for t in (a, b)]
     out = {"judge_fd": max(0.0, fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"])}
-    kid = kid_features_to_metric(a, b, kid_subsets=KID_SUBSETS, kid_subset_size=min(KID_SUBSET, max(2, min(len(a), len(b)) // 2)),
-                                 kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
-                                 kid_kernel_poly_coef0=1, rng_seed=2020, verbose=False)
+    subset = min(KID_SUBSET, max(2, min(len(a), len(b)) // 2))
+    kid = kid_features_to_metric(a, b, kid_subsets=KID_SUBSETS, kid_subset_size=subset, kid_kernel="poly",
+                                 kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1,
+                                 rng_seed=2020, verbose=False)
     out["judge_kid"], out["judge_kid_sd"] = kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]
     if min(len(a), len(b)) > PRC_NEIGHBOURS:
         prc = prc_features_to_metric(a, b, prc_neighborhood=PRC_NEIGHBOURS, prc_batch_size=10000, save_cpu_ram=False,
@@ -185,7 +186,7 @@ def judge_real(judge: Judge, images: np.ndarray, labels: np.ndarray, n: int) -> 
 
 @torch.no_grad()
 def content_metrics(model, real: JudgedReal, z: torch.Tensor, device: torch.device) -> Dict[str, float]:
-    """The judge's view of decoded prior samples z against the real images: sample_scores' judge_* (lower FD and
+    """The judge's view of decoded prior samples z against the real images: prior_scores' judge_* (lower FD and
     KID, higher precision, recall and coverage, density near 1 are better), recon_accuracy (the judge's accuracy on
     the reconstructions, posterior means, of those images) and judge_accuracy (on the images themselves: the
     ceiling recon_accuracy can reach) with judge_chance (always guessing the commonest class). A judge at chance
@@ -197,16 +198,25 @@ def content_metrics(model, real: JudgedReal, z: torch.Tensor, device: torch.devi
                     "commonest class %.3f over %d images), so its features would score noise as well as data; "
                     "more train images per class, or eval.judge=false", real.accuracy, real.chance, len(real.labels))
         return out
+    n = min(len(real.x), len(z))
     was_training = model.training
     model.eval()
-    n = min(len(real.x), len(z))
-    samples = torch.cat([model.likelihood.mean(model.decode(z[i: i + 512].to(device))).float().cpu()
-                         for i in range(0, n, 512)])
     recons = torch.cat([model.likelihood.mean(model.decode(model.encode(real.x[i: i + 512].to(device))[0])).float()
                         .cpu() for i in range(0, n, 512)])
     model.train(was_training)
     out["recon_accuracy"] = accuracy(real.judge, recons, real.labels[:n])
-    return {**sample_scores(features(real.judge, samples), real.features[:n]), **out}
+    return {**prior_scores(model, real, z[:n], device), **out}
+
+
+@torch.no_grad()
+def prior_scores(model, real: JudgedReal, z: torch.Tensor, device: torch.device) -> Dict[str, float]:
+    """sample_scores of the decoder means at latents z (any prior's samples) against as many of the real images."""
+    was_training = model.training
+    model.eval()
+    samples = torch.cat([model.likelihood.mean(model.decode(z[i: i + 512].to(device))).float().cpu()
+                         for i in range(0, len(z), 512)])
+    model.train(was_training)
+    return sample_scores(features(real.judge, samples), real.features[: len(z)])
 
 
 def sample_quality(model, real: JudgedReal, images: int, device: torch.device, split: str = "test") -> Dict[str, float]:

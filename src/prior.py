@@ -19,7 +19,8 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .judge import JudgedReal, content_metrics
+from .data import eval_batches
+from .judge import JudgedReal, prior_scores
 from .rundir import RunDir, atomic_write
 from .visuals import save_samples
 
@@ -100,18 +101,18 @@ def encoded_means(model, images: np.ndarray, n: int, batch: int, device: torch.d
     """(min(n, N), D) posterior means of the first n of uint8 images (N, C, H, W), in eval mode."""
     was_training = model.training
     model.eval()
-    means = [model.encode(torch.from_numpy(np.array(images[i: i + batch])).to(device).float().div(255))[0].float().cpu()
-             for i in range(0, min(n, len(images)), batch)]
+    means = [model.encode(x)[0].float().cpu() for x in eval_batches(images[:n], batch, device)]
     model.train(was_training)
     return torch.cat(means).numpy()
 
 
 def mixture_quality(model, train_images: np.ndarray, real: Optional[JudgedReal], cfg, device: torch.device,
-                    run_dir: Path, step: int, split: str = "test") -> Dict[str, float]:
+                    run_dir: Path, step: int, split: str = "test", grid: bool = True) -> Dict[str, float]:
     """The mixture prior of the checkpoint at `step`: fitted to the posterior means of the first eval.gmm_images
     train images, saved as run_dir/prior_gmm.npz, its samples drawn as samples_gmm.png; with a judge that beats
     chance, its eval.fid_images samples scored against the real images of `split` as the standard prior's are:
-    <split>/gmm_judge_*. The one definition the final eval and src.evaluate share."""
+    <split>/gmm_judge_*. The one definition the final eval and src.evaluate share. `grid` False: no samples_gmm.png
+    (another checkpoint than the run's last: the grid stays beside samples.png, of the same checkpoint)."""
     codes = encoded_means(model, train_images, cfg.eval.gmm_images, cfg.data.eval_batch_size, device)
     codes = codes[np.isfinite(codes).all(1)]  # an image the encoder maps to inf has no place in a density
     if len(codes) == 0:
@@ -120,16 +121,16 @@ def mixture_quality(model, train_images: np.ndarray, real: Optional[JudgedReal],
     prior = fit_mixture(codes, cfg.eval.gmm_components, step)
     prior.save(run_dir / GMM_FILE)
     z = prior.sample(max(cfg.eval.fid_images, cfg.trainer.num_samples), torch.Generator().manual_seed(GMM_SEED))
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():  # the grid samples.png is, from this prior
-        save_samples(model, z[: cfg.trainer.num_samples].to(device), run_dir / GMM_GRID)
-    model.train(was_training)
+    if grid:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():  # the grid samples.png is, from this prior
+            save_samples(model, z[: cfg.trainer.num_samples].to(device), run_dir / GMM_GRID)
+        model.train(was_training)
     log.info("Mixture prior: %d components fitted to %d encoded train images (%s, %s)", len(prior.weights),
              len(codes), GMM_FILE, GMM_GRID)
     out = {f"{split}/gmm_components": len(prior.weights)}
     if real is None or real.at_chance():  # (sample_quality said why, once)
         return out
-    scores = content_metrics(model, real, z[: cfg.eval.fid_images], device)
-    return {**out, **{f"{split}/gmm_{k}": v for k, v in scores.items()
-                      if k.startswith("judge_") and k not in ("judge_accuracy", "judge_chance")}}
+    scores = prior_scores(model, real, z[: min(cfg.eval.fid_images, len(real.x))], device)
+    return {**out, **{f"{split}/gmm_{k}": v for k, v in scores.items()}}
