@@ -38,6 +38,13 @@ from src.rundir import RunDir, SweepDir, read_summary
 log = logging.getLogger(__name__)
 
 
+def folder_of(overrides: Sequence[str], idx: int) -> str:
+    """A member's folder in the sweep dir: its job number, or the subdir a sweeper chose for it (the Optuna sweeper
+    names a trial's folder by its trial number: `hydra.sweep.subdir=<n>`)."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.subdir=")]
+    return given[-1] if given else str(idx)
+
+
 class Unit:
     """What one submitit job runs: one member the ordinary way (Hydra's run_job, as the submitit launchers do), or a
     pack of members (src.train.pack_main). Returns the members' JobReturns, in order."""
@@ -52,6 +59,10 @@ class Unit:
     @property
     def indices(self) -> List[int]:
         return [idx for _, idx in self.members]
+
+    @property
+    def folders(self) -> List[str]:
+        return [folder_of(overrides, idx) for overrides, idx in self.members]
 
     def __call__(self) -> List[JobReturn]:
         if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # inherited from a local job's controller, which
@@ -278,8 +289,11 @@ class KeepGoing:
 
     @staticmethod
     def _job_name(unit: Unit, job: Any) -> str:
-        members = unit.indices
-        who = f"member {members[0]}" if len(members) == 1 else f"pack of members {members[0]}-{members[-1]}"
+        members = unit.folders
+        numbers = [int(m) for m in members if m.isdigit()]
+        span = f"{members[0]}-{members[-1]}" if numbers == list(range(numbers[0], numbers[0] + len(members))) \
+            else ", ".join(members)  # (a study's rung: its trials' folders)
+        who = f"member {members[0]}" if len(members) == 1 else f"pack of members {span}"
         return f"{who} (job {job.job_id})"
 
     def _ended(self, jobs: List[Any]) -> Dict[str, str]:
@@ -305,13 +319,13 @@ class KeepGoing:
             return value if outcome == "success" else job.results()[0]  # (the latter raises the job's own error)
         except submitit.core.utils.UncompletedJobError:
             lost = []
-            for idx in unit.indices:
-                summary = read_summary(RunDir(sweep.root / str(idx)))
+            for idx, folder in zip(unit.indices, unit.folders):
+                summary = read_summary(RunDir(sweep.root / folder))
                 own = f"; its summary: {summary.get('status')}: {summary.get('error')}" if summary else ""
                 state = "unknown" if state is None else state
-                log.error("member %d (job %s%s) ended without a result%s; the other members go on",
-                          idx, job.job_id, f", state {state}" if state else "", own)
-                sweep.note(sweep.lost, member=idx, job=str(job.job_id), state=state)
+                log.error("member %s (job %s%s) ended without a result%s; the other members go on",
+                          folder, job.job_id, f", state {state}" if state else "", own)
+                sweep.note(sweep.lost, member=folder, job=str(job.job_id), state=state)
                 lost.append(job_return(None, float("nan")))
             return lost
 
@@ -393,10 +407,10 @@ class Packing:
         for idx, o in overrides.items():
             kind, what = self._plan(configs[idx])
             if kind == "done":
-                log.info("member %d finished already; skipped", idx)
+                log.info("member %s finished already; skipped", folder_of(o, idx))
                 done[idx] = what
             elif kind == "solo":
-                log.info("member %d runs on its own: %s", idx, what)
+                log.info("member %s runs on its own: %s", folder_of(o, idx), what)
                 solo.append(idx)
             else:
                 groups.setdefault(what, []).append(idx)
@@ -407,7 +421,8 @@ class Packing:
                 if len(chunk) < self.min_members:
                     solo += chunk
                     continue
-                log.info("pack %d: members %s (engine %s)", len(units), ", ".join(map(str, chunk)), self.engine)
+                log.info("pack %d: members %s (engine %s)", len(units),
+                         ", ".join(folder_of(overrides[i], i) for i in chunk), self.engine)
                 units.append(Unit(self, [(overrides[i], i) for i in chunk], packed=True,
                                   configs=[configs[i] for i in chunk]))
         return units + [Unit(self, [(overrides[i], i)], packed=False) for i in sorted(solo)], done
