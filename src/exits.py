@@ -269,6 +269,11 @@ def _one_line_hydra_errors(run_and_report: Callable) -> Callable:
             except SweepInterrupted as e:  # a submitit sweep's driver stopped, its local jobs with it
                 log.error("%s", e)
                 sys.exit(e.exit_code)
+            except ConfigError as e:  # a sweeper's own check (the Optuna sweeper's search space, its study)
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"Config error: {e}", file=sys.stderr)
+                sys.exit(2)
             except (HydraException, OmegaConfBaseException) as e:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise

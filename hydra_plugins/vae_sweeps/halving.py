@@ -158,7 +158,7 @@ class HalvingSweeper(Sweeper):
                 why = summary.get("error") or (f"{self.metric} is {value}" if status == "finished" else
                                                f"it ended {status or 'without a summary'}")
                 trial.set_user_attr("error", str(why)[:500])
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                _tell(study, trial, state=optuna.trial.TrialState.FAIL)
                 log.warning("Trial %d failed at rung %d: %s", frozen.number, rung, why)
                 continue
             # what the pruner had recorded of this trial before this rung (see _judge)
@@ -183,7 +183,7 @@ class HalvingSweeper(Sweeper):
             for frozen, trial in zip(trials, live):
                 value = study._storage.get_trial(frozen._trial_id).intermediate_values[budget]
                 trial.set_user_attr("judged", budget)
-                study.tell(trial, value)
+                _tell(study, trial, value)
                 log.info("Trial %d complete: %s=%.4g", frozen.number, self.metric, value)
             return
         for trial in live:  # each records its rung value in the study (its own verdict here is not the one kept)
@@ -196,7 +196,7 @@ class HalvingSweeper(Sweeper):
             before.system_attrs = {k: v for k, v in now.system_attrs.items() if k in kept}
             value = now.intermediate_values[budget]
             if study.pruner.prune(study, before):
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 log.info("Trial %d pruned at rung %d: %s=%.4g", trial.number, rung, self.metric, value)
             else:
                 trial.set_user_attr("judged", budget)
@@ -243,3 +243,14 @@ class HalvingSweeper(Sweeper):
                     raise ConfigError(f"the search space of {key} reaches {studies.value_text(value)}, where: {e}") \
                         from None
 
+
+
+def _tell(study: Any, trial: Any, value: Optional[float] = None, state: Any = None) -> None:
+    """Optuna's `study.tell`. The grid sampler, its grid used up, asks the study to stop from inside tell, which
+    Optuna allows only inside `study.optimize` (the trial's state is stored all the same): here n_trials ends the
+    study, so that request is moot."""
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
