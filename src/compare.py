@@ -15,6 +15,10 @@ Finds every run under the given folders and writes into `<first dir>/compare/`:
   (same z, same inputs), enlarged pixel for pixel and captioned with the swept values;
 - report.html: what was compared (fixed settings, swept keys), the table and every figure, each with a line on
   how to read it.
+A study of `hydra/sweeper=optuna_halving` (a sweep dir with study.db) is compared as its complete trials, with
+study.csv (every trial: state, the budget it reached, its value there, its parameters) and, first in the report,
+the best trial and its parameters, the pruned trials apart with their last rung's value, and Optuna's plots
+(study_rungs.png, study_history.png, study_importance.png).
 The collecting is comparison.py, the drawing report.py. With --wandb the same table, figures and montages go to W&B as one summary run in the sweep's group.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from . import study as studies
 from .comparison import Comparison, CompareError, collect, newest_sweep
 from .report import COLUMNS, HOW_TO_READ, PAPER_COLUMNS, ColumnError, display_table, header_lines, render
 
@@ -39,23 +44,26 @@ def compare(dirs: List[Path], out: Optional[Path] = None, wandb: bool = False,
     """Collect the runs under `dirs`, draw the table, plots, montages and report into `out` (default
     <first dir>/compare; `paper`: settings.tex's metric columns), and with `wandb` log them as one W&B run; returns
     the comparison."""
-    c = collect(dirs)
+    path = studies.find_study(dirs[0])
+    study = studies.load(path) if path is not None else None
+    c = collect(dirs, studies.pruned_folders(study, dirs[0]) if study is not None else ())
     out = out or dirs[0] / "compare"
-    figures = render_whole(c, out, dirs, paper)
+    figures = render_whole(c, out, dirs, paper, study)
     log.info("Compared %d runs (%d finished) -> %s", len(c.table), c.finished(), out)
     if wandb:
         log_to_wandb(c, figures, out, dirs[0])
     return c
 
 
-def render_whole(c: Comparison, out: Path, dirs: List[Path], paper: Optional[List[str]] = None) -> List[str]:
+def render_whole(c: Comparison, out: Path, dirs: List[Path], paper: Optional[List[str]] = None,
+                 study: Optional[object] = None) -> List[str]:
     """render() into a folder beside `out`, then each file moved into `out` (os.replace: whole or not at all): a
     comparison stopped while drawing (Ctrl-C, a full disk) leaves the previous one as it was. Nothing else in
     `out` is touched (its wandb/, a user's own files)."""
     out.mkdir(parents=True, exist_ok=True)
     new = out.with_name(f".{out.name}.new-{os.getpid()}")
     try:
-        figures = render(c, new, dirs, paper)
+        figures = render(c, new, dirs, paper, study)
         for made in sorted(new.iterdir()):
             os.replace(made, out / made.name)
     finally:
@@ -123,6 +131,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("Interrupted: the comparison was not written (the previous one, if any, is as it was); run the same "
               "command again", file=sys.stderr)
         return 130
+    path = studies.find_study(args.dirs[0])
+    if path is not None:
+        study = studies.load(path)
+        print("\n".join(studies.summary_lines(study, study.user_attrs.get("settings", {}).get("metric", "value"))))
     print("\n".join(header_lines(c)))
     print(display_table(c).to_string(index=False))
     return 0

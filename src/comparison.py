@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -243,10 +243,12 @@ def read_run(run: Path) -> Dict[str, object]:
             "summary": summary, "evaluated": careful[0].name if careful else None}
 
 
-def collect(dirs: List[Path]) -> Comparison:
-    """The runs under `dirs` (sweep or run folders, searched recursively), compared; the first folder is the
-    root their names are relative to and whose multirun.yaml orders the swept keys."""
-    paths = find_runs(dirs)
+def collect(dirs: List[Path], leave_out: Sequence[Path] = ()) -> Comparison:
+    """The runs under `dirs` (sweep or run folders, searched recursively), but those in `leave_out` (a study's
+    pruned trials), compared; the first folder is the root their names are relative to and whose multirun.yaml
+    orders the swept keys."""
+    gone = {Path(p).resolve() for p in leave_out}
+    paths = [p for p in find_runs(dirs) if p.resolve() not in gone]
     if not paths:
         raise CompareError(f"no runs under {', '.join(map(str, dirs))}: a run folder holds .hydra/config.yaml "
                            "or summary.json (point at outputs/sweeps/<date>/<time> or a run folder)")

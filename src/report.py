@@ -24,6 +24,7 @@ from .config import applies  # noqa: E402
 from .comparison import KINDS, STILL_FALLING, Comparison, fmt, metric_rows  # noqa: E402
 from .naming import short_names  # noqa: E402
 from .rundir import RunDir  # noqa: E402
+from . import study as studies  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,12 @@ HOW_TO_READ = {
     "traversals_montage.png": "Each run walks one latent dim per row from -3 to +3 (columns), the others held at "
                               "the same image's posterior mean: the two rows with most KL, then the two with least, "
                               "each labelled with its dim and KL. A row that does not change is a collapsed dim.",
+    **studies.STUDY_FIGURES,
 }
-TITLES = {"collapse.png": "Posterior collapse and holes", "blur.png": "Blur", "quality.png": "Sample quality: fidelity, diversity and holes (the judge)",
+TITLES = {"study_rungs.png": "The study: each trial's value at each rung",
+          "study_history.png": "The study: optimisation history",
+          "study_importance.png": "The study: parameter importances (first rung)",
+          "collapse.png": "Posterior collapse and holes", "blur.png": "Blur", "quality.png": "Sample quality: fidelity, diversity and holes (the judge)",
           "rate_distortion.png": "Rate and distortion", "kl_per_dim.png": "KL per latent dim",
           "learning_curves.png": "Learning curves", "kl_over_training.png": "KL per dim over training",
           "samples_montage.png": "Samples", "reconstructions_montage.png": "Reconstructions",
@@ -917,6 +922,7 @@ figure {{ margin: 14px 0; }} figure img {{ max-width: 100%; }} img.pixels {{ ima
 figcaption {{ font-size: 13px; color: #444; max-width: 900px; }} details {{ font-size: 13px; }}
 </style></head><body>
 <h1>{title}</h1>
+{study}
 <div class="what">{what}</div>
 <h2>Final metrics</h2>
 {table}
@@ -935,8 +941,9 @@ def _vector_link(figure: str) -> str:
     return f' Vector: <a href="{pdf}">{pdf}</a>.'
 
 
-def write_report(c: Comparison, figures: List[str], out: Path, sources: List[Path]) -> None:
-    """report.html: the header, the short table, every figure with its how-to-read line; readable offline."""
+def write_report(c: Comparison, figures: List[str], out: Path, sources: List[Path], study: str = "") -> None:
+    """report.html: the header, the short table, every figure with its how-to-read line; readable offline.
+    `study`: the section of an Optuna study (src/study.py), first."""
     what = "".join(f"<p>{html.escape(line)}</p>" for line in header_lines(c))
     what += f"<p>Runs from {html.escape(', '.join(map(str, sources)))}.</p>"
     figs = "\n".join(
@@ -945,23 +952,29 @@ def write_report(c: Comparison, figures: List[str], out: Path, sources: List[Pat
         f"<figcaption>{html.escape(HOW_TO_READ[f])}{_vector_link(f)}</figcaption></figure>" for f in figures)
     shown = {k: v for k, v in c.fixed.items() if applies(k, c.fixed)}  # not loss.sigma of a Bernoulli decoder
     fixed = pd.DataFrame({"setting": list(shown), "value": [fmt(v) for v in shown.values()]})
+    if study:
+        study = "<h2>The study</h2>" + study
     (out / "report.html").write_text(PAGE.format(
-        title="VAE sweep comparison", what=what, table=display_table(c).to_html(index=False, border=0),
+        title="VAE sweep comparison", what=what, study=study, table=display_table(c).to_html(index=False, border=0),
         figures=figs, n_fixed=len(fixed), fixed=fixed.to_html(index=False, border=0)))
 
 
 
 
-def render(c: Comparison, out: Path, sources: List[Path], paper: Optional[List[str]] = None) -> List[str]:
+def render(c: Comparison, out: Path, sources: List[Path], paper: Optional[List[str]] = None,
+           study: Optional[object] = None) -> List[str]:
     """Write table.csv (one row per run), table.md, settings.csv and settings.tex (one row per setting, mean and
-    sd over seeds), the plots (when some run finished), the montages and report.html into `out`; returns the
-    figures' file names."""
+    sd over seeds), the plots (when some run finished), the montages and report.html into `out`; an Optuna
+    `study` adds study.csv, its plots and its section; returns the figures' file names."""
     out.mkdir(parents=True, exist_ok=True)
+    figures = []
+    if study is not None:
+        studies.trials_table(study).to_csv(out / "study.csv", index=False)
+        figures += studies.draw(study, out)
     c.table.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text("\n\n".join(header_lines(c)) + "\n\n" + display_table(c).to_markdown(index=False)
                                   + "\n")
     export_tables(c, out, paper, label=re.sub(r"[^A-Za-z0-9]+", "-", sources[0].resolve().name).strip("-") or "vae")
-    figures = []
     if c.finished():
         for name, plot in (("collapse.png", plot_collapse), ("blur.png", plot_blur),
                            ("rate_distortion.png", plot_rate_distortion), ("kl_per_dim.png", plot_kl_heatmap)):
@@ -974,5 +987,6 @@ def render(c: Comparison, out: Path, sources: List[Path], paper: Optional[List[s
     for grid in ("samples", "reconstructions", "traversals"):
         if montage(c, f"{grid}.png", out / f"{grid}_montage.png"):
             figures.append(f"{grid}_montage.png")
-    write_report(c, figures, out, sources)
+    metric = study.user_attrs.get("settings", {}).get("metric", "value") if study is not None else ""
+    write_report(c, figures, out, sources, studies.section(study, metric) if study is not None else "")
     return figures

@@ -160,6 +160,14 @@ def trial_folder(trial: Any) -> str:
 # ------------------------------------------------------------------------------- a finished study, read back
 
 
+def pruned_folders(study: Any, sweep_dir: Path) -> List[Path]:
+    """The member folders of the trials that did not reach the full budget (pruned, failed), when some did: the
+    comparison's settings are those of the complete trials, the others a table of their own."""
+    if not any(t.state.name == "COMPLETE" for t in study.trials):
+        return []
+    return [Path(sweep_dir) / str(t.number) for t in study.trials if t.state.name in ("PRUNED", "FAIL")]
+
+
 def find_study(sweep_dir: Path) -> Optional[Path]:
     """The study database of a sweep dir made by the Optuna sweeper, if any."""
     path = Path(sweep_dir) / STUDY_FILE
@@ -196,3 +204,108 @@ def trials_table(study: Any) -> Any:
     rows.sort(key=lambda r: (order[r["state"]], -(r["budget"] or 0),
                              sign * r["value"] if math.isfinite(r["value"]) else math.inf, r["trial"]))
     return pd.DataFrame(rows)
+
+
+STUDY_FIGURES = {
+    "study_rungs.png": "Each trial's value at each rung it reached (Optuna's intermediate values): every trial "
+                       "trains to the first rung, and only the best 1/reduction_factor of a rung goes on; a line that "
+                       "stops early is a pruned trial.",
+    "study_history.png": "The value of each trial that reached the full budget, in the order trials were asked, "
+                         "and the best so far (Optuna's optimisation history). Pruned trials have no final value.",
+    "study_importance.png": "How much of the spread of the first rung's values each searched key explains "
+                            "(Optuna's fANOVA parameter importances over every trial's first-rung value, the one "
+                            "value all trials have): which keys the search should care about.",
+}
+
+
+def first_rung_study(study: Any) -> Any:
+    """An in-memory copy of the study whose trials are complete at their first rung's value: the one value every
+    trial that trained has, so parameter importances see the pruned trials too (Optuna's see complete ones only)."""
+    import optuna
+
+    copy = optuna.create_study(directions=study.directions)
+    first = min((min(t.intermediate_values) for t in study.trials if t.intermediate_values), default=None)
+    if first is not None:
+        copy.add_trials([optuna.trial.create_trial(params=t.params, distributions=t.distributions,
+                                                   value=t.intermediate_values[first])
+                         for t in study.trials if first in t.intermediate_values])
+    return copy
+
+
+def draw(study: Any, out: Path) -> List[str]:
+    """The study's figures (Optuna's own matplotlib plots, axes named in our units) into `out`, PNG and PDF;
+    returns their file names."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    made = []
+    settings = study.user_attrs.get("settings", {})
+    metric, budget = settings.get("metric", "value"), settings.get("budget_key", "budget")
+    labels = {"study_rungs.png": (budget, metric), "study_history.png": ("trial (in the order asked)", metric),
+              "study_importance.png": (f"importance for the first rung's {metric}", None)}
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    by_rung = first_rung_study(study)
+    plots = (("study_rungs.png", lambda: ov.plot_intermediate_values(study), any(t.intermediate_values
+                                                                                for t in study.trials)),
+             ("study_history.png", lambda: ov.plot_optimization_history(study), bool(complete)),
+             ("study_importance.png", lambda: ov.plot_param_importances(by_rung), len(by_rung.trials) >= 2))
+    for name, plot, drawable in plots:
+        if not drawable:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+            ax = plot()
+        fig = ax.figure
+        x, y = labels[name]
+        ax.set_xlabel(x)
+        if y:
+            ax.set_ylabel(y)
+        if ax.get_legend() is not None and name == "study_importance.png":
+            ax.get_legend().remove()
+        fig.set_size_inches(7.5, 4.2)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        fig.savefig((out / name).with_suffix(".pdf"))
+        plt.close(fig)
+        made.append(name)
+    return made
+
+
+def summary_lines(study: Any, metric: str) -> List[str]:
+    """What the study did, and its best trial with its parameters."""
+    table = trials_table(study)
+    params = [c for c in table.columns if c not in ("trial", "state", "budget", "value")]
+    counts = table["state"].value_counts()
+    settings = study.user_attrs.get("settings", {})
+    lines = [f"Study: {len(table)} trials: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+             + f"; rungs {', '.join(map(str, settings.get('rungs', [])))} of {settings.get('budget_key', 'the budget')}; "
+             f"the value is {metric} ({study.direction.name.lower()}d); a trial's member folder is its number."]
+    complete = table[table["state"] == "complete"]
+    if len(complete):
+        best = complete.iloc[0]
+        lines.append(f"Best trial {best['trial']}: {metric} = {best['value']:.4g} at {best['budget']}; "
+                     + ", ".join(f"{k} = {best[k]:.4g}" if isinstance(best[k], float) else f"{k} = {best[k]}"
+                                 for k in params) + ".")
+    return lines
+
+
+def section(study: Any, metric: str) -> str:
+    """The report's study section (HTML): the best trial and its parameters first, then every trial that reached
+    the full budget, then the pruned ones with their last rung's value, then the failed ones with why."""
+    import html
+
+    table = trials_table(study)
+    text = "".join(f"<p>{html.escape(line)}</p>" for line in summary_lines(study, metric))
+    shown = table.rename(columns={"value": metric})
+    for state, title in (("complete", "Trials that reached the full budget (best first)"),
+                         ("pruned", "Pruned trials, with their last rung's value (best first)"),
+                         ("fail", "Failed trials")):
+        part = shown[shown["state"] == state].drop(columns="state")
+        if state == "fail":
+            part = part.assign(error=[next((t.user_attrs.get("error", "") for t in study.trials
+                                            if t.number == n), "") for n in part["trial"]])
+        if len(part):
+            text += f"<h3>{html.escape(title)}</h3>" + part.to_html(index=False, border=0, float_format="{:.4g}".format)
+    return text
