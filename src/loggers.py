@@ -188,6 +188,27 @@ def wandb_run_id(run_dir: Path) -> str:
 STOPPED_TAG = "interrupted"  # on W&B: a run stopped on purpose (Ctrl-C, SIGTERM), resumable
 
 
+def tag_ended_run(run_dir: Path, config: Dict[str, Any], hydra_cfg: Any, tags: Sequence[str],
+                  summary: Dict[str, Any]) -> None:
+    """Tags and summary keys for a run that has ended and will not train again (a study's pruned trial): its W&B
+    run resumed for a moment under its own id and logger settings (`config`: its nested record), its tags those it
+    had plus `tags`. Nothing for a run without a W&B run; a W&B failure here is one warning."""
+    cfg = LoggerConfig(**config.get("logger", {}))
+    if cfg.name != "wandb" or not RunDir(run_dir).wandb_run_id.is_file():
+        return
+    from .config import applying
+
+    try:
+        run = start_wandb(cfg, Path(run_dir), applying(config), hydra_cfg=hydra_cfg, quiet=True)
+        if run is not None:
+            run.tags = (*(run.tags or ()), *tags)
+            run.summary.update(summary)
+            run.finish()
+    except Exception as e:  # the study must not stop for a dashboard's tag
+        log.warning("W&B could not tag the run in %s %s (%s: %s)", run_dir, list(tags), type(e).__name__,
+                    str(e).splitlines()[0][:160] if str(e) else "")
+
+
 class RunLogger:
     """Appends one flat JSON line per call to `<run_dir>/metrics.jsonl`, and mirrors it to W&B when on."""
 

@@ -56,18 +56,24 @@ def group_name(folder: Path) -> str:
     return folder.name
 
 
+def is_multirun(hydra_cfg: Any) -> bool:
+    """Whether a Hydra config (live, or read back from a run's .hydra/hydra.yaml, where the mode is its name) is
+    a multirun member's."""
+    from hydra.types import RunMode
+
+    return hydra_cfg.mode in (RunMode.MULTIRUN, RunMode.MULTIRUN.name)
+
+
 def run_identity(run_dir: Path, group: Optional[str] = None, hydra_cfg: Any = None) -> Tuple[str, str]:
     """(name, group) of a run on W&B: its swept keys and their values ("beta=4 latent_dim=16"), grouped under
     `logger.group` or the sweep folder's name; a lone run is named by its overrides and grouped by its folder.
     `hydra_cfg`: the run's Hydra config (its `hydra` node); without one (a run started from Python), the folder."""
-    from hydra.types import RunMode
-
     group = group or os.environ.get("WANDB_RUN_GROUP")
     if hydra_cfg is None:
         return run_dir.name, group or group_name(run_dir)
     hc = hydra_cfg
     given = {k: o.get_value_element_as_str() for k, o in result_overrides(hc.overrides.task).items()}
-    multirun = hc.mode == RunMode.MULTIRUN
+    multirun = is_multirun(hc)
     keys = [k for k in swept_keys(hc.sweep.dir) if k in given] if multirun else list(given)
     name = " ".join(f"{short}={given[k]}" for k, short in short_names(keys).items()) or "defaults"
     return name, group or group_name(Path(hc.sweep.dir if multirun else hc.run.dir))
@@ -81,10 +87,8 @@ TAG_KEYS = {"data.name": "data", "data.image_size": "image_size", "model.name": 
 def run_tags(config: Dict[str, Any], hydra_cfg: Any = None) -> List[str]:
     """W&B tags of a training run: its main settings that its sweep does not vary ("data=shapes",
     "likelihood=bernoulli"), so runs of many sweeps can be filtered by what they share."""
-    from hydra.types import RunMode
-
     swept = []
-    if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+    if hydra_cfg is not None and is_multirun(hydra_cfg):
         swept = swept_keys(hydra_cfg.sweep.dir)
     tags = []
     for key, tag in TAG_KEYS.items():

@@ -178,3 +178,25 @@ def test_a_study_resumed_with_another_search_space_is_refused_naming_what_change
     assert proc.returncode == 2
     [line] = [x for x in proc.stderr.splitlines() if x.strip()]
     assert "other space" in line and "loss.beta" in line and "hydra.sweeper.study_name" in line, line
+
+
+@pytest.mark.slow  # W&B's service, a run per rung and per pruned trial
+def test_each_trial_is_a_wandb_run_named_by_its_values_and_a_pruned_one_is_tagged_with_its_rung(cache_dir, tmp_path):
+    from tests.conftest import leet
+
+    sweep_dir = tmp_path / "s"
+    args = [a for a in study_args(cache_dir, sweep_dir) if not a.startswith(("logger=", "hydra.sweeper.n_trials",
+                                                                              "hydra.sweeper.max_budget"))]
+    proc = run_cli([*args, "logger=wandb", "logger.mode=offline", "hydra.sweeper.n_trials=3",
+                    "hydra.sweeper.max_budget=6"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = load(sweep_dir)
+    for t in study.trials:
+        shown = leet(sweep_dir / str(t.number) / "wandb", summary=True)
+        pruned = t.state == optuna.trial.TrialState.PRUNED
+        assert ("pruned" in shown["tags"]) == pruned and ("rung=0" in shown["tags"]) == pruned, (t.number, shown)
+        if pruned:
+            assert {"study/state": "pruned", "study/rung": 0, "study/max_steps": 2}.items() <= shown["summary"].items()
+        assert shown["name"] == f"lr={t.params['optimizer.lr']!r} beta={t.params['loss.beta']!r}", shown  # as trained
+        assert not any(tag.startswith(("beta=", "max_steps")) for tag in shown["tags"])  # swept: in the name
+    assert [t.state for t in study.trials].count(optuna.trial.TrialState.PRUNED) == 2

@@ -198,9 +198,27 @@ class HalvingSweeper(Sweeper):
             if study.pruner.prune(study, before):
                 _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 log.info("Trial %d pruned at rung %d: %s=%.4g", trial.number, rung, self.metric, value)
+                self._tag_pruned(trial.number, rung, budget)
             else:
                 trial.set_user_attr("judged", budget)
                 log.info("Trial %d goes on from rung %d: %s=%.4g", trial.number, rung, self.metric, value)
+
+    def _tag_pruned(self, number: int, rung: int, budget: int) -> None:
+        """A pruned trial's W&B run tagged `pruned` and `rung=<r>` (the rung it reached), with study/* summary keys:
+        it never trains again, so its run is resumed for a moment to say so."""
+        from src.identity import RecordError, recorded_config
+        from src.loggers import tag_ended_run
+
+        member = Path(str(self.config.hydra.sweep.dir)) / str(number)
+        try:
+            config = recorded_config(member)
+        except RecordError:
+            return
+        hydra_file = member / ".hydra" / "hydra.yaml"
+        if config is None or not hydra_file.is_file():
+            return
+        tag_ended_run(member, config, OmegaConf.load(hydra_file).hydra, ["pruned", f"rung={rung}"],
+                      {"study/state": "pruned", "study/rung": rung, f"study/{self.budget_key.split('.')[1]}": budget})
 
     def _tell_the_end(self, study: Any) -> None:
         table = studies.trials_table(study)
