@@ -91,8 +91,12 @@ class HalvingSweeper(Sweeper):
                  ", ".join(map(str, self.budgets)), self.budget_key, self.pruner_name,
                  f"; resuming with {done} trials begun" if done else "")
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")  # the sweep's record, as Hydra's basic sweeper's
-        while self._step(study, space):
-            pass
+        try:
+            while self._step(study, space):
+                pass
+        except KeyboardInterrupt:  # Ctrl-C between rungs (asking, judging): what is told is kept, as always
+            raise SweepInterrupted(f"Interrupted by SIGINT: the study keeps every trial told so far; resume it with: "
+                                   f"{resume_sweep_command(str(sweep_dir))}", 130) from None
         self._tell_the_end(study)
 
     def _step(self, study: Any, space: Dict[str, Any]) -> bool:
@@ -105,7 +109,8 @@ class HalvingSweeper(Sweeper):
         unjudged = [t for t in running if t.intermediate_values and
                     t.user_attrs.get("judged") != max(t.intermediate_values)]
         if unjudged:
-            self._judge(study, unjudged, max(unjudged[0].intermediate_values))
+            at = max(unjudged[0].intermediate_values)
+            self._judge(study, [t for t in unjudged if max(t.intermediate_values) == at], at)
             return True
         if not running:
             if len(trials) >= self.n_trials:
