@@ -262,8 +262,9 @@ def draw(study: Any, out: Path) -> List[str]:
         ax.set_xlabel(x)
         if y:
             ax.set_ylabel(y)
-        if ax.get_legend() is not None and name == "study_importance.png":
-            ax.get_legend().remove()
+        legend = ax.get_legend()
+        if legend is not None and (name == "study_importance.png" or len(study.trials) > 12):
+            legend.remove()  # one entry per trial: beyond a dozen it hides the plot (study.csv names them)
         fig.set_size_inches(7.5, 4.2)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)

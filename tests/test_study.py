@@ -200,3 +200,27 @@ def test_each_trial_is_a_wandb_run_named_by_its_values_and_a_pruned_one_is_tagge
         assert shown["name"] == f"lr={t.params['optimizer.lr']!r} beta={t.params['loss.beta']!r}", shown  # as trained
         assert not any(tag.startswith(("beta=", "max_steps")) for tag in shown["tags"])  # swept: in the name
     assert [t.state for t in study.trials].count(optuna.trial.TrialState.PRUNED) == 2
+
+
+def test_compare_on_a_study_puts_the_best_trial_first_and_the_pruned_apart(study_dir, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "cmp"
+    proc = run_cli([str(study_dir), "--out", str(out)], module="src.compare")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    study = load(study_dir)
+    best = study.best_trial
+    trials = pd.read_csv(out / "study.csv")
+    assert list(trials["trial"])[0] == best.number and list(trials["state"]) == ["complete"] + ["pruned"] * 8
+    pruned = trials[trials["state"] == "pruned"]
+    assert list(pruned["budget"]) == sorted(pruned["budget"], reverse=True)  # the furthest first, then by value
+    for _, row in pruned.iterrows():  # each with its last rung's value
+        assert row["value"] == study.trials[row["trial"]].intermediate_values[row["budget"]]
+    assert list(pd.read_csv(out / "table.csv", dtype={"run": str})["run"]) == [str(best.number)]  # the settings compared: complete trials
+    page = (out / "report.html").read_text()
+    assert page.index(f"Best trial {best.number}: val/neg_elbo = {best.value:.4g}") < page.index("Pruned trials")
+    assert page.index("Pruned trials") < page.index("Final metrics")
+    for figure in ("study_rungs", "study_history", "study_importance"):
+        assert (out / f"{figure}.png").stat().st_size > 10_000 and (out / f"{figure}.pdf").is_file()
+        assert f'src="{figure}.png"' in page
+    assert proc.stdout.startswith("Study: 9 trials: 8 pruned, 1 complete")
