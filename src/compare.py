@@ -33,7 +33,7 @@ from typing import List, Optional
 
 from . import study as studies
 from .comparison import Comparison, CompareError, collect, newest_sweep
-from .report import COLUMNS, HOW_TO_READ, PAPER_COLUMNS, ColumnError, display_table, header_lines, render
+from .report import COLUMNS, PAPER_COLUMNS, ColumnError, display_table, header_lines, how_to_read, render
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def log_to_wandb(c: Comparison, figures: List[str], out: Path, sweep: Path) -> N
         return
     run.notes = "\n".join(header_lines(c))
     run.log({"compare/runs": wb.Table(dataframe=_typed(c.table)), "compare/settings": wb.Table(dataframe=_typed(c.stats())),
-             **{f"compare/{f.removesuffix('.png')}": wb.Image(str(out / f), caption=HOW_TO_READ[f]) for f in figures}})
+             **{f"compare/{f.removesuffix('.png')}": wb.Image(str(out / f), caption=how_to_read(f)) for f in figures}})
     run.summary.update({"runs": len(c.table), "finished": c.finished()})
     run.finish()
     log.info("Logged the comparison to W&B group %r (%s)", group, out / "wandb")

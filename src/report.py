@@ -95,12 +95,8 @@ HOW_TO_READ = {
     "traversals_montage.png": "Each run walks one latent dim per row from -3 to +3 (columns), the others held at "
                               "the same image's posterior mean: the two rows with most KL, then the two with least, "
                               "each labelled with its dim and KL. A row that does not change is a collapsed dim.",
-    **studies.STUDY_FIGURES,
 }
-TITLES = {"study_rungs.png": "The study: each trial's value at each rung",
-          "study_history.png": "The study: optimisation history",
-          "study_importance.png": "The study: parameter importances (first rung)",
-          "collapse.png": "Posterior collapse and holes", "blur.png": "Blur", "quality.png": "Sample quality: fidelity, diversity and holes (the judge)",
+TITLES = {"collapse.png": "Posterior collapse and holes", "blur.png": "Blur", "quality.png": "Sample quality: fidelity, diversity and holes (the judge)",
           "rate_distortion.png": "Rate and distortion", "kl_per_dim.png": "KL per latent dim",
           "learning_curves.png": "Learning curves", "kl_over_training.png": "KL per dim over training",
           "samples_montage.png": "Samples", "reconstructions_montage.png": "Reconstructions",
@@ -933,6 +929,15 @@ figcaption {{ font-size: 13px; color: #444; max-width: 900px; }} details {{ font
 """
 
 
+def how_to_read(figure: str) -> str:
+    """A figure's line on how to read it: a comparison's (HOW_TO_READ) or a study's (src/study.py)."""
+    return HOW_TO_READ[figure] if figure in HOW_TO_READ else studies.STUDY_FIGURES[figure][1]
+
+
+def title(figure: str) -> str:
+    return TITLES[figure] if figure in TITLES else studies.STUDY_FIGURES[figure][0]
+
+
 def _vector_link(figure: str) -> str:
     """A plot's PDF beside its PNG, for a paper (montages are pixels: PNG only)."""
     if "montage" in figure:
@@ -947,9 +952,9 @@ def write_report(c: Comparison, figures: List[str], out: Path, sources: List[Pat
     what = "".join(f"<p>{html.escape(line)}</p>" for line in header_lines(c))
     what += f"<p>Runs from {html.escape(', '.join(map(str, sources)))}.</p>"
     figs = "\n".join(
-        f'<h2>{html.escape(TITLES[f])}</h2><figure>'
+        f'<h2>{html.escape(title(f))}</h2><figure>'
         f'<img src="{html.escape(f)}"{" class=pixels" if "montage" in f else ""} alt="{html.escape(f)}">'
-        f"<figcaption>{html.escape(HOW_TO_READ[f])}{_vector_link(f)}</figcaption></figure>" for f in figures)
+        f"<figcaption>{html.escape(how_to_read(f))}{_vector_link(f)}</figcaption></figure>" for f in figures)
     shown = {k: v for k, v in c.fixed.items() if applies(k, c.fixed)}  # not loss.sigma of a Bernoulli decoder
     fixed = pd.DataFrame({"setting": list(shown), "value": [fmt(v) for v in shown.values()]})
     if study:

@@ -206,15 +206,18 @@ def trials_table(study: Any) -> Any:
     return pd.DataFrame(rows)
 
 
-STUDY_FIGURES = {
-    "study_rungs.png": "Each trial's value at each rung it reached (Optuna's intermediate values): every trial "
-                       "trains to the first rung, and only the best 1/reduction_factor of a rung goes on; a line that "
-                       "stops early is a pruned trial.",
-    "study_history.png": "The value of each trial that reached the full budget, in the order trials were asked, "
-                         "and the best so far (Optuna's optimisation history). Pruned trials have no final value.",
-    "study_importance.png": "How much of the spread of the first rung's values each searched key explains "
-                            "(Optuna's fANOVA parameter importances over every trial's first-rung value, the one "
-                            "value all trials have): which keys the search should care about.",
+STUDY_FIGURES = {  # file -> (the report's title, how to read it)
+    "study_rungs.png": ("The study: each trial's value at each rung",
+                        "Each trial's value at each rung it reached (Optuna's intermediate values): every trial "
+                        "trains to the first rung, and only the best 1/reduction_factor of a rung goes on; a line "
+                        "that stops early is a pruned trial."),
+    "study_history.png": ("The study: optimisation history",
+                          "The value of each trial that reached the full budget, in the order trials were asked, "
+                          "and the best so far (Optuna's optimisation history). Pruned trials have no final value."),
+    "study_importance.png": ("The study: parameter importances (first rung)",
+                             "How much of the spread of the first rung's values each searched key explains "
+                             "(Optuna's fANOVA parameter importances over every trial's first-rung value, the one "
+                             "value all trials have): which keys the search should care about."),
 }
 
 

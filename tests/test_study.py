@@ -202,6 +202,7 @@ def test_each_trial_is_a_wandb_run_named_by_its_values_and_a_pruned_one_is_tagge
     assert [t.state for t in study.trials].count(optuna.trial.TrialState.PRUNED) == 2
 
 
+@pytest.mark.slow  # a whole report with Optuna's plots
 def test_compare_on_a_study_puts_the_best_trial_first_and_the_pruned_apart(study_dir, tmp_path):
     import pandas as pd
 
