@@ -8,8 +8,8 @@ checkpoint into the next rung (the budget-extension resume), never from scratch.
 storage (SQLite in the sweep dir by default): the same command again resumes it. src/study.py holds the vocabulary.
 
 Optuna's pruners are asynchronous (ASHA): a trial goes on when it is in the best 1/reduction_factor of the trials that
-reached the rung before it (the first ones always do). A rung's trials report in trial-number order, so the
-decisions are those of trials finishing in that order: the same on every run and after every resume.
+reached the rung before it, because Optuna cannot pause a trial. Ours pause at every rung, so the pruner judges each
+trial against the whole rung (`_judge`): synchronous successive halving, decided by Optuna's own pruner.
 """
 from __future__ import annotations
 
@@ -229,10 +229,10 @@ class HalvingSweeper(Sweeper):
         table = studies.trials_table(study)
         counts = table["state"].value_counts().to_dict()
         trained = float(table["budget"].fillna(0).sum())
-        full = self.n_trials * self.budgets[-1]
+        full = len(table) * self.budgets[-1]
         log.info("Study %r: %d trials (%s); trained %d of the %d %s a full-budget grid of them would (%.0f%%)",
                  self.study_name, len(table), ", ".join(f"{n} {s}" for s, n in counts.items()), trained, full,
-                 self.budget_key.split(".")[1], 100 * trained / full)
+                 self.budget_key.split(".")[1].removeprefix("max_"), 100 * trained / full)
         complete = table[table["state"] == "complete"]
         if len(complete):
             best = complete.iloc[0]
