@@ -225,3 +225,19 @@ def test_compare_on_a_study_puts_the_best_trial_first_and_the_pruned_apart(study
         assert (out / f"{figure}.png").stat().st_size > 10_000 and (out / f"{figure}.pdf").is_file()
         assert f'src="{figure}.png"' in page
     assert proc.stdout.startswith("Study: 9 trials: 8 pruned, 1 complete")
+
+
+def test_a_hyperband_study_prunes_within_its_brackets_and_trains_less_than_the_grid(cache_dir, tmp_path):
+    sweep_dir = tmp_path / "s"
+    proc = run_cli(study_args(cache_dir, sweep_dir, "hydra.sweeper.pruner=hyperband"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = load(sweep_dir)
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 9 and set(states) == {"COMPLETE", "PRUNED"}
+    for t in study.trials:  # a pruned trial lost to some trial that went on from the same rung
+        if t.state.name == "PRUNED":
+            rung = max(t.intermediate_values)
+            went_on = [u.intermediate_values[rung] for u in study.trials if max(u.intermediate_values) > rung]
+            assert went_on and min(went_on) < t.intermediate_values[rung], t.number
+    steps = sum(len(trained_steps(sweep_dir / str(t.number))) for t in study.trials)
+    assert steps == sum(max(t.intermediate_values) for t in study.trials) < 9 * 18
