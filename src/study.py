@@ -165,7 +165,7 @@ def pruned_folders(study: Any, sweep_dir: Path) -> List[Path]:
     comparison's settings are those of the complete trials, the others a table of their own."""
     if not any(t.state.name == "COMPLETE" for t in study.trials):
         return []
-    return [Path(sweep_dir) / str(t.number) for t in study.trials if t.state.name in ("PRUNED", "FAIL")]
+    return [Path(sweep_dir) / trial_folder(t) for t in study.trials if t.state.name in ("PRUNED", "FAIL")]
 
 
 def find_study(sweep_dir: Path) -> Optional[Path]:
@@ -180,10 +180,10 @@ def load(path: Path) -> Any:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{Path(path).resolve()}"
-    [summary] = optuna.get_all_study_summaries(url)[:1] or [None]
-    if summary is None:
+    names = optuna.get_all_study_names(url)
+    if not names:
         raise ConfigError(f"{path} holds no Optuna study")
-    return optuna.load_study(study_name=summary.study_name, storage=url)
+    return optuna.load_study(study_name=names[0], storage=url)
 
 
 def trials_table(study: Any) -> Any:

@@ -130,10 +130,15 @@ class HalvingSweeper(Sweeper):
         reached = max(trial.intermediate_values, default=0)
         return next(b for b in self.budgets if b > reached)
 
-    def _overrides(self, trial: Any, budget: int) -> List[str]:
+    def _member_overrides(self, values: Dict[str, Any], budget: int) -> List[str]:
+        """A member's overrides: the fixed ones, its values of the searched keys, and the budget (the other budget
+        key null, so it cannot bind first)."""
         other = next(k for k in studies.BUDGET_KEYS if k != self.budget_key)
-        return [*self.fixed, *(f"{k}={studies.value_text(v)}" for k, v in trial.params.items()),
-                f"{self.budget_key}={budget}", f"{other}=null", f"hydra.sweep.subdir={studies.trial_folder(trial)}"]
+        return [*self.fixed, *(f"{k}={studies.value_text(v)}" for k, v in values.items()),
+                f"{self.budget_key}={budget}", f"{other}=null"]
+
+    def _overrides(self, trial: Any, budget: int) -> List[str]:
+        return [*self._member_overrides(trial.params, budget), f"hydra.sweep.subdir={studies.trial_folder(trial)}"]
 
     def _run_rung(self, study: Any, trials: List[Any], budget: int) -> None:
         """Train `trials` to `budget` as one launch; a trial that did not finish is failed in the study, the others
@@ -180,14 +185,14 @@ class HalvingSweeper(Sweeper):
         first each trial's `should_prune` records its rung value in the study, as Optuna's pruner does; then the
         pruner judges each trial once more, as it stood before the rung, now that the whole rung is recorded: the
         best 1/reduction_factor of the rung go on, as in synchronous successive halving (Hyperband: of its bracket).
-        The decision is kept in the trial (PRUNED, or `judged`), so a kill in between is judged again on resume."""
+        The decision is kept in the trial (COMPLETE, PRUNED, or `judged`), so a kill in between is judged again on
+        resume."""
         import optuna
 
         live = [optuna.trial.Trial(study, t._trial_id) for t in trials]
         if budget == self.budgets[-1]:
             for frozen, trial in zip(trials, live):
                 value = study._storage.get_trial(frozen._trial_id).intermediate_values[budget]
-                trial.set_user_attr("judged", budget)
                 _tell(study, trial, value)
                 log.info("Trial %d complete: %s=%.4g", frozen.number, self.metric, value)
             return
@@ -203,18 +208,18 @@ class HalvingSweeper(Sweeper):
             if study.pruner.prune(study, before):
                 _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 log.info("Trial %d pruned at rung %d: %s=%.4g", trial.number, rung, self.metric, value)
-                self._tag_pruned(trial.number, rung, budget)
+                self._tag_pruned(trial, rung, budget)
             else:
                 trial.set_user_attr("judged", budget)
                 log.info("Trial %d goes on from rung %d: %s=%.4g", trial.number, rung, self.metric, value)
 
-    def _tag_pruned(self, number: int, rung: int, budget: int) -> None:
+    def _tag_pruned(self, trial: Any, rung: int, budget: int) -> None:
         """A pruned trial's W&B run tagged `pruned` and `rung=<r>` (the rung it reached), with study/* summary keys:
         it never trains again, so its run is resumed for a moment to say so."""
         from src.identity import RecordError, recorded_config
         from src.loggers import tag_ended_run
 
-        member = Path(str(self.config.hydra.sweep.dir)) / str(number)
+        member = Path(str(self.config.hydra.sweep.dir)) / studies.trial_folder(trial)
         try:
             config = recorded_config(member)
         except RecordError:
@@ -255,10 +260,7 @@ class HalvingSweeper(Sweeper):
         first = {k: ends(d)[0] for k, d in space.items()}
         for key, d in space.items():
             for value in ends(d):
-                chosen = {**first, key: value}
-                overrides = [*self.fixed, *(f"{k}={studies.value_text(v)}" for k, v in chosen.items()),
-                             f"{self.budget_key}={self.budgets[-1]}",
-                             f"{next(k for k in studies.BUDGET_KEYS if k != self.budget_key)}=null"]
+                overrides = self._member_overrides({**first, key: value}, self.budgets[-1])
                 cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
                 try:
                     parse(task_config(cfg))
