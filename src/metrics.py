@@ -153,8 +153,8 @@ def prior_hole_share(mu: torch.Tensor, logvar: torch.Tensor, prior_z: torch.Tens
 
 def _discrete_mi(a: np.ndarray, b: np.ndarray) -> float:
     """Mutual information in nats between two integer label arrays, from their joint histogram."""
-    joint = np.zeros((a.max() + 1, b.max() + 1))
-    np.add.at(joint, (a, b), 1)
+    rows, cols = int(a.max()) + 1, int(b.max()) + 1
+    joint = np.bincount(a.astype(np.int64) * cols + b, minlength=rows * cols).reshape(rows, cols)  # counts (a, b)
     p = joint / joint.sum()
     pa, pb = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
     nz = p > 0

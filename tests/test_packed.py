@@ -88,6 +88,7 @@ def model_of(cfg, state):
 CASES = {  # members for the vmap engine: conv with every packable difference; MLP; Gaussian sigmas and capacity;
     # a learned sigma (a stacked parameter)
     "conv": MEMBERS,
+    "conv_channels_last": MEMBERS,
     "mlp": [["model=mlp", "model.hidden_channels=[32]", "model.latent_dim=2", "seed=0"],
             ["model=mlp", "model.hidden_channels=[32]", "model.latent_dim=5", "optimizer.lr=0.003", "seed=1"]],
     "gaussian": [["loss.likelihood=gaussian", "loss.sigma=0.1", "loss.beta=2"],
@@ -102,9 +103,11 @@ CASES = {  # members for the vmap engine: conv with every packable difference; M
 @pytest.mark.parametrize("case", list(CASES))
 def test_vmap_engine_pack_equals_its_solo_runs_within_1e_5(tmp_path, tiny, case):
     members = CASES[case]
-    # the vmap engine computes in NCHW; a solo conv run in NHWC (channels_last) differs from one in NCHW by its
-    # kernels' summation order, which Adam amplifies as much as any packing could: compare like with like
-    extra = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=3", "trainer.channels_last=false"]
+    # a conv run in NHWC (channels_last) differs from one in NCHW by its kernels' summation order, which Adam
+    # amplifies as much as any packing could; the vmap engine lays its grouped convs out as the members' runs do,
+    # so compare like with like, in each layout
+    extra = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=3",
+             f"trainer.channels_last={case.endswith('channels_last')}"]
     packed_and_solo(tmp_path, tiny, members, "vmap", extra)
     x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(5))
     for i, m in enumerate(members):
@@ -133,6 +136,38 @@ def test_vmap_engine_pack_equals_its_solo_runs_within_1e_5(tmp_path, tiny, case)
             assert float(a["optimizer"]["state"][k]["step"]) == float(st["step"]) == 3
         for out_p, out_s in zip(bn_output(model_of(cfg, a), x), bn_output(model_of(cfg, b), x)):
             torch.testing.assert_close(out_p, out_s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_vmap_engines_grouped_convs_run_in_the_members_layout(tmp_path, tiny, monkeypatch, channels_last):
+    """vmap turns the members' convs into grouped convs of (B, M * C, H, W); under trainer.channels_last each of
+    them runs NHWC, as a member's own conv does (oneDNN's grouped kernels are several times slower in NCHW on a
+    CPU), and NCHW where the members run NCHW. Seen on the physical tensor under vmap's wrapper."""
+    from torch._C._functorch import get_unwrapped, is_batchedtensor, maybe_get_bdim
+
+    from src import engines
+
+    seen = []
+
+    def record(module, inputs, out):
+        while is_batchedtensor(out):  # (B, M, C, H, W) with the members' dim somewhere: as the grouped conv made it
+            bdim, out = maybe_get_bdim(out), get_unwrapped(out)
+            grouped = out.movedim(bdim, 1).flatten(1, 2)  # a view where the kernel's output was (B, M * C, H, W)
+            seen.append(grouped.is_contiguous(memory_format=torch.channels_last))
+
+    built = engines.VmapEngine.__init__
+
+    def init(self, members):
+        built(self, members)
+        for module in self.step_fn.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                module.register_forward_hook(record)
+
+    monkeypatch.setattr(engines.VmapEngine, "__init__", init)
+    cfgs = [compose_cfg([*tiny, "trainer.max_steps=1", "eval.final=none", f"trainer.channels_last={channels_last}",
+                         f"seed={i}"]) for i in range(2)]
+    train_pack(cfgs, [tmp_path / f"p{i}" for i in range(2)], engine="vmap")
+    assert len(seen) == 5 and seen == [channels_last] * 5  # the tiny conv's 3 convs and 2 transposed, each NHWC
 
 
 def test_a_vmap_pack_resumed_from_its_checkpoints_equals_the_pack_never_stopped(tmp_path, tiny):
