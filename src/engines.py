@@ -335,30 +335,36 @@ class VmapEngine:
     @torch.no_grad()
     def _adam(self, grads) -> None:
         """Adam (L2 weight decay) or AdamW (decoupled) over the stacked tensors, in torch.optim's single-tensor
-        order; lr and weight decay per member (M, 1, ...); frozen members keep their values."""
+        order, each operation once over every tensor (torch._foreach_*: the same arithmetic, one call for all); lr
+        and weight decay per member, as (M, 1, ...) views; frozen members keep their values."""
         lrs = [m.state.optimizer.param_groups[0]["lr"] for m in self.members]  # each member's LR schedule
         if lrs != self.lr_values:
             self.lr_values, self.lr = lrs, torch.tensor(lrs, device=self.device)
         self.count += 1
         beta1, beta2 = self.betas
         bias1, bias2_sqrt = 1 - beta1 ** self.count, math.sqrt(1 - beta2 ** self.count)
-        for n, g in zip(self.param_names, grads):
-            p, avg, sq = self.params[n], self.exp_avg[n], self.exp_avg_sq[n]
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            lr, wd = self.lr.view(shape), self.weight_decay.view(shape)
-            kept = (p.clone(), avg.clone(), sq.clone()) if self.frozen else None
-            if self.decoupled:
-                p.mul_(1 - lr * wd)
-            else:
-                g = g + wd * p
-            avg.lerp_(g, 1 - beta1)
-            sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (sq.sqrt() / bias2_sqrt).add_(self.adam_eps)
-            p.sub_((lr / bias1) * avg / denom)
-            if kept is not None:
-                alive = self.alive.view(shape)
-                for now, before in zip((p, avg, sq), kept):
-                    now.copy_(torch.where(alive, now, before))
+        params = [self.params[n] for n in self.param_names]
+        avgs, sqs = [self.exp_avg[n] for n in self.param_names], [self.exp_avg_sq[n] for n in self.param_names]
+        per_member = lambda t: [t.view((-1,) + (1,) * (p.dim() - 1)) for p in params]  # noqa: E731
+        kept = [(p.clone(), a.clone(), q.clone()) for p, a, q in zip(params, avgs, sqs)] if self.frozen else None
+        if self.decoupled:
+            torch._foreach_mul_(params, per_member(1 - self.lr * self.weight_decay))
+        else:
+            grads = torch._foreach_add(grads, torch._foreach_mul(per_member(self.weight_decay), params))
+        torch._foreach_lerp_(avgs, grads, 1 - beta1)
+        torch._foreach_mul_(sqs, beta2)
+        torch._foreach_addcmul_(sqs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(sqs)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, self.adam_eps)
+        update = torch._foreach_mul(per_member(self.lr / bias1), avgs)
+        torch._foreach_div_(update, denom)
+        torch._foreach_sub_(params, update)
+        if kept is not None:
+            for p, a, q, before in zip(params, avgs, sqs, kept):
+                alive = self.alive.view((-1,) + (1,) * (p.dim() - 1))
+                for now, was in zip((p, a, q), before):
+                    now.copy_(torch.where(alive, now, was))
 
     @torch.no_grad()
     def sync(self, i: int) -> None:
