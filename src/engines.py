@@ -362,8 +362,7 @@ class VmapEngine:
         torch._foreach_div_(update, denom)
         torch._foreach_sub_(params, update)
         if kept is not None:
-            for p, a, q, before in zip(params, avgs, sqs, kept):
-                alive = self.alive.view((-1,) + (1,) * (p.dim() - 1))
+            for p, a, q, before, alive in zip(params, avgs, sqs, kept, per_member(self.alive)):
                 for now, was in zip((p, a, q), before):
                     now.copy_(torch.where(alive, now, was))
 
