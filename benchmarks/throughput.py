@@ -178,7 +178,9 @@ def concurrent(n: int, device: str, batch: int, steps: int, cache: str, extra: l
     """n product processes on the device at once: each one's images/s, summed."""
     cmd = [sys.executable, __file__, "--worker", "--devices", device, "--batches", str(batch), "--steps", str(steps),
            "--cache", cache, "--extra", *extra]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    # ROOT ahead of the path the caller set (on a lent GPU machine, the carried wheels' folder: benchmarks/gpu_wheels.sh)
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
              for _ in range(n)]
     rates = [json.loads(p.communicate()[0].strip().splitlines()[-1])["images_per_s"] for p in procs]
     return {"processes": n, "per_process_img_s": [round(r) for r in rates], "total_img_s": round(sum(rates))}
