@@ -16,9 +16,10 @@ apart (its accuracy on the real images near chance): its features would score no
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -116,16 +117,20 @@ def accuracy(judge: Judge, images: torch.Tensor, labels: np.ndarray, batch: int 
     return float((predicted.numpy() == np.asarray(labels)).mean())
 
 
-def sample_scores(fake: np.ndarray, real: np.ndarray) -> Dict[str, float]:
+def sample_scores(fake: np.ndarray, real: np.ndarray,
+                  real_radius: Optional[Callable[[int], torch.Tensor]] = None) -> Dict[str, float]:
     """Samples' features against real images' ((N, D) each, N >= 2): judge_fd (Fréchet distance), judge_kid and
     judge_kid_sd (KID, mean and sd over subsets), judge_precision and judge_recall (k = PRC_NEIGHBOURS), and
-    judge_density and judge_coverage (k = DC_NEIGHBOURS), each where N allows its k; computed by torch-fidelity's
-    own functions on these features, density and coverage here."""
+    judge_density and judge_coverage (k = DC_NEIGHBOURS), each where N allows its k. FD and KID by torch-fidelity's
+    own functions on these features; precision and recall as its prc_features_to_metric computes them (the same
+    numbers: tests/test_judge.py), here so that what depends on the real images alone, each one's distance to its
+    k-th neighbour, is `real_radius(k)` (JudgedReal.radius: once for a pack's members and a run's two priors), and
+    one distance matrix serves them and density and coverage."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
 
     a, b = torch.from_numpy(fake).double(), torch.from_numpy(real).double()
+    radius = real_radius or partial(knn_radius, b)
     stats = [fid_features_to_statistics(t) for t in (a, b)]
     out = {"judge_fd": max(0.0, fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"])}
     subset = min(KID_SUBSET, max(2, min(len(a), len(b)) // 2))
@@ -133,23 +138,36 @@ def sample_scores(fake: np.ndarray, real: np.ndarray) -> Dict[str, float]:
                                  kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1,
                                  rng_seed=2020, verbose=False)
     out["judge_kid"], out["judge_kid_sd"] = kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]
+    if len(b) <= DC_NEIGHBOURS and min(len(a), len(b)) <= PRC_NEIGHBOURS:
+        return out
+    d = torch.cdist(b, a)  # (N, M): real image i to sample j
     if min(len(a), len(b)) > PRC_NEIGHBOURS:
-        prc = prc_features_to_metric(a, b, prc_neighborhood=PRC_NEIGHBOURS, prc_batch_size=10000, save_cpu_ram=False,
-                                     verbose=False)
-        out["judge_precision"], out["judge_recall"] = prc["precision"], prc["recall"]
+        out.update(precision_recall(d, radius(PRC_NEIGHBOURS), knn_radius(a, PRC_NEIGHBOURS)))
     if len(b) > DC_NEIGHBOURS:
-        out.update(density_coverage(a, b, DC_NEIGHBOURS))
+        out.update(density_coverage(d, radius(DC_NEIGHBOURS), DC_NEIGHBOURS))
     return out
 
 
-def density_coverage(fake: torch.Tensor, real: torch.Tensor, k: int) -> Dict[str, float]:
-    """Naeem et al. 2020 on features (M, D) and (N, D): each real image's ball reaches its k-th nearest real
-    neighbour. judge_density: the mean number of balls a sample falls in, over k (about 1 where samples follow the
-    data, above 1 where they crowd its dense parts); judge_coverage: the share of real images whose ball holds a
-    sample (0 to 1: how much of the data the samples reach)."""
-    radius = torch.cdist(real, real).kthvalue(k + 1, dim=1).values  # (N,): the k-th neighbour, past itself
-    inside = torch.cdist(fake, real) <= radius  # (M, N)
-    return {"judge_density": float(inside.sum() / (k * len(fake))), "judge_coverage": float(inside.any(0).float().mean())}
+def knn_radius(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) each point's distance to its k-th nearest neighbour in x (N, D), past itself."""
+    return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
+
+
+def precision_recall(d: torch.Tensor, real_radius: torch.Tensor, fake_radius: torch.Tensor) -> Dict[str, float]:
+    """Kynkäänniemi et al. 2019 from the distances d (N real, M samples) and each point's k-NN radius in its own
+    set: judge_precision, the share of samples inside some real image's ball (fidelity); judge_recall, the share of
+    real images inside some sample's ball (diversity)."""
+    return {"judge_precision": (d <= real_radius[:, None]).any(dim=0).float().mean().item(),
+            "judge_recall": (d <= fake_radius).any(dim=1).float().mean().item()}
+
+
+def density_coverage(d: torch.Tensor, real_radius: torch.Tensor, k: int) -> Dict[str, float]:
+    """Naeem et al. 2020 from the distances d (N real, M samples), each real image's ball reaching its k-th nearest
+    real neighbour (`real_radius`, (N,)). judge_density: the mean number of balls a sample falls in, over k (about
+    1 where samples follow the data, above 1 where they crowd its dense parts); judge_coverage: the share of real
+    images whose ball holds a sample (0 to 1: how much of the data the samples reach)."""
+    inside = d <= real_radius[:, None]  # (N, M)
+    return {"judge_density": int(inside.sum()) / (k * d.shape[1]), "judge_coverage": int(inside.any(1).sum()) / len(d)}
 
 
 @dataclass
@@ -162,6 +180,13 @@ class JudgedReal:
     features: np.ndarray  # (n, 128)
     accuracy: float  # the judge's own accuracy on them: the ceiling of recon_accuracy
     chance: float  # the accuracy of always guessing their commonest class
+    radii: Dict[Tuple[int, int], torch.Tensor] = field(default_factory=dict, repr=False)  # radius()'s, once each
+
+    def radius(self, n: int, k: int) -> torch.Tensor:
+        """(n,) each of the first n images' distance to its k-th nearest neighbour among them, in features."""
+        if (n, k) not in self.radii:
+            self.radii[n, k] = knn_radius(torch.from_numpy(self.features[:n]).double(), k)
+        return self.radii[n, k]
 
     def at_chance(self) -> bool:
         """The judge cannot tell these images' classes apart: its accuracy is within CHANCE_LEAD, or 3 standard
@@ -216,7 +241,7 @@ def prior_scores(model, real: JudgedReal, z: torch.Tensor, device: torch.device)
     samples = torch.cat([model.likelihood.mean(model.decode(z[i: i + 512].to(device))).float().cpu()
                          for i in range(0, len(z), 512)])
     model.train(was_training)
-    return sample_scores(features(real.judge, samples), real.features[: len(z)])
+    return sample_scores(features(real.judge, samples), real.features[: len(z)], partial(real.radius, len(z)))
 
 
 def sample_quality(model, real: JudgedReal, images: int, device: torch.device, split: str = "test") -> Dict[str, float]:

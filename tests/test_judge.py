@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from functools import partial
 
 import numpy as np
 import pytest
@@ -105,6 +106,31 @@ def _clusters(n: int, seed: int = 0) -> tuple:
     g = np.random.default_rng(seed)
     which = np.arange(n) % 3
     return np.eye(16)[which] * 20 + g.standard_normal((n, 16)), which
+
+
+def test_precision_and_recall_are_torch_fidelitys_and_the_real_radii_are_computed_once():
+    """Precision and recall equal torch-fidelity's prc_features_to_metric exactly, density and coverage their
+    definition computed directly (numpy), on sets of other sizes; the real images' k-NN radii a JudgedReal keeps
+    (once for a pack's members and a run's two priors) give the scores computed from scratch."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    from src.judge import DC_NEIGHBOURS, JudgedReal
+
+    g = np.random.default_rng(3)
+    for m, n in ((300, 500), (500, 300), (64, 64)):
+        fake, real = g.standard_normal((m, 16)), 1.2 * g.standard_normal((n, 16))
+        ours = sample_scores(fake, real)
+        theirs = prc_features_to_metric(torch.from_numpy(fake), torch.from_numpy(real), prc_neighborhood=3,
+                                        prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+        assert (ours["judge_precision"], ours["judge_recall"]) == (theirs["precision"], theirs["recall"])
+        distance = lambda p, q: np.linalg.norm(p[:, None] - q[None], axis=-1)  # noqa: E731
+        inside = distance(fake, real) <= np.sort(distance(real, real), axis=1)[:, DC_NEIGHBOURS]  # (m, n)
+        assert ours["judge_density"] == pytest.approx(inside.sum() / (DC_NEIGHBOURS * m), abs=1e-12)
+        assert ours["judge_coverage"] == pytest.approx(inside.any(0).mean(), abs=1e-12)
+    judged = JudgedReal(judge=None, x=None, labels=None, features=real, accuracy=1.0, chance=0.1)
+    assert sample_scores(fake, real, partial(judged.radius, n)) == ours
+    assert sample_scores(fake[:40], real, partial(judged.radius, n)) == sample_scores(fake[:40], real)
+    assert set(judged.radii) == {(n, 3), (n, DC_NEIGHBOURS)}  # kept: the second call computed none
 
 
 def test_precision_and_recall_tell_fidelity_from_diversity_on_constructed_sets():
