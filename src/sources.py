@@ -16,7 +16,7 @@ import pickle
 import signal
 import sys
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -454,19 +454,27 @@ def render_shapes(factors: np.ndarray, image_size: int, colours: Optional[np.nda
 
 
 def decode_shapes(cfg: DataConfig) -> ImageData:
-    """Draw factors uniformly from data.seed and render every split; chunked to bound memory."""
+    """Draw factors uniformly from data.seed and render every split, in chunks of 1000 images (to bound memory)
+    on every core: numpy releases the GIL, so threads render chunks at once (CelebA's 162,770 train images at
+    64x64x3: 54 s on one core)."""
     rng = np.random.default_rng(cfg.seed)
     counts = {"train": cfg.num_train, "val": cfg.val_size, "test": cfg.test_size}
     images, factors = {}, {}
-    for split, n in counts.items():
-        f = np.stack([rng.integers(0, k, n) for k in SHAPE_FACTORS.values()], axis=1)
-        colours = None
-        if cfg.channels == 3:  # random bright colours (one channel at 255): a nuisance, not a factor
-            colours = rng.integers(40, 256, (n, 3))
-            colours[np.arange(n), rng.integers(0, 3, n)] = 255
-        chunks = [render_shapes(f[i : i + 1000], cfg.image_size, None if colours is None else colours[i : i + 1000])
-                  for i in tqdm(range(0, n, 1000), desc=f"render shapes/{split}", unit="kimg", mininterval=1.0)]
-        images[split], factors[split] = np.concatenate(chunks), f
+    pool = ThreadPoolExecutor(min(os.cpu_count() or 1, 16))
+    try:
+        for split, n in counts.items():
+            f = np.stack([rng.integers(0, k, n) for k in SHAPE_FACTORS.values()], axis=1)
+            colours = None
+            if cfg.channels == 3:  # random bright colours (one channel at 255): a nuisance, not a factor
+                colours = rng.integers(40, 256, (n, 3))
+                colours[np.arange(n), rng.integers(0, 3, n)] = 255
+            render = lambda i: render_shapes(f[i: i + 1000], cfg.image_size,  # noqa: E731
+                                             None if colours is None else colours[i: i + 1000])
+            chunks = list(tqdm(pool.map(render, range(0, n, 1000)), total=-(-n // 1000), desc=f"render shapes/{split}",
+                               unit="kimg", mininterval=1.0))
+            images[split], factors[split] = np.concatenate(chunks), f
+    finally:  # a signal while rendering: the chunks not started are dropped, not waited for
+        pool.shutdown(cancel_futures=True)
     labels = {split: f[:, 0].astype(np.int64) for split, f in factors.items()}  # the shape is the class
     return ImageData(images, factors, list(SHAPE_FACTORS), list(SHAPE_FACTORS.values()), labels=labels)
 

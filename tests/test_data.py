@@ -380,6 +380,23 @@ def test_shapes_go_through_the_cache_with_their_factors(tmp_path):
         3, 6, 40, 32, 32]
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_rendered_a_chunk_a_thread_are_each_image_of_its_factors_in_order(channels):
+    """Chunks of 1000 render on threads at once: every image is still the one its factors (and colour) draw, in
+    the split's order: the same array as rendering the whole split in one call."""
+    from src.sources import decode_shapes, render_shapes
+
+    data = decode_shapes(DataConfig(name="shapes", channels=channels, image_size=8, num_train=3500, val_size=5,
+                                    test_size=5))
+    train = data.images["train"]
+    assert train.shape == (3500, channels, 8, 8)
+    if channels == 1:
+        assert np.array_equal(train, render_shapes(data.factors["train"], 8))
+    else:  # the colours are drawn beside the factors: each image is its mask in one colour
+        mask = render_shapes(data.factors["train"], 8)[:, 0] > 0
+        assert np.array_equal(train.max(1) > 0, mask) and (train.max(1)[mask] == 255).all()
+
+
 # ------------------------------------------------------------------------------------------- batches
 
 
