@@ -468,8 +468,8 @@ def decode_shapes(cfg: DataConfig) -> ImageData:
             if cfg.channels == 3:  # random bright colours (one channel at 255): a nuisance, not a factor
                 colours = rng.integers(40, 256, (n, 3))
                 colours[np.arange(n), rng.integers(0, 3, n)] = 255
-            render = lambda i: render_shapes(f[i: i + 1000], cfg.image_size,  # noqa: E731
-                                             None if colours is None else colours[i: i + 1000])
+            render = lambda i, f=f, c=colours: render_shapes(f[i: i + 1000], cfg.image_size,  # noqa: E731
+                                                             None if c is None else c[i: i + 1000])
             chunks = list(tqdm(pool.map(render, range(0, n, 1000)), total=-(-n // 1000), desc=f"render shapes/{split}",
                                unit="kimg", mininterval=1.0))
             images[split], factors[split] = np.concatenate(chunks), f
