@@ -11,7 +11,8 @@ the next one starts), each one's output or error in the JSON:
 3. `processes_and_dense`: benchmarks/throughput.py: one VanillaVAE process at batch 64 and at batch 1024 (a dense
    model as big as the pack), and 16 and 4 processes at once at batch 64 (their summed images/s), with peak
    memory, beside PyTorch-VAE's own loop.
-4. `headline`: benchmarks/sweep.py: the 16-member beta x latent sweep of the VanillaVAE (experiment
+4. `headline_data`, then `headline`: the data set generated and the judge trained, once, before the clock; then
+   benchmarks/sweep.py: the 16-member beta x latent sweep of the VanillaVAE (experiment
    vanilla_vae_celeba64) on generated shapes of CelebA's size (162,770 train images, 64x64x3),
    `hydra/launcher=packed` against `hydra/launcher=parallel`, each member `--headline-steps` steps (a share of one
    epoch, said in the JSON) with its val and test evals, and the phases; `projected_10_epochs_s` scales the
@@ -108,10 +109,13 @@ def main(argv=None) -> dict:
     share = args.headline_steps * (32 if dry else 64) / (512 if dry else CELEBA_TRAIN)  # of one epoch
     sweep = [py, "benchmarks/sweep.py", "--launchers", "parallel", "packed", "--repeats", "1", "--out",
              str(work / "headline.json"), "--", *headline_overrides(dry, args.headline_steps, cache)]
-    if not dry:  # the data set is generated once, before the clock: a 1-step run fills the cache
-        step("headline_data", [py, "-m", "src.train", *[o for o in headline_overrides(dry, 1, cache)
-                                                        if not o.startswith(("loss.beta", "model.latent_dim"))],
-                               "logger=none", "eval.final=none", f"hydra.run.dir={work / 'warm'}"], 120, deadline)
+    # before the clock, once: the data set generated and cached, and the judge trained and cached (a 1-step run with
+    # its final eval); else the first sweep would pay both and the second find them (the judge: every member of a
+    # parallel sweep would train its own at once)
+    steps["headline_data"] = step("headline_data", [py, "-m", "src.train", *[
+        o for o in headline_overrides(dry, 1, cache) if not o.startswith(("loss.beta", "model.latent_dim"))],
+        "logger=none", f"hydra.run.dir={work / 'warm'}"], 120, deadline)
+    steps["headline_data"]["judge_cached"] = any(Path(cache).glob("*/judge-v*.pt"))
     headline = step("headline", sweep, 330, deadline, work / "headline.json")
     if "result" in headline:
         headline["share_of_an_epoch"] = round(share, 4)

@@ -40,6 +40,7 @@ def test_the_gpu_script_dry_runs_every_step_on_a_cpu(tmp_path):
     assert packed["packed_vmap_img_s"] > 0 and packed["auto_chose"] == ["vmap"]
     [processes] = steps["processes_and_dense"]
     assert processes["result"]["results"]["vanilla_vae_celeba64/cpu/batch64"]["concurrent"]["total_img_s"] > 0
+    assert steps["headline_data"]["rc"] == 0 and steps["headline_data"]["judge_cached"]  # before either sweep
     headline = steps["headline"]
     launchers = headline["result"]["launchers"]
     assert set(launchers) == {"parallel", "packed"} and launchers["packed"]["pack_members"] == [4]
