@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,11 +81,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--budget-s", type=float, default=570, help="all steps together")
     parser.add_argument("--headline-steps", type=int, default=300, help="steps a headline member trains")
     args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="vae-gpu-"))  # the steps' data, runs and JSONs
+    try:
+        report = run_steps(args, work)
+        text = json.dumps(report, indent=2)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+        print(text)
+        return report
+    finally:  # (a step that timed out may leave a process writing there: whatever cannot go stays)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_steps(args: argparse.Namespace, work: Path) -> dict:
     deadline = time.monotonic() + args.budget_s
     before_headline = deadline - min(HEADLINE_RESERVE_S, args.budget_s / 2)
     dry, py = args.dry_run, sys.executable
     device = "cpu" if dry else "cuda"
-    work = Path(tempfile.mkdtemp(prefix="vae-gpu-"))
     cache = str(work / "cache")
     report = {"dry_run": dry, "python": platform.python_version(), "steps": {}}
     try:
@@ -125,10 +138,6 @@ def main(argv=None) -> dict:
         headline["projected_10_epochs_s"] = {name: round(project(run, share))
                                              for name, run in headline["result"]["launchers"].items()}
     steps["headline"] = headline
-    text = json.dumps(report, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
     return report
 
 
