@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from src.judge import judge_file  # noqa: E402
+
 CELEBA_TRAIN = 162_770  # CelebA's train split
 BETAS, LATENTS = "0.25,1,4,16", "16,32,64,128"
 HEADLINE_RESERVE_S = 300  # of the budget, kept for the headline's data and sweeps: the steps before it stop short
@@ -131,7 +134,8 @@ def run_steps(args: argparse.Namespace, work: Path) -> dict:
     steps["headline_data"] = step("headline_data", [py, "-m", "src.train", *[
         o for o in headline_overrides(dry, 1, cache) if not o.startswith(("loss.beta", "model.latent_dim"))],
         "logger=none", f"hydra.run.dir={work / 'warm'}"], 120, deadline)
-    steps["headline_data"]["judge_cached"] = any(Path(cache).glob("*/judge-v*.pt"))
+    steps["headline_data"]["judge_cached"] = Path(cache).is_dir() and any(judge_file(f).is_file()
+                                                                         for f in Path(cache).iterdir())
     headline = step("headline", sweep, 330, deadline, work / "headline.json")
     if "result" in headline:
         headline["share_of_an_epoch"] = round(share, 4)

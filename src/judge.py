@@ -78,9 +78,14 @@ def train_judge(images: np.ndarray, labels: np.ndarray, device: torch.device, se
     return judge.eval()
 
 
+def judge_file(folder: Path) -> Path:
+    """Where the judge of the data cached in `folder` (src.data.cache_folder) is kept."""
+    return folder / f"judge-v{JUDGE_VERSION}.pt"
+
+
 def load_or_train(folder: Path, images: np.ndarray, labels: np.ndarray, device: torch.device) -> Judge:
     """The judge cached in `folder` (the data's cache folder), or one trained now and cached there."""
-    path = folder / f"judge-v{JUDGE_VERSION}.pt"
+    path = judge_file(folder)
     classes = int(labels.max()) + 1
     if path.is_file():
         try:
@@ -138,12 +143,11 @@ def sample_scores(fake: np.ndarray, real: np.ndarray,
                                  kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1,
                                  rng_seed=2020, verbose=False)
     out["judge_kid"], out["judge_kid_sd"] = kid["kernel_inception_distance_mean"], kid["kernel_inception_distance_std"]
-    if len(b) <= DC_NEIGHBOURS and min(len(a), len(b)) <= PRC_NEIGHBOURS:
-        return out
-    d = torch.cdist(b, a)  # (N, M): real image i to sample j
-    if min(len(a), len(b)) > PRC_NEIGHBOURS:
+    prc, dc = min(len(a), len(b)) > PRC_NEIGHBOURS, len(b) > DC_NEIGHBOURS  # where N allows their k
+    d = torch.cdist(b, a) if prc or dc else None  # (N, M): real image i to sample j
+    if prc:
         out.update(precision_recall(d, radius(PRC_NEIGHBOURS), knn_radius(a, PRC_NEIGHBOURS)))
-    if len(b) > DC_NEIGHBOURS:
+    if dc:
         out.update(density_coverage(d, radius(DC_NEIGHBOURS), DC_NEIGHBOURS))
     return out
 

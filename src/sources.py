@@ -119,6 +119,11 @@ def _die_with_parent(run_pid: int) -> None:
         os._exit(1)
 
 
+def decode_workers() -> int:
+    """Workers that decode or render images at once: every core, up to 16."""
+    return min(os.cpu_count() or 1, 16)
+
+
 def decode_files(paths: Sequence[Path], cfg: DataConfig, desc: str) -> Tuple[np.ndarray, List[bool]]:
     """Decode image files on every core, with a progress bar. Returns (N_ok, C, H, W) and an ok-mask per path.
 
@@ -126,7 +131,7 @@ def decode_files(paths: Sequence[Path], cfg: DataConfig, desc: str) -> Tuple[np.
     the first one (error).
     """
     jobs = [(str(p), cfg.channels, cfg.image_size, cfg.crop) for p in paths]
-    workers = min(os.cpu_count() or 1, 16)
+    workers = decode_workers()
     out = np.empty((len(paths), cfg.channels, cfg.image_size, cfg.image_size), np.uint8)
     ok, bad = [], []
     # spawn, not fork: a forked worker would inherit the run dir's lock and the run's signal handlers, and outlive
@@ -460,7 +465,7 @@ def decode_shapes(cfg: DataConfig) -> ImageData:
     rng = np.random.default_rng(cfg.seed)
     counts = {"train": cfg.num_train, "val": cfg.val_size, "test": cfg.test_size}
     images, factors = {}, {}
-    pool = ThreadPoolExecutor(min(os.cpu_count() or 1, 16))
+    pool = ThreadPoolExecutor(decode_workers())
     try:
         for split, n in counts.items():
             f = np.stack([rng.integers(0, k, n) for k in SHAPE_FACTORS.values()], axis=1)

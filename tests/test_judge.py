@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from src.data import cache_folder, load_data
-from src.judge import JUDGE_VERSION, features, judge_for, load_or_train, sample_scores
+from src.judge import features, judge_file, judge_for, load_or_train, sample_scores
 from src.sources import ImageData
 from src.config_check import parse
 
@@ -60,7 +60,7 @@ def test_blends_of_two_classes_rank_worse_than_real_images(shapes):
 
 def test_the_judge_is_cached_loaded_weights_only_and_a_damaged_one_is_retrained(shapes, caplog):
     cfg, data, judge, a, _, _ = shapes
-    path = cache_folder(cfg.data) / f"judge-v{JUDGE_VERSION}.pt"
+    path = judge_file(cache_folder(cfg.data))
     again = load_or_train(path.parent, data.images["train"], data.labels["train"], torch.device("cpu"))
     np.testing.assert_array_equal(features(again, a), features(judge, a))  # the cached one, not a new one
 
